@@ -1,0 +1,515 @@
+"""
+fp4.py: the numerics of 4-bit (NVFP4 / MXFP4) training, in plain PyTorch.
+
+This file is the readable reference: every other fast path (kernels.py) must match it bit for bit, and every
+line can be checked against ../shared/docs/SPEC.md ("SPEC §n" below), which follows NVIDIA's "Pretraining
+LLMs with NVFP4" (arXiv 2509.25149, Transformer Engine >= 2.14) and TetraJet-v2 (arXiv 2510.27527).
+
+The format
+----------
+An FP4 number is E2M1: 1 sign bit, 2 exponent bits, 1 mantissa bit. Its eight magnitudes are
+
+    code k:     0    1    2    3    4    5    6    7
+    value:      0   0.5   1   1.5   2    3    4    6          (code | 8 = the negative twin)
+
+so it can hold about one significant bit. To be useful it needs a scale per small block of elements:
+
+  NVFP4  blocks of 16 along the GEMM's reduction dim K, each with an E4M3 (fp8, max 448) scale, on top of an
+         fp32 outer scale. NVIDIA uses one outer scale per tensor (S_dec, SPEC §2); TetraJet-v2 one per 1x128
+         block ("double-block", SPEC §3), so the E4M3 scales always use their full range.
+  MXFP4  blocks of 32, each with an E8M0 (pure power of two) scale, no outer scale (OCP MX v1.0, SPEC §4).
+
+A value is decoded as x_dq = e2m1(code) * block_scale * outer_scale. Two codes are packed per uint8 along
+the last dim, element 2j in the low nibble (the layout TE, torchao and Triton's tl.dot_scaled use).
+
+Rounding is round-to-nearest-even (RTN, for the forward pass) or stochastic (SR, for gradients: unbiased,
+E[q] = x, so quantization noise averages out over steps instead of biasing the update).
+
+The three GEMMs of a Linear (SPEC §6)
+-------------------------------------
+    fprop  Y  = X  Wᵀ     X (N tokens, in), W (out, in)   reduces over in
+    dgrad  dX = dY W      dY (N, out)                     reduces over out
+    wgrad  dW = dYᵀ X                                     reduces over N (tokens)
+
+Every operand is quantized along the K of its GEMM, so each GEMM quantizes its operands afresh (X is
+quantized along `in` for fprop but along tokens for wgrad). We simulate ("fake-quant"): quantize, dequantize,
+and multiply in fp32; on FP4 hardware the same quantized operands would feed a real FP4 GEMM.
+  - nvidia:   per-tensor scale; W with 16x16 tiles so Q(Wᵀ) = Q(W)ᵀ and dgrad reuses the forward weight;
+              SR on dY; a fixed random Hadamard transform (RHT) on both wgrad operands.
+  - tetrajet: double-block scale; the backward reuses the *dequantized forward* X̂, Ŵ ("aligned" operands),
+              so the expected gradients are exactly those of the network that ran; SR on every backward
+              operand; fresh random RHT on both backward GEMMs (TetraJet-v2 §3).
+  - mxfp4:    the OCP MX baseline, SR on dY.
+
+The RHT (SPEC §5) multiplies every 16-chunk along K of both operands by the same orthogonal H, so
+(A H)(B H)ᵀ = A Bᵀ exactly, while the quantizer sees spread-out, Gaussian-looking values instead of outliers.
+
+What stays high precision in every recipe: master weights, embeddings, LM head, norms, attention, loss.
+
+Hooks for what comes next: OsciReset (TetraJet-v2 §4, SPEC §7) needs the forward weight quantizer, which is
+`FP4Linear.quantize_weight()`; OutControl (SPEC §8) splits the input channels of the same three GEMMs and
+uses `quantize_mxfp8` below.
+
+What we leave out: real packed-FP4 GEMMs (kernels.py), swizzled scale layouts, tensor subclasses, TP/FSDP.
+Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
+quantizers return the *padded* width; `fake_quant` crops back.
+Non-finite input: a NaN or Inf makes its amax non-finite, hence its scale NaN, hence every element sharing
+that scale dequantizes to NaN (the whole tensor with a per-tensor scale, the 1x128 block with double-block,
+the 32-block with MX). NaN is never turned into finite garbage.
+"""
+
+from dataclasses import dataclass
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+# -----------------------------------------------------------------------------
+# Constants. Each is exactly representable in fp32, so mixing them with fp32 tensors rounds only once.
+
+F4_E2M1_MAX = 6.0                      # largest E2M1 magnitude
+F8E4M3_MAX = 448.0                     # largest E4M3 value
+NVFP4_AMAX_TO_SCALE = F4_E2M1_MAX * F8E4M3_MAX  # 2688.0: the amax maps to e2m1 6 x e4m3 448
+FP32_ONE_SIXTH = 0.1666666716337204    # fl32(1/6) = 0x3E2AAAAB, in TE's order of operations (SPEC §2)
+FLT_MAX = 3.4028234663852886e38        # largest finite fp32
+NVFP4_BLOCK = 16                       # elements per E4M3 block scale
+OUTER_BLOCK = 128                      # elements per fp32 outer scale in double-block (TetraJet-v2)
+MX_BLOCK = 32                          # elements per E8M0 scale (OCP MX)
+DOUBLE_BLOCK_ZERO_SCALE = 2.0 ** -9    # s_i of an all-zero 16-block: smallest E4M3 subnormal (SPEC §3)
+E2M1_MAX_POW2 = 2                      # 6 = 1.5 * 2^2: MXFP4 scale exponent = floor(log2 amax) - 2
+E8M0_BIAS, E8M0_NAN = 127, 255         # E8M0 byte b means 2^(b - 127); 255 is NaN
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring codes k and k+1, and whether an exact tie goes up (to k+1). Ties go to the
+# even code (SPEC §1): 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4.
+E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+# NVIDIA's fixed RHT sign vector (TE), + + + - + - - - - - - + - + - -
+NVIDIA_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+ROUNDINGS = ("nearest", "stochastic")
+
+# -----------------------------------------------------------------------------
+# E2M1 elements (SPEC §1)
+
+def round_e2m1(v, rounding="nearest", generator=None):
+    """Round fp32 v (any shape) to 4-bit E2M1 codes (uint8 in 0..15, same shape, unpacked).
+
+    nearest:    |v| is clamped to 6, then k = number of midpoints below it (ties to even, E2M1_MIDPOINTS).
+    stochastic: with lo <= |v| <= hi the neighbouring grid magnitudes, round up with probability
+                p = (|v| - lo) / (hi - lo), i.e. iff u < p for u = torch.rand(v.shape, generator=generator).
+                Both subtractions and the division by a power of two are exact in fp32, so p is exact.
+    The sign bit is set iff v < 0: -0.0 gives code 0, a tiny negative gives code 8 (-0), as TE's reference.
+    NaN compares false everywhere and gives code 0; its scale is what carries the NaN (see module docstring).
+    """
+    a = v.abs().clamp(max=F4_E2M1_MAX)
+    k = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    if rounding == "nearest":
+        for mid, tie_up in E2M1_MIDPOINTS:
+            k += (a >= mid) if tie_up else (a > mid)
+    elif rounding == "stochastic":
+        for g in E2M1_GRID[1:]:
+            k += a >= g                                        # k = index of lo, the grid value <= |v|
+        grid = torch.tensor(E2M1_GRID + (F4_E2M1_MAX,), device=v.device)  # hi of code 7 is 6 itself
+        lo, hi = grid[k.long()], grid[k.long() + 1]
+        p = (a - lo) / torch.where(hi > lo, hi - lo, 1.0)      # (0 at |v| = 6)
+        u = torch.rand(v.shape, generator=generator, device=v.device)
+        k += u < p
+    else:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return k | ((v < 0).to(torch.uint8) << 3)
+
+
+def decode_e2m1(codes):
+    """uint8 codes (any shape, 0..15) -> fp32 values: (-1)^(code >> 3) * E2M1_GRID[code & 7]."""
+    table = torch.tensor(E2M1_GRID + tuple(-g for g in E2M1_GRID), device=codes.device)
+    return table[codes.long()]
+
+
+def pack_e2m1(codes):
+    """(..., K) uint8 codes, K even -> (..., K/2) uint8 with element 2j in the low nibble, 2j+1 in the high."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_e2m1(packed):
+    """(..., K/2) uint8 -> (..., K) uint8 codes; the inverse of pack_e2m1."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+# -----------------------------------------------------------------------------
+# Shared plumbing: every quantizer works on the last dim of a 2-D fp32 view, zero-padded to whole blocks.
+
+def _as_padded_2d(x, row_multiple, col_multiple):
+    """x (..., K) float -> fp32 (Mp, Kp), rows padded to row_multiple, K to col_multiple, with zeros.
+    bf16/fp16 upcast to fp32 exactly; fp64 is rounded to fp32 (the formats are defined on fp32)."""
+    if not x.is_floating_point() or x.dim() == 0:
+        raise TypeError(f"expected a floating tensor with at least one dim, got {x.dtype} of shape {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1]).float()                   # (M, K)
+    M, K = x2.shape
+    pad_rows, pad_cols = -M % row_multiple, -K % col_multiple
+    return torch.nn.functional.pad(x2, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else x2
+
+
+def _restore(t, x, rows):
+    """(Mp, n) -> (*x.shape[:-1], n), dropping the padded rows."""
+    return t[:rows].reshape(*x.shape[:-1], t.shape[-1])
+
+
+def _tile_amax(x2, tile):
+    """fp32 (Mp, Kp) -> (Mp, Kp/16) amax of |x| over each 1x16 or 16x16 tile (a 16x16 tile's amax is
+    replicated on its 16 rows). NaN propagates (torch.amax returns NaN if any input is NaN)."""
+    tr, tc = tile
+    Mp, Kp = x2.shape
+    a = x2.abs().view(Mp // tr, tr, Kp // tc, tc).amax(dim=(1, 3))   # (Mp/tr, Kp/16)
+    return a.repeat_interleave(tr, dim=0) if tr > 1 else a
+
+
+def _fp32_exponent(a):
+    """Unbiased exponent field of fp32 a: floor(log2 a) for normal a, exactly, from the bits (-127 for 0)."""
+    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _e8m0(exponent, amax):
+    """int exponent -> torch.float8_e8m0fnu 2^exponent, clamped to [-127, 127]; NaN (255) where amax is not
+    finite, so a NaN/Inf block dequantizes to NaN instead of a saturated finite value."""
+    b = (exponent.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
+    return torch.where(torch.isfinite(amax), b, E8M0_NAN).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+# -----------------------------------------------------------------------------
+# NVFP4 (SPEC §2 per-tensor, §3 double-block)
+
+class NVFP4(NamedTuple):
+    codes: torch.Tensor        # uint8 (..., Kp/2), packed E2M1, element 2j in the low nibble
+    block_scale: torch.Tensor  # float8_e4m3fn (..., Kp/16); with 16x16 tiles each row holds its tile's scale
+    outer_scale: torch.Tensor  # fp32: per-tensor decode scale S_dec (0-dim), or per-128 s_o (..., Kp/128)
+
+
+def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None):
+    """x (..., K) float -> NVFP4, quantized along the last dim; Kp = K rounded up to 16 (outer="tensor") or
+    128 (outer=128), zero-padded. With tile=(16, 16) the leading dims are flattened into rows, padded to 16.
+
+    outer="tensor" (SPEC §2, bit-exact to TE's reference; ⊗ ⊘ are fp32 ops):
+        A = amax|x|;  S_enc = min(2688 ⊘ A, FLT_MAX) (1 if A = 0);  S_dec = 1 ⊘ S_enc
+        s_b = e4m3(min(amax_b ⊗ (S_enc ⊗ fl(1/6)), 448))      zero and subnormal scales kept, no lower clamp
+        q = E2M1(x ⊗ min(1 ⊘ (s_b ⊗ S_dec), FLT_MAX));  x_dq = e2m1(q) ⊗ (s_b ⊗ S_dec)
+    outer=128 (SPEC §3, TetraJet-v2 double-block):
+        s_o = amax_128 ⊘ 2688 (1 if 0);  s_i = e4m3(min((amax_16 ⊘ s_o) ⊘ 6, 448)) (2^-9 if amax_16 = 0)
+        q = E2M1(x ⊗ (1 ⊘ (s_o ⊗ s_i)));  x_dq = e2m1(q) ⊗ (s_o ⊗ s_i)
+    A block whose E4M3 scale is 0 gets all codes 0. SR draws one torch.rand(Mp, Kp) from `generator`.
+    """
+    if outer not in ("tensor", OUTER_BLOCK):
+        raise ValueError(f"outer must be 'tensor' or {OUTER_BLOCK}, got {outer!r}")
+    if tuple(tile) not in ((1, 16), (16, 16)):
+        raise ValueError(f"tile must be (1, 16) or (16, 16), got {tile!r}")
+    tile = tuple(tile)
+    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK)  # (Mp, Kp)
+    Mp, Kp = x2.shape
+    amax16 = _tile_amax(x2, tile)                                                     # (Mp, Kp/16)
+    if outer == "tensor":
+        A = amax16.amax()                                                             # () fp32
+        # (not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688, rounding twice)
+        S_enc = torch.where(A == 0, 1.0, (A.new_tensor(NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
+        S_dec = 1.0 / S_enc
+        block_scale = (amax16 * (S_enc * FP32_ONE_SIXTH)).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)
+        scale = block_scale.float() * S_dec                                           # (Mp, Kp/16) decode
+        outer_scale = S_dec
+    else:
+        amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
+        s_o = torch.where(amax128 == 0, 1.0, amax128 / NVFP4_AMAX_TO_SCALE)
+        s_o16 = s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)             # (Mp, Kp/16)
+        s_i = ((amax16 / s_o16) / F4_E2M1_MAX).clamp(max=F8E4M3_MAX)
+        block_scale = torch.where(amax16 == 0, DOUBLE_BLOCK_ZERO_SCALE, s_i).to(torch.float8_e4m3fn)
+        scale = s_o16 * block_scale.float()                                          # (Mp, Kp/16) decode
+        outer_scale = s_o
+    encode = (1.0 / scale).clamp(max=FLT_MAX)                                         # (Mp, Kp/16)
+    codes = round_e2m1((x2.view(Mp, -1, NVFP4_BLOCK) * encode[..., None]).view(Mp, Kp), rounding, generator)
+    codes = codes.view(Mp, -1, NVFP4_BLOCK).masked_fill_((block_scale.float() == 0)[..., None], 0).view(Mp, Kp)
+    M = x.numel() // x.shape[-1]
+    outer_scale = outer_scale if outer == "tensor" else _restore(outer_scale, x, M)
+    return NVFP4(_restore(pack_e2m1(codes), x, M), _restore(block_scale, x, M), outer_scale)
+
+
+def dequantize_nvfp4(q, dtype=torch.float32):
+    """NVFP4 -> (..., Kp) tensor: x_dq = e2m1(code) ⊗ (fp32(block_scale) ⊗ outer_scale), computed in fp32."""
+    values = decode_e2m1(unpack_e2m1(q.codes))                                        # (..., Kp)
+    scale = q.block_scale.float()                                                     # (..., Kp/16)
+    if q.outer_scale.dim() == 0:
+        scale = scale * q.outer_scale                                                 # s_b ⊗ S_dec
+    else:
+        scale = q.outer_scale.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1) * scale  # s_o ⊗ s_i
+    x = values.unflatten(-1, (-1, NVFP4_BLOCK)) * scale[..., None]
+    return x.flatten(-2).to(dtype)
+
+# -----------------------------------------------------------------------------
+# MXFP4 and MXFP8 (SPEC §4, OCP Microscaling v1.0)
+
+class MX(NamedTuple):
+    codes: torch.Tensor  # MXFP4: uint8 (..., Kp/2) packed E2M1; MXFP8: float8_e4m3fn (..., Kp)
+    scale: torch.Tensor  # float8_e8m0fnu (..., Kp/32): X = 2^(byte - 127)
+
+
+def quantize_mxfp4(x, rounding="nearest", generator=None):
+    """x (..., K) -> MX, blocks of 32 along the last dim (Kp = K rounded up to 32, zero-padded).
+    X = 2^(floor(log2 amax) - 2), the exponent read from the fp32 bits (OCP "floor" rule; amax = 0 gives
+    2^-127); q = E2M1(x ⊘ X), saturating at ±6. Equals torchao to_mx(..., ScaleCalculationMode.FLOOR)."""
+    x2 = _as_padded_2d(x, 1, MX_BLOCK)                                                # (M, Kp)
+    M, Kp = x2.shape
+    blocks = x2.view(M, -1, MX_BLOCK)                                                 # (M, Kp/32, 32)
+    amax = blocks.abs().amax(-1)                                                      # (M, Kp/32)
+    scale = _e8m0(_fp32_exponent(amax) - E2M1_MAX_POW2, amax)
+    codes = round_e2m1((blocks / scale.float()[..., None]).view(M, Kp), rounding, generator)
+    return MX(_restore(pack_e2m1(codes), x, M), _restore(scale, x, M))
+
+
+def dequantize_mxfp4(q, dtype=torch.float32):
+    """MX (E2M1 codes) -> (..., Kp): x_dq = e2m1(code) ⊗ X."""
+    values = decode_e2m1(unpack_e2m1(q.codes)).unflatten(-1, (-1, MX_BLOCK))
+    return (values * q.scale.float()[..., None]).flatten(-2).to(dtype)
+
+
+def quantize_mxfp8(x):
+    """x (..., K) -> MX with E4M3 elements (OutControl's high-precision channels, SPEC §8), blocks of 32.
+    X = 2^ceil(log2(amax ⊘ 448)): the exponent of r = amax ⊘ 448 plus 1 if r's mantissa is non-zero, so the
+    block max never exceeds 448 after scaling (beyond fp32 rounding of r; the cast saturates anyway).
+    Elements: e4m3(clamp(x ⊘ X, ±448)), round to nearest even."""
+    x2 = _as_padded_2d(x, 1, MX_BLOCK)
+    M, Kp = x2.shape
+    blocks = x2.view(M, -1, MX_BLOCK)
+    amax = blocks.abs().amax(-1)
+    r = amax / F8E4M3_MAX
+    exponent = _fp32_exponent(r) + ((r.view(torch.int32) & 0x7FFFFF) != 0).int()
+    scale = _e8m0(exponent, amax)
+    codes = (blocks / scale.float()[..., None]).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
+    return MX(_restore(codes.view(M, Kp), x, M), _restore(scale, x, M))
+
+
+def dequantize_mxfp8(q, dtype=torch.float32):
+    """MX (E4M3 codes) -> (..., Kp): x_dq = fp32(code) ⊗ X."""
+    values = q.codes.float().unflatten(-1, (-1, MX_BLOCK))
+    return (values * q.scale.float()[..., None]).flatten(-2).to(dtype)
+
+
+def sqnr(x, x_dq):
+    """Signal-to-quantization-noise ratio in dB (SPEC §9): 10·log10(‖x‖² / ‖x - x_dq‖²), in fp64."""
+    x, x_dq = x.double(), x_dq.double()
+    return (10 * torch.log10(x.square().sum() / (x - x_dq).square().sum())).item()
+
+# -----------------------------------------------------------------------------
+# Random Hadamard transform (SPEC §5)
+
+def random_signs(generator=None, device=None):
+    """16 random ±1 fp32 signs for rht16, drawn as torch.randint(0, 2, (16,), generator=generator)."""
+    bits = torch.randint(0, 2, (NVFP4_BLOCK,), generator=generator, device=device)
+    return (1 - 2 * bits).float()
+
+
+def rht16(x, signs):
+    """x (..., K), K a multiple of 16 -> x with every contiguous 16-chunk of the last dim multiplied by
+    H = ¼ · H₁₆ · diag(signs), H₁₆ the Sylvester ±1 Hadamard matrix. H is orthogonal (H Hᵀ = I), so applying
+    it to both operands of a GEMM along K leaves the product unchanged: (A H)(B H)ᵀ = A Bᵀ."""
+    if x.shape[-1] % NVFP4_BLOCK:
+        raise ValueError(f"rht16 needs the last dim to be a multiple of 16, got {x.shape[-1]}; zero-pad it first")
+    h = torch.ones(1, 1, device=x.device)
+    for _ in range(4):                                       # Sylvester: H_2n = [[H, H], [H, -H]]
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    H = 0.25 * h * signs.to(x.device, torch.float32)         # (16, 16): column j scaled by signs[j]
+    return (x.float().unflatten(-1, (-1, NVFP4_BLOCK)) @ H).flatten(-2)
+
+# -----------------------------------------------------------------------------
+# Recipes: which quantizer each operand of each GEMM gets (SPEC §6). Every knob is independent, so an
+# ablation is `dataclasses.replace(RECIPES["tetrajet"], rht=())`.
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    fmt: str = "nvfp4"                 # element/scale format: "nvfp4" or "mxfp4"
+    outer: object = "tensor"           # NVFP4 outer scale: "tensor" (NVIDIA) or 128 (TetraJet-v2 double-block)
+    weight_tile: tuple = (1, 16)       # W's scale tile in fprop and dgrad: (1, 16) or (16, 16)
+    grad_rounding: str = "stochastic"  # dY in dgrad and wgrad
+    other_rounding: str = "nearest"    # the other backward operand: W (dgrad) and X (wgrad)
+    rht: tuple = ()                    # backward GEMMs that get RHT-16: subset of ("dgrad", "wgrad")
+    rht_signs: str = "fixed"           # "fixed" (NVIDIA_RHT_SIGNS) or "random" (fresh per GEMM per step)
+    aligned: bool = False              # backward quantizes the dequantized forward X̂, Ŵ instead of X, W
+
+
+RECIPES = {
+    "nvidia": Recipe("nvidia", weight_tile=(16, 16), rht=("wgrad",)),
+    "tetrajet": Recipe("tetrajet", outer=OUTER_BLOCK, other_rounding="stochastic", rht=("dgrad", "wgrad"),
+                       rht_signs="random", aligned=True),
+    "mxfp4": Recipe("mxfp4", fmt="mxfp4"),
+}
+
+
+def get_recipe(recipe):
+    """A Recipe, or the name of one in RECIPES."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown FP4 recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[recipe]
+
+
+def quantize(x, recipe, rounding="nearest", tile=(1, 16), generator=None):
+    """x (..., K) -> the recipe's quantized tuple (NVFP4 or MX) along the last dim."""
+    if recipe.fmt == "mxfp4":
+        return quantize_mxfp4(x, rounding=rounding, generator=generator)
+    return quantize_nvfp4(x, outer=recipe.outer, tile=tile, rounding=rounding, generator=generator)
+
+
+def dequantize(q, width):
+    """NVFP4 or MX tuple -> fp32 (..., width), the padding cropped."""
+    if isinstance(q, NVFP4):
+        x = dequantize_nvfp4(q)
+    else:
+        x = dequantize_mxfp8(q) if q.codes.dtype == torch.float8_e4m3fn else dequantize_mxfp4(q)
+    return x[..., :width]
+
+
+def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None):
+    """x (..., K) -> fp32 (..., K): quantize along the last dim, then dequantize."""
+    return dequantize(quantize(x, get_recipe(recipe), rounding, tile, generator), x.shape[-1])
+
+
+def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16)):
+    """a (M, K), b (P, K), both high precision -> fp32 (M, P) = Q(a H) Q(b H)ᵀ ≈ a bᵀ, where a is the
+    gradient dY (rounded with grad_rounding) and b the other operand (other_rounding). H is RHT-16 if the
+    recipe applies it to this GEMM. Random draws, in order: signs, noise for a, noise for b."""
+    if gemm in recipe.rht:
+        pad = -a.shape[1] % NVFP4_BLOCK                      # the RHT needs whole 16-chunks along K
+        a, b = (torch.nn.functional.pad(t.float(), (0, pad)) for t in (a, b))
+        if recipe.rht_signs == "random":
+            signs = random_signs(generator, a.device)
+        else:
+            signs = torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32)
+        a, b = rht16(a, signs), rht16(b, signs)
+    a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator)
+    b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator)
+    return a_dq @ b_dq.t()
+
+# -----------------------------------------------------------------------------
+# The quantized linear: Y = X Wᵀ with all three GEMMs in FP4 (SPEC §6)
+
+class FP4LinearFunction(torch.autograd.Function):
+    """Y = Q(X) Q(W)ᵀ forward, FP4 dgrad and wgrad backward, for one Recipe. High precision in, high out:
+    x (..., in) any float dtype, weight (out, in); returns y (..., out) in x.dtype, grads in input dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, recipe, generator):
+        x2 = x.reshape(-1, x.shape[-1])                                        # (N, in)
+        # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
+        x_q = quantize(x2, recipe)                                             # tuple, (N, in_p)
+        w_q = quantize(weight, recipe, tile=recipe.weight_tile)                # tuple, (out, in_p)
+        in_f = x.shape[-1]
+        y = dequantize(x_q, in_f) @ dequantize(w_q, in_f).t()                  # (N, out) fp32
+        # What the backward needs: the compact quantized tuples where it reuses X̂/Ŵ (aligned, or NVIDIA's
+        # 2-D weight whose transpose is its own dgrad quantization), else the high-precision inputs.
+        ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
+                       and recipe.other_rounding == "nearest" and not recipe.aligned)  # Q(Wᵀ) = Q(W)ᵀ, SPEC §2
+        ctx.x_q = x_q if recipe.aligned else None
+        ctx.w_q = w_q if (recipe.aligned or ctx.reuse_w) else None
+        ctx.save_for_backward(None if recipe.aligned else x2,
+                              None if ctx.w_q is not None else weight)
+        ctx.recipe, ctx.generator, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = recipe, generator, x.shape, x.dtype, weight.dtype
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        recipe, gen = ctx.recipe, ctx.generator
+        x2, weight = ctx.saved_tensors
+        out_f, in_f = dy.shape[-1], ctx.x_shape[-1]
+        dy2 = dy.reshape(-1, out_f).float()                                    # (N, out)
+        x_src = dequantize(ctx.x_q, in_f) if ctx.x_q is not None else x2       # X̂ or X, (N, in)
+        # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
+        if ctx.reuse_w:
+            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen)       # (N, out)
+            dx = dy_dq @ dequantize(ctx.w_q, in_f)                             # Ŵ of the forward, (N, in)
+        else:
+            w_src = dequantize(ctx.w_q, in_f) if ctx.w_q is not None else weight   # Ŵ or W, (out, in)
+            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile)
+        # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
+        dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen)          # (out, in)
+        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+
+# -----------------------------------------------------------------------------
+# Modules last: FP4Linear and the converter
+
+class FP4Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in simulated FP4 (FP4LinearFunction); the weight stays the fp32
+    master. Stochastic rounding and random RHT signs come from this layer's own torch.Generator, seeded with
+    `seed` on first use on a device; its state rides in the state_dict (extra_state), so --resume continues
+    the exact random stream."""
+
+    def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe, self.seed = get_recipe(recipe), seed
+        self._generator, self._rng_state = None, None
+
+    @classmethod
+    def from_linear(cls, linear, recipe="tetrajet", seed=0):
+        """Wrap an existing nn.Linear; the weight and bias Parameters are shared, not copied."""
+        m = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe, seed=seed, device="meta")
+        m.weight, m.bias = linear.weight, linear.bias
+        return m
+
+    def generator(self, device):
+        device = torch.device(device)
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device).manual_seed(self.seed)
+            if self._rng_state is not None and self._rng_state["device"] == device.type:
+                self._generator.set_state(self._rng_state["state"])     # resume the saved stream
+            self._rng_state = None
+        return self._generator
+
+    def quantize_weight(self):
+        """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (SPEC §7)."""
+        return fake_quant(self.weight.detach(), self.recipe, tile=self.recipe.weight_tile)
+
+    def forward(self, x):
+        y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def get_extra_state(self):
+        rng = self._rng_state
+        if self._generator is not None:
+            rng = {"device": self._generator.device.type, "state": self._generator.get_state()}
+        return {"recipe": self.recipe.name, "seed": self.seed, "rng_state": rng}
+
+    def set_extra_state(self, state):
+        self.seed, self._generator, self._rng_state = state["seed"], None, state["rng_state"]
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+
+
+def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, blocks="transformer.h", seed=0):
+    """Swap every nn.Linear inside the transformer blocks (`model.<blocks>`, an nn.ModuleList) for an
+    FP4Linear sharing its weight, except in the first `bf16_first_k` and last `bf16_last_k` blocks. Linears
+    outside the blocks (LM head) stay high precision (SPEC §6). Layer i gets generator seed `seed + i`.
+    Prints what it converted and what it kept; returns the model (changed in place)."""
+    recipe = get_recipe(recipe)
+    try:
+        block_list = model.get_submodule(blocks)
+    except AttributeError:
+        block_list = None
+    if not isinstance(block_list, nn.ModuleList):
+        raise ValueError(f"convert_to_fp4: model has no nn.ModuleList of blocks at '{blocks}'; pass blocks=<its path>")
+    n = len(block_list)
+    if bf16_first_k < 0 or bf16_last_k < 0 or bf16_first_k + bf16_last_k > n:
+        raise ValueError(f"convert_to_fp4: bf16_first_k={bf16_first_k} + bf16_last_k={bf16_last_k} must be >= 0 "
+                         f"and at most the {n} blocks")
+    converted, kept_blocks = [], []
+    for i, block in enumerate(block_list):
+        if i < bf16_first_k or i >= n - bf16_last_k:
+            kept_blocks.append(i)
+            continue
+        for name, child in list(block.named_modules()):
+            if type(child) is nn.Linear:
+                parent = block.get_submodule(name.rpartition(".")[0])
+                setattr(parent, name.rpartition(".")[2],
+                        FP4Linear.from_linear(child, recipe, seed=seed + len(converted)))
+                converted.append(f"{blocks}.{i}.{name}")
+    kept = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    in_kept_blocks = [n for n in kept if any(n.startswith(f"{blocks}.{i}.") for i in kept_blocks)]
+    others = [n for n in kept if n not in in_kept_blocks]
+    print(f"convert_to_fp4: {len(converted)}/{len(converted) + len(kept)} Linear layers -> FP4Linear "
+          f"(recipe {recipe.name}); kept high precision: {', '.join(others) or 'nothing else'}"
+          + (f"; the {len(in_kept_blocks)} Linear of blocks {kept_blocks} (bf16_first_k={bf16_first_k}, "
+             f"bf16_last_k={bf16_last_k})" if kept_blocks else ""))
+    return model

@@ -1,0 +1,106 @@
+"""E2M1 elements, packing, stochastic rounding, MX formats and the RHT (SPEC §1, §4, §5).
+Run: python -m pytest tests/test_formats.py -q"""
+import math
+
+import pytest
+import torch
+
+import fp4
+
+GRID = fp4.E2M1_GRID
+
+
+def test_every_e2m1_grid_value_round_trips_exactly():
+    values = torch.tensor(GRID + tuple(-g for g in GRID[1:]))
+    for rounding in fp4.ROUNDINGS:
+        codes = fp4.round_e2m1(values, rounding, torch.Generator().manual_seed(0))
+        assert torch.equal(fp4.decode_e2m1(codes), values)
+    assert fp4.round_e2m1(values).tolist() == list(range(8)) + list(range(9, 16))
+
+
+def test_e2m1_ties_go_to_the_even_code():
+    # SPEC §1 tie table, both signs
+    ties = {0.25: 0.0, 0.75: 1.0, 1.25: 1.0, 1.75: 2.0, 2.5: 2.0, 3.5: 4.0, 5.0: 4.0}
+    v = torch.tensor(list(ties))
+    assert fp4.decode_e2m1(fp4.round_e2m1(v)).tolist() == list(ties.values())
+    assert fp4.decode_e2m1(fp4.round_e2m1(-v)).tolist() == [-t for t in ties.values()]
+
+
+def test_e2m1_clamps_and_signs_zero_like_te():
+    v = torch.tensor([7.0, -100.0, -0.0, 0.0, -0.1, float("inf")])
+    codes = fp4.round_e2m1(v)
+    assert codes.tolist() == [7, 15, 0, 0, 8, 7]   # -0.0 -> code 0; small negative -> -0 (code 8)
+
+
+def test_packing_puts_element_2j_in_the_low_nibble():
+    codes = torch.tensor([[1, 2, 3, 15]], dtype=torch.uint8)
+    packed = fp4.pack_e2m1(codes)
+    assert packed.tolist() == [[0x21, 0xF3]]
+    assert torch.equal(fp4.unpack_e2m1(packed), codes)
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+    # 20000 draws of each value: mean error must be within 5 standard errors of 0 (p(fail) < 1e-6 each)
+    v = torch.tensor([0.1, 0.3, 0.7, 1.2, 1.9, 2.2, 2.9, 3.3, 4.5, 5.9, -0.4, -5.2])
+    n = 20000
+    g = torch.Generator().manual_seed(1)
+    draws = fp4.decode_e2m1(fp4.round_e2m1(v.expand(n, -1).contiguous(), "stochastic", g))
+    mean, std = draws.mean(0), draws.std(0)
+    assert ((mean - v).abs() <= 5 * std / math.sqrt(n) + 1e-6).all(), (mean - v)
+    # only the two neighbouring grid values ever appear
+    assert set(draws[:, 3].unique().tolist()) == {1.0, 1.5}
+    again = fp4.round_e2m1(v.expand(n, -1).contiguous(), "stochastic", torch.Generator().manual_seed(1))
+    assert torch.equal(fp4.decode_e2m1(again), draws)
+
+
+def test_unknown_rounding_is_an_error():
+    with pytest.raises(ValueError, match="rounding"):
+        fp4.round_e2m1(torch.zeros(2), "floor")
+
+
+def _mx_reference_scale(amax, emax):
+    return 2.0 ** max(math.floor(math.log2(amax)) - emax, -127) if amax > 0 else 2.0 ** -127
+
+
+def test_mxfp4_scale_follows_the_ocp_floor_rule():
+    x = torch.randn(8, 96) * torch.logspace(-3, 3, 8)[:, None]
+    q = fp4.quantize_mxfp4(x)
+    amax = x.view(8, 3, 32).abs().amax(-1)
+    ref = torch.tensor([[_mx_reference_scale(a, 2) for a in row] for row in amax.tolist()])
+    assert torch.equal(q.scale.float(), ref)
+    x_dq = fp4.dequantize_mxfp4(q)
+    assert ((x_dq.view(8, 3, 32).abs() <= 6 * ref[..., None]).all())
+
+
+def test_mxfp8_scale_rounds_up_so_nothing_saturates():
+    x = torch.randn(16, 64) * torch.logspace(-4, 4, 16)[:, None]
+    x[0, :32] = 448.0                           # amax/448 = 1 exactly: X = 1, not 2
+    q = fp4.quantize_mxfp8(x)
+    assert q.scale.float()[0, 0] == 1.0
+    assert (q.codes.float().abs() <= 448).all()
+    assert fp4.sqnr(x, fp4.dequantize_mxfp8(q)) > 30   # E4M3: ~31.5 dB on Gaussian data
+
+
+def test_mx_zero_block_gets_the_smallest_scale_and_zero_codes():
+    q = fp4.quantize_mxfp4(torch.zeros(2, 32))
+    assert (q.scale.view(torch.uint8) == 0).all() and (q.codes == 0).all()   # 2^-127
+
+
+def test_rht_is_orthogonal_and_preserves_gemms():
+    g = torch.Generator().manual_seed(0)
+    signs = fp4.random_signs(g)
+    assert set(signs.tolist()) <= {-1.0, 1.0}
+    eye = torch.eye(16)
+    H = fp4.rht16(eye, signs)                       # rows of I times H = H
+    torch.testing.assert_close(H @ H.t(), eye, atol=1e-6, rtol=0)
+    a, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g)
+    torch.testing.assert_close(fp4.rht16(a, signs) @ fp4.rht16(b, signs).t(), a @ b.t(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fp4.rht16(torch.zeros(3, 20), signs)
+
+
+def test_rht_spreads_an_outlier_across_its_chunk():
+    x = torch.zeros(1, 16)
+    x[0, 3] = 16.0
+    y = fp4.rht16(x, torch.tensor(fp4.NVIDIA_RHT_SIGNS, dtype=torch.float32))
+    assert torch.equal(y.abs(), torch.full((1, 16), 4.0))   # one spike -> 16 values of |16|/4
