@@ -86,6 +86,10 @@ E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5
 # NVIDIA's fixed RHT sign vector (TE), + + + - + - - - - - - + - + - -
 NVIDIA_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 ROUNDINGS = ("nearest", "stochastic")
+# FP4Linear(seed=s) seeds its noise generator with s + NOISE_SEED_OFFSET. Without the offset, seed s would
+# replay the very stream torch.manual_seed(s) used to draw the weights or data, and SR noise correlated with
+# the values it rounds is biased (measured: 16.8 dB instead of 17.25 dB SQNR on randn).
+NOISE_SEED_OFFSET = 1 << 32
 
 # -----------------------------------------------------------------------------
 # E2M1 elements (SPEC §1)
@@ -183,7 +187,8 @@ class NVFP4(NamedTuple):
 
 def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None):
     """x (..., K) float -> NVFP4, quantized along the last dim; Kp = K rounded up to 16 (outer="tensor") or
-    128 (outer=128), zero-padded. With tile=(16, 16) the leading dims are flattened into rows, padded to 16.
+    128 (outer=128), zero-padded. With tile=(16, 16) the leading dims are flattened into rows, padded to 16,
+    and amax_16 is taken over 16x16 tiles (with outer=128, amax_128 then over 16x128 tiles).
 
     outer="tensor" (SPEC §2, bit-exact to TE's reference; ⊗ ⊘ are fp32 ops):
         A = amax|x|;  S_enc = min(2688 ⊘ A, FLT_MAX) (1 if A = 0);  S_dec = 1 ⊘ S_enc
@@ -313,26 +318,42 @@ def rht16(x, signs):
     return (x.float().unflatten(-1, (-1, NVFP4_BLOCK)) @ H).flatten(-2)
 
 # -----------------------------------------------------------------------------
-# Recipes: which quantizer each operand of each GEMM gets (SPEC §6). Every knob is independent, so an
-# ablation is `dataclasses.replace(RECIPES["tetrajet"], rht=())`.
+# Recipes: which quantizer each operand of each GEMM gets (SPEC §6). Every knob is independent and has an
+# "off" value, so an ablation is one line: `dataclasses.replace(RECIPES["tetrajet"], rht=())`.
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     fmt: str = "nvfp4"                 # element/scale format: "nvfp4" or "mxfp4"
     outer: object = "tensor"           # NVFP4 outer scale: "tensor" (NVIDIA) or 128 (TetraJet-v2 double-block)
-    weight_tile: tuple = (1, 16)       # W's scale tile in fprop and dgrad: (1, 16) or (16, 16)
+    weight_tile: tuple = (1, 16)       # W's scale tile in fprop and dgrad: (1, 16) or (16, 16) (NVFP4 only)
     grad_rounding: str = "stochastic"  # dY in dgrad and wgrad
     other_rounding: str = "nearest"    # the other backward operand: W (dgrad) and X (wgrad)
     rht: tuple = ()                    # backward GEMMs that get RHT-16: subset of ("dgrad", "wgrad")
     rht_signs: str = "fixed"           # "fixed" (NVIDIA_RHT_SIGNS) or "random" (fresh per GEMM per step)
     aligned: bool = False              # backward quantizes the dequantized forward X̂, Ŵ instead of X, W
 
+    def __post_init__(self):
+        for ok, what in ((self.fmt in ("nvfp4", "mxfp4"), "fmt must be 'nvfp4' or 'mxfp4'"),
+                         (self.outer in ("tensor", OUTER_BLOCK), f"outer must be 'tensor' or {OUTER_BLOCK}"),
+                         (self.weight_tile in ((1, 16), (16, 16)), "weight_tile must be (1, 16) or (16, 16)"),
+                         (self.fmt == "nvfp4" or (self.outer, self.weight_tile) == ("tensor", (1, 16)),
+                          "mxfp4 has no outer scale and no 2-D tiles: keep outer='tensor', weight_tile=(1, 16)"),
+                         ({self.grad_rounding, self.other_rounding} <= set(ROUNDINGS), f"roundings must be in {ROUNDINGS}"),
+                         (set(self.rht) <= {"dgrad", "wgrad"}, "rht must be a subset of ('dgrad', 'wgrad')"),
+                         (self.rht_signs in ("fixed", "random"), "rht_signs must be 'fixed' or 'random'")):
+            if not ok:
+                raise ValueError(f"FP4 recipe {self.name!r}: {what}")
+
 
 RECIPES = {
+    # NVIDIA (arXiv 2509.25149 §4): 2-D weight tiles, SR on gradients only, RHT on wgrad only, fixed signs
     "nvidia": Recipe("nvidia", weight_tile=(16, 16), rht=("wgrad",)),
+    # TetraJet-v2 (arXiv 2510.27527 §3): double-block scales, SR and random RHT on every backward operand,
+    # and the backward starts from the forward's dequantized tensors
     "tetrajet": Recipe("tetrajet", outer=OUTER_BLOCK, other_rounding="stochastic", rht=("dgrad", "wgrad"),
                        rht_signs="random", aligned=True),
+    # OCP MXFP4: power-of-two scales per 32, SR on gradients
     "mxfp4": Recipe("mxfp4", fmt="mxfp4"),
 }
 
@@ -363,14 +384,15 @@ def dequantize(q, width):
 
 
 def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None):
-    """x (..., K) -> fp32 (..., K): quantize along the last dim, then dequantize."""
+    """x (..., K) -> fp32 (..., K): quantize along the last dim with the recipe's format, then dequantize."""
     return dequantize(quantize(x, get_recipe(recipe), rounding, tile, generator), x.shape[-1])
 
 
 def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16)):
-    """a (M, K), b (P, K), both high precision -> fp32 (M, P) = Q(a H) Q(b H)ᵀ ≈ a bᵀ, where a is the
-    gradient dY (rounded with grad_rounding) and b the other operand (other_rounding). H is RHT-16 if the
-    recipe applies it to this GEMM. Random draws, in order: signs, noise for a, noise for b."""
+    """a (M, K), b (P, K) -> fp32 (M, P) = Q(a H) Q(b H)ᵀ ≈ a bᵀ. `a` is the gradient dY (rounded with
+    grad_rounding), `b` the other operand (other_rounding); H is RHT-16 if the recipe applies it to this GEMM,
+    else the identity. Random draws from `generator`, in this order: signs, noise for a, noise for b (each SR
+    operand draws its own, independent noise)."""
     if gemm in recipe.rht:
         pad = -a.shape[1] % NVFP4_BLOCK                      # the RHT needs whole 16-chunks along K
         a, b = (torch.nn.functional.pad(t.float(), (0, pad)) for t in (a, b))
@@ -378,7 +400,7 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16)):
             signs = random_signs(generator, a.device)
         else:
             signs = torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32)
-        a, b = rht16(a, signs), rht16(b, signs)
+        a, b = rht16(a, signs), rht16(b, signs)              # the quantizer sees the rotated values
     a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator)
     b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator)
     return a_dq @ b_dq.t()
@@ -388,25 +410,27 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16)):
 
 class FP4LinearFunction(torch.autograd.Function):
     """Y = Q(X) Q(W)ᵀ forward, FP4 dgrad and wgrad backward, for one Recipe. High precision in, high out:
-    x (..., in) any float dtype, weight (out, in); returns y (..., out) in x.dtype, grads in input dtypes."""
+    x (..., in) any float dtype, weight (out, in) -> y (..., out) in x.dtype; grads in the inputs' dtypes.
+    All products are fp32 on dequantized values (a real FP4 GEMM would get bit-identical inputs)."""
 
     @staticmethod
     def forward(ctx, x, weight, recipe, generator):
-        x2 = x.reshape(-1, x.shape[-1])                                        # (N, in)
+        in_f = x.shape[-1]
+        x2 = x.reshape(-1, in_f)                                               # (N, in)
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
         x_q = quantize(x2, recipe)                                             # tuple, (N, in_p)
         w_q = quantize(weight, recipe, tile=recipe.weight_tile)                # tuple, (out, in_p)
-        in_f = x.shape[-1]
         y = dequantize(x_q, in_f) @ dequantize(w_q, in_f).t()                  # (N, out) fp32
-        # What the backward needs: the compact quantized tuples where it reuses X̂/Ŵ (aligned, or NVIDIA's
-        # 2-D weight whose transpose is its own dgrad quantization), else the high-precision inputs.
+        # What the backward keeps. NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (SPEC §2): when dgrad would
+        # re-quantize W exactly as the forward did (RTN, no RHT), it reuses the forward Ŵ instead. Aligned
+        # recipes keep the compact quantized X̂, Ŵ (~0.56 byte/element); the others keep X and W.
         ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
-                       and recipe.other_rounding == "nearest" and not recipe.aligned)  # Q(Wᵀ) = Q(W)ᵀ, SPEC §2
+                       and recipe.other_rounding == "nearest" and not recipe.aligned)
         ctx.x_q = x_q if recipe.aligned else None
         ctx.w_q = w_q if (recipe.aligned or ctx.reuse_w) else None
-        ctx.save_for_backward(None if recipe.aligned else x2,
-                              None if ctx.w_q is not None else weight)
-        ctx.recipe, ctx.generator, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = recipe, generator, x.shape, x.dtype, weight.dtype
+        ctx.save_for_backward(None if recipe.aligned else x2, None if ctx.w_q is not None else weight)
+        ctx.recipe, ctx.generator = recipe, generator
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
@@ -415,17 +439,20 @@ class FP4LinearFunction(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         out_f, in_f = dy.shape[-1], ctx.x_shape[-1]
         dy2 = dy.reshape(-1, out_f).float()                                    # (N, out)
-        x_src = dequantize(ctx.x_q, in_f) if ctx.x_q is not None else x2       # X̂ or X, (N, in)
+        dx = dw = None
         # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
-        if ctx.reuse_w:
-            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen)       # (N, out)
-            dx = dy_dq @ dequantize(ctx.w_q, in_f)                             # Ŵ of the forward, (N, in)
-        else:
-            w_src = dequantize(ctx.w_q, in_f) if ctx.w_q is not None else weight   # Ŵ or W, (out, in)
+        if ctx.needs_input_grad[0] and ctx.reuse_w:
+            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen)  # (N, out)
+            dx = dy_dq @ dequantize(ctx.w_q, in_f)                             # the forward's Ŵ, (N, in)
+        elif ctx.needs_input_grad[0]:
+            w_src = dequantize(ctx.w_q, in_f) if ctx.w_q is not None else weight   # Ŵ (aligned) or W
             dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile)
         # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
-        dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen)          # (out, in)
-        return dx.reshape(ctx.x_shape).to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+        if ctx.needs_input_grad[1]:
+            x_src = dequantize(ctx.x_q, in_f) if ctx.x_q is not None else x2   # X̂ (aligned) or X, (N, in)
+            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen)      # (out, in)
+        dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if dx is not None else None
+        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None
 
 # -----------------------------------------------------------------------------
 # Modules last: FP4Linear and the converter
@@ -434,7 +461,7 @@ class FP4Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in simulated FP4 (FP4LinearFunction); the weight stays the fp32
     master. Stochastic rounding and random RHT signs come from this layer's own torch.Generator, seeded with
     `seed` on first use on a device; its state rides in the state_dict (extra_state), so --resume continues
-    the exact random stream."""
+    the exact random stream. (Calling FP4LinearFunction directly, pass any generator, or None for torch's.)"""
 
     def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -451,7 +478,7 @@ class FP4Linear(nn.Linear):
     def generator(self, device):
         device = torch.device(device)
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device).manual_seed(self.seed)
+            self._generator = torch.Generator(device).manual_seed(self.seed + NOISE_SEED_OFFSET)
             if self._rng_state is not None and self._rng_state["device"] == device.type:
                 self._generator.set_state(self._rng_state["state"])     # resume the saved stream
             self._rng_state = None

@@ -126,16 +126,17 @@ def test_non_finite_input_dequantizes_to_nan_not_garbage(outer):
             assert x_dq[1, :128].isnan().all() and x_dq[1, 128:].isfinite().all() and x_dq[[0, 2, 3]].isfinite().all()
 
 
-SQNR_BANDS = {  # dB on randn(1024, 1024): RTN ~20.4, SR ~17.3 (SR's error variance is twice RTN's, -3 dB)
+SQNR_BANDS = {  # dB on randn(1024, 1024): RTN ~20.4, SR ~17.25 (SR's error variance is ~twice RTN's, -3 dB)
     "nvfp4_tensor": (19.5, 21.5, dict(outer="tensor")), "nvfp4_128": (19.5, 21.5, dict(outer=128)),
     "nvfp4_16x16": (18.5, 20.0, dict(tile=(16, 16))),
-    "nvfp4_sr": (16.5, 18.0, dict(rounding="stochastic", generator=torch.Generator().manual_seed(0))),
+    "nvfp4_sr": (17.0, 17.5, dict(rounding="stochastic", generator=torch.Generator().manual_seed(1))),
 }
 
 
 @pytest.mark.parametrize("name", list(SQNR_BANDS))
 def test_nvfp4_sqnr_on_randn_is_in_the_expected_band(name):
     lo, hi, kw = SQNR_BANDS[name]
+    # (data and noise from different seeds: the same seed would correlate the noise with the data)
     x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     assert lo < fp4.sqnr(x, fp4.dequantize_nvfp4(fp4.quantize_nvfp4(x, **kw))) < hi
 
