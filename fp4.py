@@ -22,6 +22,14 @@ so it can hold about one significant bit. To be useful it needs a scale per smal
 A value is decoded as x_dq = e2m1(code) * block_scale * outer_scale. Two codes are packed per uint8 along
 the last dim, element 2j in the low nibble (the layout TE, torchao and Triton's tl.dot_scaled use).
 
+A worked example, per-tensor NVFP4 of a tensor whose amax is A = 12 and one of whose blocks has amax 3:
+    S_enc = 2688 / 12 = 224, S_dec = 1/224        (the tensor's amax will map to e2m1 6 x e4m3 448)
+    s_b   = e4m3(3 * 224 / 6) = e4m3(112) = 112    (this block's E4M3 scale)
+    x = 1.3 in that block encodes as 1.3 * 224 / 112 = 2.6 -> nearest grid value 3 (code 5), and decodes
+    as 3 * 112 / 224 = 1.5: a 15% error, typical for one-significant-bit numbers (SQNR ~20 dB on Gaussian
+    data). The E4M3 scale has only 3 mantissa bits and 2^-9 as its smallest value, so with a per-tensor
+    scale a block far below the tensor's amax gets a coarse or zero scale; a per-128 outer scale avoids it.
+
 Rounding is round-to-nearest-even (RTN, for the forward pass) or stochastic (SR, for gradients: unbiased,
 E[q] = x, so quantization noise averages out over steps instead of biasing the update).
 
@@ -104,6 +112,9 @@ def round_e2m1(v, rounding="nearest", generator=None):
     The sign bit is set iff v < 0: -0.0 gives code 0, a tiny negative gives code 8 (-0), as TE's reference.
     NaN compares false everywhere and gives code 0; its scale is what carries the NaN (see module docstring).
     """
+    # Why SR for gradients: RTN maps every value in a bin to the same grid point, a bias that does not
+    # average out over steps; SR's E[q] = v makes the quantized gradient an unbiased estimate of the true
+    # one, at the price of ~twice the error variance (about 3 dB lower SQNR).
     a = v.abs().clamp(max=F4_E2M1_MAX)
     k = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
     if rounding == "nearest":
@@ -253,7 +264,10 @@ class MX(NamedTuple):
 def quantize_mxfp4(x, rounding="nearest", generator=None):
     """x (..., K) -> MX, blocks of 32 along the last dim (Kp = K rounded up to 32, zero-padded).
     X = 2^(floor(log2 amax) - 2), the exponent read from the fp32 bits (OCP "floor" rule; amax = 0 gives
-    2^-127); q = E2M1(x ⊘ X), saturating at ±6. Equals torchao to_mx(..., ScaleCalculationMode.FLOOR)."""
+    2^-127); q = E2M1(x ⊘ X), saturating at ±6. Equals torchao to_mx(..., ScaleCalculationMode.FLOOR).
+    Why MXFP4 trails NVFP4: a power-of-two scale cannot fit the block max to 6, so amax ⊘ X lands anywhere in
+    [4, 8): up to 8 it saturates to 6 (clipping the largest values), and the grid is used less fully than
+    with NVFP4's E4M3 scale, which maps every block's amax to ~6. Blocks of 32 also share one scale."""
     x2 = _as_padded_2d(x, 1, MX_BLOCK)                                                # (M, Kp)
     M, Kp = x2.shape
     blocks = x2.view(M, -1, MX_BLOCK)                                                 # (M, Kp/32, 32)
@@ -308,7 +322,11 @@ def random_signs(generator=None, device=None):
 def rht16(x, signs):
     """x (..., K), K a multiple of 16 -> x with every contiguous 16-chunk of the last dim multiplied by
     H = ¼ · H₁₆ · diag(signs), H₁₆ the Sylvester ±1 Hadamard matrix. H is orthogonal (H Hᵀ = I), so applying
-    it to both operands of a GEMM along K leaves the product unchanged: (A H)(B H)ᵀ = A Bᵀ."""
+    it to both operands of a GEMM along K leaves the product unchanged: (A H)(B H)ᵀ = A Bᵀ.
+    Why: each output is a ±¼-weighted sum of all 16 inputs, so a single outlier is spread over the whole
+    chunk (|16| -> sixteen values of |4|) and the block's values look Gaussian, which a 16-element FP4 block
+    with one scale represents far better than one spike among near-zeros. Random signs make the rotation,
+    and so its effect on the quantization error, independent of the data (TetraJet-v2 §3, NVIDIA §4.2)."""
     if x.shape[-1] % NVFP4_BLOCK:
         raise ValueError(f"rht16 needs the last dim to be a multiple of 16, got {x.shape[-1]}; zero-pad it first")
     h = torch.ones(1, 1, device=x.device)
@@ -412,6 +430,13 @@ class FP4LinearFunction(torch.autograd.Function):
     """Y = Q(X) Q(W)ᵀ forward, FP4 dgrad and wgrad backward, for one Recipe. High precision in, high out:
     x (..., in) any float dtype, weight (out, in) -> y (..., out) in x.dtype; grads in the inputs' dtypes.
     All products are fp32 on dequantized values (a real FP4 GEMM would get bit-identical inputs)."""
+
+    # The three GEMMs quantize differently because they do different jobs. fprop must be accurate (RTN): its
+    # output is the network. dgrad and wgrad feed the optimizer, which averages over steps, so unbiased SR
+    # noise is better than a small bias; and their K (out features, tokens) is where gradient outliers live,
+    # hence the RHT. "Aligned" (TetraJet-v2 §3): the network that ran used X̂ and Ŵ, so its true gradients are
+    # dY Ŵ and dYᵀ X̂; starting the backward from X and W instead adds a bias of dY (W - Ŵ) that no amount of
+    # SR removes.
 
     @staticmethod
     def forward(ctx, x, weight, recipe, generator):
