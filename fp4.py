@@ -107,8 +107,9 @@ def round_e2m1(v, rounding="nearest", generator=None):
 
     nearest:    |v| is clamped to 6, then k = number of midpoints below it (ties to even, E2M1_MIDPOINTS).
     stochastic: with lo <= |v| <= hi the neighbouring grid magnitudes, round up with probability
-                p = (|v| - lo) / (hi - lo), i.e. iff u < p for u = torch.rand(v.shape, generator=generator).
-                Both subtractions and the division by a power of two are exact in fp32, so p is exact.
+                p = (|v| - lo) / (hi - lo), i.e. iff u < p for u = torch.rand(v.shape, generator=generator)
+                (one draw per element, in v's memory order: the same u gives the same codes, for kernels too).
+                The subtraction and the division by a power of two are exact in fp32, so p is exact.
     The sign bit is set iff v < 0: -0.0 gives code 0, a tiny negative gives code 8 (-0), as TE's reference.
     NaN compares false everywhere and gives code 0; its scale is what carries the NaN (see module docstring).
     """
@@ -116,18 +117,20 @@ def round_e2m1(v, rounding="nearest", generator=None):
     # average out over steps; SR's E[q] = v makes the quantized gradient an unbiased estimate of the true
     # one, at the price of ~twice the error variance (about 3 dB lower SQNR).
     a = v.abs().clamp(max=F4_E2M1_MAX)
-    k = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
     if rounding == "nearest":
+        k = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
         for mid, tie_up in E2M1_MIDPOINTS:
             k += (a >= mid) if tie_up else (a > mid)
     elif rounding == "stochastic":
-        for g in E2M1_GRID[1:]:
-            k += a >= g                                        # k = index of lo, the grid value <= |v|
-        grid = torch.tensor(E2M1_GRID + (F4_E2M1_MAX,), device=v.device)  # hi of code 7 is 6 itself
-        lo, hi = grid[k.long()], grid[k.long() + 1]
-        p = (a - lo) / torch.where(hi > lo, hi - lo, 1.0)      # (0 at |v| = 6)
+        # lo = the grid value <= |v| and step = hi - lo: the grid spacing is 0.5 below 2, 1 below 4, then 2
+        # (the step above 6 is irrelevant: p = 0 there). Division by the power-of-two step is exact.
+        step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+        lo = torch.floor(a / step) * step
+        p = (a - lo) / step
         u = torch.rand(v.shape, generator=generator, device=v.device)
-        k += u < p
+        mag = lo + step * (u < p)                                # the chosen grid magnitude
+        k = torch.where(mag < 2, 2 * mag, torch.where(mag < 4, mag + 2, mag / 2 + 4))   # grid value -> code
+        k = k.nan_to_num_(0.0).to(torch.uint8)
     else:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     return k | ((v < 0).to(torch.uint8) << 3)
@@ -531,7 +534,7 @@ class FP4Linear(nn.Linear):
 
 
 def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, blocks="transformer.h", seed=0):
-    """Swap every nn.Linear inside the transformer blocks (`model.<blocks>`, an nn.ModuleList) for an
+    """Swap every nn.Linear (or subclass) inside the transformer blocks (`model.<blocks>`, an nn.ModuleList) for an
     FP4Linear sharing its weight, except in the first `bf16_first_k` and last `bf16_last_k` blocks. Linears
     outside the blocks (LM head) stay high precision (SPEC §6). Layer i gets generator seed `seed + i`.
     Prints what it converted and what it kept; returns the model (changed in place)."""
@@ -552,12 +555,12 @@ def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, b
             kept_blocks.append(i)
             continue
         for name, child in list(block.named_modules()):
-            if type(child) is nn.Linear:
+            if isinstance(child, nn.Linear) and not isinstance(child, FP4Linear):
                 parent = block.get_submodule(name.rpartition(".")[0])
                 setattr(parent, name.rpartition(".")[2],
                         FP4Linear.from_linear(child, recipe, seed=seed + len(converted)))
                 converted.append(f"{blocks}.{i}.{name}")
-    kept = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FP4Linear)]
     in_kept_blocks = [n for n in kept if any(n.startswith(f"{blocks}.{i}.") for i in kept_blocks)]
     others = [n for n in kept if n not in in_kept_blocks]
     print(f"convert_to_fp4: {len(converted)}/{len(converted) + len(kept)} Linear layers -> FP4Linear "

@@ -53,6 +53,19 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
     assert torch.equal(fp4.decode_e2m1(again), draws)
 
 
+def test_stochastic_rounding_rounds_up_exactly_when_the_uniform_draw_is_below_p():
+    # the contract kernels must meet: given the same u = torch.rand(shape, generator), the same codes
+    v = torch.randn(64, 64, generator=torch.Generator().manual_seed(5)) * 3
+    codes = fp4.round_e2m1(v, "stochastic", torch.Generator().manual_seed(6))
+    u = torch.rand(v.shape, generator=torch.Generator().manual_seed(6))
+    for x, ui, c in zip(v.flatten().tolist(), u.flatten().tolist(), codes.flatten().tolist()):
+        a = min(abs(x), 6.0)
+        lo = max(g for g in GRID if g <= a)
+        hi = min([g for g in GRID if g > a] or [6.0])
+        mag = hi if hi > lo and ui < (a - lo) / (hi - lo) else lo
+        assert c == GRID.index(mag) | (8 if x < 0 else 0)
+
+
 def test_unknown_rounding_is_an_error():
     with pytest.raises(ValueError, match="rounding"):
         fp4.round_e2m1(torch.zeros(2), "floor")
