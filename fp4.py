@@ -102,6 +102,11 @@ NOISE_SEED_OFFSET = 1 << 32
 # -----------------------------------------------------------------------------
 # E2M1 elements (SPEC §1)
 
+def _fp32_exponent(a):
+    """Unbiased exponent field of fp32 a: floor(log2 a) for normal a, exactly, from the bits (-127 for 0)."""
+    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
+
+
 def round_e2m1(v, rounding="nearest", generator=None):
     """Round fp32 v (any shape) to 4-bit E2M1 codes (uint8 in 0..15, same shape, unpacked).
 
@@ -111,26 +116,26 @@ def round_e2m1(v, rounding="nearest", generator=None):
                 (one draw per element, in v's memory order: the same u gives the same codes, for kernels too).
                 The subtraction and the division by a power of two are exact in fp32, so p is exact.
     The sign bit is set iff v < 0: -0.0 gives code 0, a tiny negative gives code 8 (-0), as TE's reference.
-    NaN compares false everywhere and gives code 0; its scale is what carries the NaN (see module docstring).
+    NaN gives code 0; it only occurs under a NaN scale, which is what carries the NaN (module docstring).
     """
     # Why SR for gradients: RTN maps every value in a bin to the same grid point, a bias that does not
     # average out over steps; SR's E[q] = v makes the quantized gradient an unbiased estimate of the true
     # one, at the price of ~twice the error variance (about 3 dB lower SQNR).
-    a = v.abs().clamp(max=F4_E2M1_MAX)
+    a = v.abs().clamp(max=F4_E2M1_MAX).nan_to_num_(0.0)
     if rounding == "nearest":
         k = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
         for mid, tie_up in E2M1_MIDPOINTS:
             k += (a >= mid) if tie_up else (a > mid)
     elif rounding == "stochastic":
-        # lo = the grid value <= |v| and step = hi - lo: the grid spacing is 0.5 below 2, 1 below 4, then 2
-        # (the step above 6 is irrelevant: p = 0 there). Division by the power-of-two step is exact.
-        step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
-        lo = torch.floor(a / step) * step
-        p = (a - lo) / step
+        # The grid spacing is 2^(e-1) on region e = clamp(floor(log2 |v|), 0, 2): 0.5 on [0, 2), 1 on [2, 4),
+        # 2 on [4, 6] (e read exactly from the fp32 exponent bits). In units of the spacing |v| = t + p, with
+        # t = floor(|v| / 2^(e-1)) and 0 <= p < 1, both exact (a power-of-two scaling, then Sterbenz); lo's
+        # code is t + 2e (0.5 -> t=1, e=0; 3 -> t=3, e=1; 6 -> t=3, e=2), and SR adds one with probability p.
+        e = _fp32_exponent(a).clamp(0, 2)                                # int32
+        x = a * ((E8M0_BIAS + 1 - e) << 23).view(torch.float32)          # |v| / 2^(e-1), exact
+        t = torch.floor(x)
         u = torch.rand(v.shape, generator=generator, device=v.device)
-        mag = lo + step * (u < p)                                # the chosen grid magnitude
-        k = torch.where(mag < 2, 2 * mag, torch.where(mag < 4, mag + 2, mag / 2 + 4))   # grid value -> code
-        k = k.nan_to_num_(0.0).to(torch.uint8)
+        k = (t + 2 * e + (u < x - t)).to(torch.uint8)
     else:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     return k | ((v < 0).to(torch.uint8) << 3)
@@ -177,11 +182,6 @@ def _tile_amax(x2, tile):
     Mp, Kp = x2.shape
     a = x2.abs().view(Mp // tr, tr, Kp // tc, tc).amax(dim=(1, 3))   # (Mp/tr, Kp/16)
     return a.repeat_interleave(tr, dim=0) if tr > 1 else a
-
-
-def _fp32_exponent(a):
-    """Unbiased exponent field of fp32 a: floor(log2 a) for normal a, exactly, from the bits (-127 for 0)."""
-    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
 
 
 def _e8m0(exponent, amax):
@@ -336,7 +336,7 @@ def rht16(x, signs):
     for _ in range(4):                                       # Sylvester: H_2n = [[H, H], [H, -H]]
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     H = 0.25 * h * signs.to(x.device, torch.float32)         # (16, 16): column j scaled by signs[j]
-    return (x.float().unflatten(-1, (-1, NVFP4_BLOCK)) @ H).flatten(-2)
+    return (x.float().reshape(-1, NVFP4_BLOCK) @ H).reshape(x.shape)   # one (n, 16) @ (16, 16) matmul
 
 # -----------------------------------------------------------------------------
 # Recipes: which quantizer each operand of each GEMM gets (SPEC §6). Every knob is independent and has an
@@ -481,6 +481,63 @@ class FP4LinearFunction(torch.autograd.Function):
             dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen)      # (out, in)
         dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if dx is not None else None
         return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None
+
+# -----------------------------------------------------------------------------
+# OsciReset (TetraJet-v2 §4, SPEC §7): weights whose FP4 value flips back and forth
+
+def oscillation_ratio(sum_dq, sum_dw):
+    """r = Σ_t |Q(w_t) - Q(w_{t-1})| / Σ_t |w_t - w_{t-1}| per element; 0 where the weight did not move.
+    A weight drifting steadily through bins has r ≈ 1; one sitting on a rounding boundary, nudged back and
+    forth by tiny updates, flips a whole bin (up to 2 grid steps x scale) per step for a tiny Δw: r >> 1."""
+    return torch.where(sum_dw > 0, sum_dq / sum_dw, 0.0)
+
+
+class OsciReset:
+    """Every `period` optimizer steps from step `start`: snapshot each FP4 weight w and its forward quantization
+    Q(w), accumulate Σ|ΔQ(w)| and Σ|Δw| over the next `window` steps, then snap w <- Q(w) (the centre of its
+    current bin) where r >= `threshold`. Optimizer state is left alone (SPEC §7). Snapped weights sit on a grid
+    point, far from any rounding boundary, so they stop flipping until real gradient signal moves them.
+    Memory: four fp32 copies of each weight during a window, none outside it. `layers`: {name: FP4Linear}."""
+
+    def __init__(self, layers, period=200, window=50, threshold=8.0, start=0):
+        if not 0 < window < period:
+            raise ValueError(f"OsciReset needs 0 < window ({window}) < period ({period})")
+        self.layers, self.period, self.window, self.threshold, self.start = layers, period, window, threshold, start
+        self.state = {}      # name -> {prev_w, prev_q, sum_dq, sum_dw}, only while a window is open
+        self.last = {}       # name -> {"oscillating": fraction with r >= threshold, "reset": count}, last window
+
+    @torch.no_grad()
+    def after_step(self, step):
+        """Call after every optimizer step; `step` = optimizer steps done so far."""
+        if step < self.start or (phase := (step - self.start) % self.period) > self.window:
+            return
+        for name, layer in self.layers.items():
+            w, q = layer.weight, layer.quantize_weight()                  # (out, in) master, fp32 Q(w)
+            if phase == 0:                                                # open a window: snapshot
+                zeros = torch.zeros_like(q)
+                self.state[name] = dict(prev_w=w.float().clone(), prev_q=q, sum_dq=zeros, sum_dw=zeros.clone())
+                continue
+            st = self.state[name]
+            st["sum_dq"] += (q - st["prev_q"]).abs()
+            st["sum_dw"] += (w.float() - st["prev_w"]).abs()
+            st["prev_w"], st["prev_q"] = w.float().clone(), q
+            if phase == self.window:                                      # close it: reset the oscillators
+                mask = oscillation_ratio(st["sum_dq"], st["sum_dw"]) >= self.threshold
+                w[mask] = q[mask].to(w.dtype)
+                self.last[name] = {"oscillating": mask.float().mean().item(), "reset": int(mask.sum())}
+                del self.state[name]
+
+    def summary(self):
+        """-> (fraction of all tracked weights reset in the last windows, total count reset)."""
+        n = sum(self.layers[k].weight.numel() for k in self.last)
+        reset = sum(v["reset"] for v in self.last.values())
+        return (reset / n if n else 0.0), reset
+
+    def state_dict(self):
+        return {"state": self.state, "last": self.last}
+
+    def load_state_dict(self, d):
+        self.state, self.last = d["state"], d["last"]
 
 # -----------------------------------------------------------------------------
 # Modules last: FP4Linear and the converter

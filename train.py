@@ -1,0 +1,372 @@
+"""
+train.py: train a GPT with simulated 4-bit (NVFP4 / MXFP4) linear layers, or in bf16 as the baseline.
+
+    python train.py --fp4 --osci-reset          # TetraJet-v2 on the offline default corpus, ~5 min on a laptop CPU
+    python train.py                             # the bf16 baseline, same everything else
+    python train.py --fp4 --fp4-recipe nvidia   # NVIDIA's NVFP4 recipe
+    torchrun --standalone --nproc_per_node=8 train.py --fp4 --model 150m --dataset <name>
+
+Every field of TrainConfig is a --flag (`python train.py --help`); the resolved config is printed and saved
+in every checkpoint. Writes <out_dir>/log.jsonl (one JSON object per eval) and <out_dir>/ckpt.pt; --resume
+continues from the checkpoint exactly (same losses as an uninterrupted run).
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import fp4
+from data.prepare import prepare_pystdlib, sha256_file
+from model import GPT, GPTConfig, PRESETS
+
+# -----------------------------------------------------------------------------
+# config: one dataclass, one flag per field (help text = the field's comment)
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "pystdlib"     # folder under data/ with train.bin, val.bin, meta.pkl (pystdlib is built if missing)
+    batch_size: int = 16          # sequences per micro-batch per process
+    block_size: int = 128         # context length in tokens
+    grad_accum: int = 1           # micro-batches per optimizer step (per process)
+    # model
+    model: str = "tiny"           # size preset: tiny, 70m, 150m, 370m (TetraJet-v2's OLMo 2 sizes)
+    n_layer: int = 0              # override the preset's layer count (0 = keep)
+    n_head: int = 0               # override the preset's head count (0 = keep)
+    n_embd: int = 0               # override the preset's width (0 = keep)
+    mlp_hidden: int = 0           # override the preset's SwiGLU hidden width (0 = keep)
+    # FP4
+    fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = bf16 baseline)
+    fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES)
+    bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
+    bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
+    osci_reset: bool = False      # OsciReset: snap oscillating FP4 weights to their bin centre (TetraJet-v2 §4)
+    osci_period: int = 200        # steps between oscillation windows (shrunk for short runs, see resolve())
+    osci_window: int = 50         # steps each window accumulates over
+    osci_threshold: float = 8.0   # reset weights whose ratio sum|dQ(w)| / sum|dw| >= this
+    osci_start: float = 0.6       # first window: a step, or a fraction (< 1) of max_iters
+    # optimizer (AdamW on fp32 master weights)
+    lr: float = 3e-3              # peak learning rate
+    min_lr: float = 3e-4          # final learning rate
+    lr_schedule: str = "cosine"   # cosine or wsd (warmup-stable-decay, last 20% decays linearly)
+    warmup_iters: int = 20        # linear warmup steps
+    weight_decay: float = 0.1     # decoupled weight decay on matrices
+    beta1: float = 0.9            # AdamW beta1
+    beta2: float = 0.95           # AdamW beta2
+    grad_clip: float = 1.0        # clip the global grad norm to this (0 = off)
+    max_iters: int = 200          # optimizer steps; the LR schedule spans them
+    stop_iter: int = 0            # save and exit after this step (0 = run to max_iters); --resume continues
+    # evaluation and logging
+    eval_interval: int = 50       # evaluate val loss and save a checkpoint every this many steps
+    eval_iters: int = 10          # val batches per evaluation (the same batches every time)
+    log_interval: int = 10        # print a train line every this many steps
+    # system
+    seed: int = 1337              # model init, data order and FP4 noise all follow from it
+    device: str = "auto"          # auto (cuda > mps > cpu), cuda, mps, cpu
+    dtype: str = "auto"           # activation dtype: auto (bfloat16; float32 on mps), bfloat16, float32
+    compile: bool = False         # torch.compile the model
+    out_dir: str = "out"          # log.jsonl and ckpt.pt go here
+    resume: bool = False          # continue from <out_dir>/ckpt.pt (its config, overridden by the flags given)
+
+
+CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "lr_schedule": ["cosine", "wsd"],
+           "device": ["auto", "cuda", "mps", "cpu"], "dtype": ["auto", "bfloat16", "float32"]}
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def parse_args(argv):
+    """-> dict of the flags given (only those), typed. Unknown flags exit with argparse's one-line error."""
+    helps = dict(re.findall(r"^\s+(\w+): .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    for f in fields(TrainConfig):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(help=f"{helps[f.name]} (default: {f.default})")
+        if f.type is bool:
+            p.add_argument(flag, type=parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
+        else:
+            p.add_argument(flag, type=f.type, choices=CHOICES.get(f.name), metavar=f.name.upper()
+                           if f.name not in CHOICES else None, **kw)
+    return vars(p.parse_args(argv))
+
+
+def check(cfg, given):
+    """Contradictory or impossible settings: exit with one line naming the flag and the fix."""
+    errors = [
+        (not cfg.fp4 and any(k in given for k in ("fp4_recipe", "bf16_first_k", "bf16_last_k", "osci_reset")),
+         "--fp4-recipe/--bf16-*-k/--osci-reset need --fp4 (without it the whole model is bf16)"),
+        (cfg.osci_reset and not cfg.fp4, "--osci-reset needs --fp4"),
+        (min(cfg.batch_size, cfg.block_size, cfg.grad_accum, cfg.max_iters, cfg.eval_interval, cfg.eval_iters,
+             cfg.log_interval) < 1, "sizes, intervals and --max-iters must be >= 1"),
+        (not 0 <= cfg.stop_iter <= cfg.max_iters, "--stop-iter must be between 0 and --max-iters"),
+        (cfg.min_lr > cfg.lr, "--min-lr must not exceed --lr"),
+        (cfg.warmup_iters > cfg.max_iters, "--warmup-iters must not exceed --max-iters"),
+    ]
+    for bad, msg in errors:
+        if bad:
+            sys.exit(f"error: {msg}")
+
+
+def get_lr(step, cfg):
+    """Linear warmup, then cosine to min_lr over the rest, or WSD: flat, then linear decay over the last 20%."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if cfg.lr_schedule == "wsd":
+        decay_start = int(0.8 * cfg.max_iters)
+        frac = max(0.0, (step - decay_start) / max(1, cfg.max_iters - decay_start))
+        return cfg.lr - frac * (cfg.lr - cfg.min_lr)
+    frac = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def osci_schedule(cfg):
+    """-> (start, period, window) in steps. A window must close inside the run: if fewer than two periods fit
+    after the start, shrink the period to half the remaining steps and the window to a quarter of the period
+    (e.g. --max-iters 200: start 120, period 40, window 10, resets at steps 130 and 170)."""
+    start = int(cfg.osci_start * cfg.max_iters) if cfg.osci_start < 1 else int(cfg.osci_start)
+    period, window = cfg.osci_period, cfg.osci_window
+    if cfg.max_iters - start < 2 * period:
+        period = max(2, (cfg.max_iters - start) // 2)
+        window = max(1, min(window, period // 4))
+    return start, period, window
+
+
+def main(argv=None):
+    given = parse_args(sys.argv[1:] if argv is None else argv)
+    # -----------------------------------------------------------------------------
+    # device, DDP
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    cfg = replace(TrainConfig(), **given)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: --resume but no checkpoint at {ckpt_path}; run without --resume to start fresh")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            cfg = replace(TrainConfig(**ckpt["config"]), **given)
+        except Exception as e:
+            sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); "
+                     f"delete it or choose another --out-dir")
+    check(cfg, given)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if device == "cuda" else device
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    device_type = device.split(":")[0]
+    dtype = {"auto": torch.float32 if device_type == "mps" else torch.bfloat16,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    torch.manual_seed(cfg.seed)
+
+    def log(*a):
+        if master:
+            tqdm.write(" ".join(str(x) for x in a))
+
+    log(f"torch {torch.__version__} | device {device} x {world} | activations {dtype} | config:")
+    log(json.dumps(asdict(cfg)))
+    # -----------------------------------------------------------------------------
+    # data: uint16 token memmaps; each process samples from its own contiguous shard (rank-disjoint)
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
+    if cfg.dataset == "pystdlib" and not os.path.exists(os.path.join(data_dir, "meta.pkl")) and master:
+        prepare_pystdlib()
+    if ddp:
+        dist.barrier()
+    meta, splits = load_dataset(data_dir, cfg)
+
+    def get_batch(split, gen):
+        data = splits[split]
+        lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world - cfg.block_size - 1
+        ix = torch.randint(lo, hi, (cfg.batch_size,), generator=gen).tolist()   # random windows (nanoGPT)
+        x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
+        return x.to(device), y.to(device)
+
+    train_gen = torch.Generator().manual_seed(cfg.seed + rank)  # its state is the data position
+    # -----------------------------------------------------------------------------
+    # model, FP4 conversion (before compile and DDP), optimizer
+    size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
+    gpt_config = GPTConfig(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, block_size=cfg.block_size, **size)
+    model = GPT(gpt_config, compute_dtype=dtype)
+    osci = None
+    if cfg.fp4:
+        fp4.convert_to_fp4(model, cfg.fp4_recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
+                           seed=cfg.seed * 1000 + 100_000 * rank)   # independent SR noise per process
+        if cfg.osci_reset:
+            start, period, window = osci_schedule(cfg)
+            layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
+            osci = fp4.OsciReset(layers, period, window, cfg.osci_threshold, start)
+            log(f"osci-reset: windows of {window} steps every {period} from step {start}, threshold {cfg.osci_threshold}")
+    model.to(device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    step, best_val = 0, float("inf")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        train_gen.set_state(ckpt["rng"]["train_gen"][rank])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if osci is not None and ckpt.get("osci") is not None:
+            osci.load_state_dict({k: _to(v, device) for k, v in ckpt["osci"].items()})
+        log(f"resumed from {ckpt_path} at step {step}")
+    log(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {gpt_config}")
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean val loss over eval_iters fixed batches (same every eval, so evals are comparable)."""
+        model.eval()
+        gen, losses = torch.Generator().manual_seed(cfg.seed + 10_000 + rank), []
+        for _ in range(cfg.eval_iters):
+            x, y = get_batch("val", gen)
+            losses.append(model(x, y)[1].float())
+        model.train()
+        loss = torch.stack(losses).mean()
+        if ddp:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item()
+
+    def save_checkpoint():
+        gens = [None] * world
+        if ddp:
+            dist.all_gather_object(gens, train_gen.get_state())
+        else:
+            gens = [train_gen.get_state()]
+        if master:
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg),
+                         step=step, best_val_loss=best_val, rng=dict(torch=torch.get_rng_state(), train_gen=gens),
+                         osci=osci.state_dict() if osci else None, dataset_meta={k: meta[k] for k in ("tokenizer", "vocab_size")})
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            torch.save(state, ckpt_path + ".tmp")          # atomic: a crash mid-write leaves the old checkpoint
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+
+    # -----------------------------------------------------------------------------
+    # training loop
+    last_step = cfg.stop_iter or cfg.max_iters
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if ckpt is None and os.path.exists(log_path):
+            os.remove(log_path)                            # a fresh run starts a fresh log
+    bar = tqdm(total=last_step, initial=step, disable=not master or not sys.stderr.isatty(), dynamic_ncols=True,
+               leave=False)                                 # a progress bar for terminals, not for log files
+    t_start, window_losses, window_time, window_steps, val_loss = time.time(), [], 0.0, 0, float("nan")
+    resumed_at = step if ckpt is not None else -1
+    for step in range(step, last_step + 1):
+        # once in a while: evaluate, log, checkpoint (not again at the step we resumed from)
+        if (step % cfg.eval_interval == 0 or step == last_step) and (step != resumed_at or step == last_step):
+            val_loss = evaluate()
+            best_val = min(best_val, val_loss)
+            train_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
+            tok_s = window_steps * tokens_per_step / window_time if window_time else float("nan")
+            record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
+                          val_bits_per_unit=val_loss / math.log(2) / meta["units_per_token"], unit=meta["unit"],
+                          lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=time.time() - t_start)
+            record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # strict JSON
+            if osci is not None:
+                record["osci_reset_frac"], record["osci_reset"] = osci.summary()
+            log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}"
+                + (f" | osci reset {record['osci_reset']} ({record['osci_reset_frac']:.4%})" if osci else ""))
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            save_checkpoint()
+            window_losses, window_time, window_steps = [], 0.0, 0
+        if step == last_step:
+            break
+        # one optimizer step: grad_accum micro-batches, clip, AdamW
+        t0 = time.time()
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch("train", train_gen)
+            sync = nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else model.no_sync()
+            with sync:
+                _, loss = model(x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if osci is not None:
+            osci.after_step(step + 1)
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_val, dt = loss_sum.item(), time.time() - t0
+        window_losses.append(loss_val)
+        window_time, window_steps = window_time + dt, window_steps + 1
+        bar.update(1)
+        if step % cfg.log_interval == 0:
+            log(f"step {step:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {dt * 1000:7.1f} ms/step | "
+                f"{tokens_per_step / dt:9,.0f} tok/s")
+    bar.close()
+    log(f"final val_loss {val_loss:.4f}")
+    if ddp:
+        dist.destroy_process_group()
+    return val_loss
+
+
+def _to(obj, device):
+    """Move every tensor in a nested dict to device."""
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj.to(device) if torch.is_tensor(obj) else obj
+
+
+def load_dataset(data_dir, cfg):
+    """-> (meta, {"train": memmap, "val": memmap}); one clear error if anything is missing or corrupt."""
+    name = os.path.basename(data_dir)
+    fix = ("python data/prepare.py pystdlib" if name == "pystdlib" else "python data/prepare.py shakespeare_char"
+           if name == "shakespeare_char" else f"python data/prepare.py textfile --input FILE --name {name}")
+    try:
+        with open(os.path.join(data_dir, "meta.pkl"), "rb") as f:
+            meta = pickle.load(f)
+        splits = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r") for s in ("train", "val")}
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        sys.exit(f"error: dataset '{name}' is missing or unreadable in {data_dir} ({e}); prepare it with: {fix}")
+    for s, data in splits.items():
+        if len(data) != meta[f"{s}_tokens"]:
+            sys.exit(f"error: data/{name}/{s}.bin has {len(data)} tokens, meta.pkl says {meta[f'{s}_tokens']} "
+                     f"(truncated or stale?); re-run: {fix}")
+        if data.nbytes < 1 << 30 and sha256_file(os.path.join(data_dir, f"{s}.bin")) != meta[f"{s}_sha256"]:
+            sys.exit(f"error: data/{name}/{s}.bin does not match the sha256 in meta.pkl (corrupt?); re-run: {fix}")
+        if len(data) // max(1, int(os.environ.get("WORLD_SIZE", 1))) <= cfg.block_size + 1:
+            sys.exit(f"error: data/{name}/{s}.bin ({len(data)} tokens) is too short for --block-size {cfg.block_size}")
+    return meta, splits
+
+
+if __name__ == "__main__":
+    main()
