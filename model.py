@@ -152,7 +152,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin)
         logits = self.lm_head(self.transformer.ln_f(x)).float()           # (B, T, vocab)
-        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def configure_optimizer(self, lr, weight_decay, betas, device_type):

@@ -39,7 +39,7 @@ from model import GPT, GPTConfig, PRESETS
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "pystdlib"     # folder under data/ with train.bin, val.bin, meta.pkl (pystdlib is built if missing)
+    dataset: str = "pystdlib"     # name under data/ (or a path) with train.bin, val.bin, meta.pkl; pystdlib is built if missing
     batch_size: int = 16          # sequences per micro-batch per process
     block_size: int = 128         # context length in tokens
     grad_accum: int = 1           # micro-batches per optimizer step (per process)
@@ -83,6 +83,7 @@ class TrainConfig:
     resume: bool = False          # continue from <out_dir>/ckpt.pt (its config, overridden by the flags given)
 
 
+PER_INVOCATION = ("resume", "stop_iter")      # flags that a resumed run does not inherit from the checkpoint
 CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "lr_schedule": ["cosine", "wsd"],
            "device": ["auto", "cuda", "mps", "cpu"], "dtype": ["auto", "bfloat16", "float32"]}
 
@@ -95,13 +96,18 @@ def parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):                      # "error: <what>" and nothing else (no usage dump)
+        sys.exit(f"error: {message} (see python train.py --help)")
+
+
 def parse_args(argv):
-    """-> dict of the flags given (only those), typed. Unknown flags exit with argparse's one-line error."""
+    """-> dict of the flags given (only those), typed. Unknown or malformed flags exit with one line."""
     helps = dict(re.findall(r"^\s+(\w+): .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), dict(help=f"{helps[f.name]} (default: {f.default})")
+        flag, kw = "--" + f.name.replace("_", "-"), dict(help=f"{helps[f.name]} (default: {f.default})".replace("%", "%%"))
         if f.type is bool:
             p.add_argument(flag, type=parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
         else:
@@ -166,7 +172,8 @@ def main(argv=None):
             sys.exit(f"error: --resume but no checkpoint at {ckpt_path}; run without --resume to start fresh")
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            cfg = replace(TrainConfig(**ckpt["config"]), **given)
+            saved = {k: v for k, v in ckpt["config"].items() if k not in PER_INVOCATION}
+            cfg = replace(TrainConfig(**saved), **given)
         except Exception as e:
             sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); "
                      f"delete it or choose another --out-dir")
@@ -192,7 +199,7 @@ def main(argv=None):
     log(json.dumps(asdict(cfg)))
     # -----------------------------------------------------------------------------
     # data: uint16 token memmaps; each process samples from its own contiguous shard (rank-disjoint)
-    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
+    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
     if cfg.dataset == "pystdlib" and not os.path.exists(os.path.join(data_dir, "meta.pkl")) and master:
         prepare_pystdlib()
     if ddp:

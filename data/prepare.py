@@ -40,9 +40,9 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def write_dataset(name, train_ids, val_ids, meta):
-    """Write data/<name>/{train,val}.bin (uint16) and meta.pkl; each file atomically (tmp + rename)."""
-    out = DATA_DIR / name
+def write_dataset(name, train_ids, val_ids, meta, root=DATA_DIR):
+    """Write <root>/<name>/{train,val}.bin (uint16) and meta.pkl; each file atomically (tmp + rename)."""
+    out = Path(root) / name
     out.mkdir(parents=True, exist_ok=True)
     if meta["vocab_size"] > 65536:
         raise ValueError(f"vocab_size {meta['vocab_size']} does not fit uint16 token files")
@@ -80,7 +80,7 @@ def tokenize(text, tokenizer, stoi=None):
     raise ValueError(f"unknown tokenizer {tokenizer!r}: choose byte, char or gpt2")
 
 
-def prepare_text(name, text, tokenizer, source):
+def prepare_text(name, text, tokenizer, source, root=DATA_DIR):
     """Split a text 90/10 (nanoGPT: the last 10% is val), tokenize, write. For byte-level units, the meta
     records bytes per val token so train.py can report bits per byte whatever the tokenizer."""
     if not text:
@@ -90,7 +90,7 @@ def prepare_text(name, text, tokenizer, source):
     train_ids, meta = tokenize(text[:cut], tokenizer, stoi)
     val_ids, _ = tokenize(text[cut:], tokenizer, stoi)
     units = len(text[cut:].encode("utf-8")) if meta["unit"] == "byte" else len(text[cut:])
-    return write_dataset(name, train_ids, val_ids, dict(meta, units_per_token=units / len(val_ids), source=source))
+    return write_dataset(name, train_ids, val_ids, dict(meta, units_per_token=units / len(val_ids), source=source), root)
 
 
 def read_text(path):
@@ -109,7 +109,7 @@ def stdlib_files():
     return sorted(files)
 
 
-def prepare_pystdlib(name="pystdlib"):
+def prepare_pystdlib(name="pystdlib", root=DATA_DIR):
     files = stdlib_files()
     if not files:
         sys.exit(f"error: found no standard-library sources under {sysconfig.get_paths()['stdlib']}; "
@@ -124,7 +124,7 @@ def prepare_pystdlib(name="pystdlib"):
     meta = dict(tokenizer="byte", vocab_size=256, unit="byte", units_per_token=1.0,
                 source=f"Python {sys.version.split()[0]} standard library at {sysconfig.get_paths()['stdlib']}",
                 files=[rel for rel, _ in files], python_version=sys.version.split()[0])
-    return write_dataset(name, train, val, meta)
+    return write_dataset(name, train, val, meta, root)
 
 
 def prepare_shakespeare_char(input_path=None):
