@@ -199,7 +199,8 @@ def main(argv=None):
     log(json.dumps(asdict(cfg)))
     # -----------------------------------------------------------------------------
     # data: uint16 token memmaps; each process samples from its own contiguous shard (rank-disjoint)
-    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
+    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(os.path.dirname(__file__) or ".", "data",
+                                                                          cfg.dataset)
     if cfg.dataset == "pystdlib" and not os.path.exists(os.path.join(data_dir, "meta.pkl")) and master:
         prepare_pystdlib()
     if ddp:
@@ -233,7 +234,14 @@ def main(argv=None):
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
     step, best_val = 0, float("inf")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        if len(ckpt["rng"]["train_gen"]) != world:
+            sys.exit(f"error: {ckpt_path} was written by {len(ckpt['rng']['train_gen'])} processes; resume with "
+                     f"the same number (this run has {world}) so every data shard continues where it stopped")
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            sys.exit(f"error: {ckpt_path} does not fit the model this config builds (changed a model or FP4 flag "
+                     f"on --resume?): {str(e).splitlines()[0]}")
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
         train_gen.set_state(ckpt["rng"]["train_gen"][rank])
