@@ -66,8 +66,8 @@ that scale dequantizes to NaN (the whole tensor with a per-tensor scale, the 1x1
 the 32-block with MX). NaN is never turned into finite garbage.
 """
 
+import math
 from dataclasses import dataclass
-
 from typing import NamedTuple
 
 import torch
@@ -409,11 +409,30 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None):
     return dequantize(quantize(x, get_recipe(recipe), rounding, tile, generator), x.shape[-1])
 
 
-def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16)):
+def fake_quant_split(x, recipe, tile=(1, 16), outliers=None):
+    """x (M, K) -> fp32 (M, K), round to nearest: FP4 (the recipe's format) on every column except the
+    `outliers` (LongTensor of column indices, or None), which get MXFP8 (OutControl, SPEC §8). Each part is
+    quantized as its own contiguous matrix, as a real kernel would see it after gathering the columns."""
+    if outliers is None:
+        return fake_quant(x, recipe, tile=tile)
+    keep = _complement(outliers, x.shape[1])
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out[:, keep] = fake_quant(x[:, keep], recipe, tile=tile)
+    out[:, outliers] = dequantize(quantize_mxfp8(x[:, outliers]), len(outliers))
+    return out
+
+
+def _complement(idx, n):
+    keep = torch.ones(n, dtype=torch.bool, device=idx.device)
+    keep[idx] = False
+    return keep.nonzero().squeeze(1)
+
+
+def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None):
     """a (M, K), b (P, K) -> fp32 (M, P) = Q(a H) Q(b H)ᵀ ≈ a bᵀ. `a` is the gradient dY (rounded with
     grad_rounding), `b` the other operand (other_rounding); H is RHT-16 if the recipe applies it to this GEMM,
     else the identity. Random draws from `generator`, in this order: signs, noise for a, noise for b (each SR
-    operand draws its own, independent noise)."""
+    operand draws its own, independent noise). `stats`: a dict that receives the SQNR of the dY operand."""
     if gemm in recipe.rht:
         pad = -a.shape[1] % NVFP4_BLOCK                      # the RHT needs whole 16-chunks along K
         a, b = (torch.nn.functional.pad(t.float(), (0, pad)) for t in (a, b))
@@ -424,15 +443,20 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16)):
         a, b = rht16(a, signs), rht16(b, signs)              # the quantizer sees the rotated values
     a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator)
     b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator)
+    if stats is not None:                                    # H is orthogonal: same error norm as unrotated
+        stats[f"sqnr_dy_{gemm}"] = sqnr(a, a_dq)
     return a_dq @ b_dq.t()
 
 # -----------------------------------------------------------------------------
-# The quantized linear: Y = X Wᵀ with all three GEMMs in FP4 (SPEC §6)
+# The quantized linear: Y = X Wᵀ with all three GEMMs in FP4 (SPEC §6), optionally with OutControl's
+# outlier input channels in MXFP8 (SPEC §8)
 
 class FP4LinearFunction(torch.autograd.Function):
     """Y = Q(X) Q(W)ᵀ forward, FP4 dgrad and wgrad backward, for one Recipe. High precision in, high out:
     x (..., in) any float dtype, weight (out, in) -> y (..., out) in x.dtype; grads in the inputs' dtypes.
-    All products are fp32 on dequantized values (a real FP4 GEMM would get bit-identical inputs)."""
+    All products are fp32 on dequantized values (a real FP4 GEMM would get bit-identical inputs).
+    outliers: None or a LongTensor of input channels kept in MXFP8 (OutControl). stats: None or a dict the
+    call fills with diagnostics (SQNR of X, W, dY; saturated/underflowed block fractions); it draws no noise."""
 
     # The three GEMMs quantize differently because they do different jobs. fprop must be accurate (RTN): its
     # output is the network. dgrad and wgrad feed the optimizer, which averages over steps, so unbiased SR
@@ -442,45 +466,83 @@ class FP4LinearFunction(torch.autograd.Function):
     # SR removes.
 
     @staticmethod
-    def forward(ctx, x, weight, recipe, generator):
+    def forward(ctx, x, weight, recipe, generator, outliers=None, stats=None):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)                                               # (N, in)
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
-        x_q = quantize(x2, recipe)                                             # tuple, (N, in_p)
-        w_q = quantize(weight, recipe, tile=recipe.weight_tile)                # tuple, (out, in_p)
-        y = dequantize(x_q, in_f) @ dequantize(w_q, in_f).t()                  # (N, out) fp32
+        # (with outliers: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, SPEC §8)
+        x_hat = fake_quant_split(x2, recipe, (1, 16), outliers)               # (N, in) fp32
+        w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers)  # (out, in) fp32
+        y = x_hat @ w_hat.t()                                                  # (N, out) fp32
+        if stats is not None:
+            stats.update(sqnr_x=sqnr(x2, x_hat), sqnr_w=sqnr(weight, w_hat))
+            stats.update(zip(("saturated_x", "underflow_x"), block_health(x2, recipe)))
+            stats.update(zip(("saturated_w", "underflow_w"), block_health(weight, recipe, recipe.weight_tile)))
         # What the backward keeps. NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (SPEC §2): when dgrad would
         # re-quantize W exactly as the forward did (RTN, no RHT), it reuses the forward Ŵ instead. Aligned
-        # recipes keep the compact quantized X̂, Ŵ (~0.56 byte/element); the others keep X and W.
+        # recipes keep the dequantized X̂, Ŵ (fp32); the others keep X and W.
         ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
                        and recipe.other_rounding == "nearest" and not recipe.aligned)
-        ctx.x_q = x_q if recipe.aligned else None
-        ctx.w_q = w_q if (recipe.aligned or ctx.reuse_w) else None
-        ctx.save_for_backward(None if recipe.aligned else x2, None if ctx.w_q is not None else weight)
-        ctx.recipe, ctx.generator = recipe, generator
+        ctx.save_for_backward(x_hat if recipe.aligned else x2,
+                              w_hat if (recipe.aligned or ctx.reuse_w) else weight, outliers)
+        ctx.recipe, ctx.generator, ctx.stats = recipe, generator, stats
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        recipe, gen = ctx.recipe, ctx.generator
-        x2, weight = ctx.saved_tensors
-        out_f, in_f = dy.shape[-1], ctx.x_shape[-1]
-        dy2 = dy.reshape(-1, out_f).float()                                    # (N, out)
+        recipe, gen, stats = ctx.recipe, ctx.generator, ctx.stats
+        x_src, w_src, outliers = ctx.saved_tensors                            # X̂ or X (N, in), Ŵ or W (out, in)
+        dy2 = dy.reshape(-1, dy.shape[-1]).float()                             # (N, out)
         dx = dw = None
         # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
+        # (always fully FP4, with outliers too: W's source is then the mixed Ŵ, SPEC §8)
         if ctx.needs_input_grad[0] and ctx.reuse_w:
             dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen)  # (N, out)
-            dx = dy_dq @ dequantize(ctx.w_q, in_f)                             # the forward's Ŵ, (N, in)
+            dx = dy_dq @ w_src                                                 # the forward's Ŵ, (N, in)
+            if stats is not None:
+                stats["sqnr_dy_dgrad"] = sqnr(dy2, dy_dq)
         elif ctx.needs_input_grad[0]:
-            w_src = dequantize(ctx.w_q, in_f) if ctx.w_q is not None else weight   # Ŵ (aligned) or W
-            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile)
+            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats)
         # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
-        if ctx.needs_input_grad[1]:
-            x_src = dequantize(ctx.x_q, in_f) if ctx.x_q is not None else x2   # X̂ (aligned) or X, (N, in)
-            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen)      # (out, in)
+        if ctx.needs_input_grad[1] and outliers is None:
+            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats)   # (out, in)
+        elif ctx.needs_input_grad[1]:                        # FP4 on channels F, MXFP8 on the outliers O
+            keep = _complement(outliers, x_src.shape[1])
+            dw = torch.empty(dy2.shape[1], x_src.shape[1], device=dy2.device)                # (out, in)
+            dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats)
+            dy8, x8 = (dequantize(quantize_mxfp8(t), t.shape[1]) for t in (dy2.t(), x_src[:, outliers].t()))
+            dw[:, outliers] = dy8 @ x8.t()
         dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if dx is not None else None
-        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None
+        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None, None
+
+
+SATURATION_LIMIT = 7.0   # a scaled |x| above 7 loses more to the clamp at 6 than rounding loses anywhere in range
+
+
+def block_health(x, recipe, tile=(1, 16)):
+    """-> (saturated, underflow): among the non-zero scale blocks of x (..., K) under the recipe's quantizer,
+    the fraction whose scale is too small for the block (scaled amax > SATURATION_LIMIT, so the clamp at ±6
+    costs more than half the top step: MXFP4's power-of-two floor scale does this in 17% of the blocks of
+    randn; NVFP4's fitted E4M3 scale only rounds and never does), and the fraction whose scale underflowed to
+    an E4M3 subnormal or zero (< 2^-6: under 4 significant bits, the per-tensor scale's failure mode) or to
+    E8M0's smallest value."""
+    q = quantize(x, recipe, tile=tile)
+    x2 = x.reshape(-1, x.shape[-1]).float()                                   # (M, K)
+    if isinstance(q, MX):
+        block, scale = MX_BLOCK, q.scale.float().view(x2.shape[0], -1)         # (M, Kp/32)
+        tiny = q.scale.view(torch.uint8).view(scale.shape) == 0
+    else:
+        block, s = NVFP4_BLOCK, q.block_scale.float().view(x2.shape[0], -1)   # (M, Kp/16)
+        outer = q.outer_scale if q.outer_scale.dim() == 0 else \
+            q.outer_scale.view(x2.shape[0], -1).repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)
+        scale, tiny = s * outer, s < 2.0 ** -6
+    x2 = torch.nn.functional.pad(x2, (0, scale.shape[1] * block - x2.shape[1]))
+    amax = x2.abs().view(x2.shape[0], -1, block).amax(-1)                     # same shape as scale
+    nonzero = amax > 0
+    n = nonzero.sum().clamp(min=1)
+    saturated = (amax * (1.0 / scale).clamp(max=FLT_MAX) > SATURATION_LIMIT) & nonzero
+    return (saturated.sum() / n).item(), ((tiny & nonzero).sum() / n).item()
 
 # -----------------------------------------------------------------------------
 # OsciReset (TetraJet-v2 §4, SPEC §7): weights whose FP4 value flips back and forth
@@ -497,12 +559,14 @@ class OsciReset:
     Q(w), accumulate Σ|ΔQ(w)| and Σ|Δw| over the next `window` steps, then snap w <- Q(w) (the centre of its
     current bin) where r >= `threshold`. Optimizer state is left alone (SPEC §7). Snapped weights sit on a grid
     point, far from any rounding boundary, so they stop flipping until real gradient signal moves them.
-    Memory: four fp32 copies of each weight during a window, none outside it. `layers`: {name: FP4Linear}."""
+    Memory: four fp32 copies of each weight during a window, none outside it. `layers`: {name: FP4Linear}.
+    reset=False only measures: the oscillation ratio of a run without OsciReset, for comparison."""
 
-    def __init__(self, layers, period=200, window=50, threshold=8.0, start=0):
+    def __init__(self, layers, period=200, window=50, threshold=8.0, start=0, reset=True):
         if not 0 < window < period:
             raise ValueError(f"OsciReset needs 0 < window ({window}) < period ({period})")
         self.layers, self.period, self.window, self.threshold, self.start = layers, period, window, threshold, start
+        self.reset = reset
         self.state = {}      # name -> {prev_w, prev_q, sum_dq, sum_dw}, only while a window is open
         self.last = {}       # name -> {"oscillating": fraction with r >= threshold, "reset": count}, last window
 
@@ -523,15 +587,17 @@ class OsciReset:
             st["prev_w"], st["prev_q"] = w.float().clone(), q
             if phase == self.window:                                      # close it: reset the oscillators
                 mask = oscillation_ratio(st["sum_dq"], st["sum_dw"]) >= self.threshold
-                w[mask] = q[mask].to(w.dtype)
-                self.last[name] = {"oscillating": mask.float().mean().item(), "reset": int(mask.sum())}
+                if self.reset:
+                    w[mask] = q[mask].to(w.dtype)
+                self.last[name] = {"oscillating": mask.float().mean().item(), "reset": int(mask.sum()) * self.reset}
                 del self.state[name]
 
     def summary(self):
-        """-> (fraction of all tracked weights reset in the last windows, total count reset)."""
+        """-> (oscillation ratio: fraction of all tracked weights with r >= threshold in the last windows,
+        number of weights reset then)."""
         n = sum(self.layers[k].weight.numel() for k in self.last)
-        reset = sum(v["reset"] for v in self.last.values())
-        return (reset / n if n else 0.0), reset
+        osc = sum(v["oscillating"] * self.layers[k].weight.numel() for k, v in self.last.items())
+        return (osc / n if n else 0.0), sum(v["reset"] for v in self.last.values())
 
     def state_dict(self):
         return {"state": self.state, "last": self.last}
@@ -540,18 +606,61 @@ class OsciReset:
         self.state, self.last = d["state"], d["last"]
 
 # -----------------------------------------------------------------------------
+# OutControl (TetraJet-v2 §4, SPEC §8): a static set of outlier input channels kept in MXFP8
+
+def select_outlier_channels(channel_norm, frac):
+    """(in,) accumulated input-channel L2 norms -> sorted LongTensor of the top `frac` channels, the count
+    rounded up to a multiple of 32 (one MXFP8 block) and capped at half the channels."""
+    count = min(math.ceil(frac * channel_norm.numel() / MX_BLOCK) * MX_BLOCK, channel_norm.numel() // 2)
+    return channel_norm.topk(count).indices.sort().values
+
+
+class OutControl:
+    """For `window` steps from step `start`, every FP4Linear sums ‖X[:, c]‖₂ over the tokens of each
+    micro-batch, per input channel c (its `channel_norm`); then the top `frac` channels become its outliers,
+    fixed for the rest of training and kept in MXFP8 in fprop and wgrad (SPEC §8). Activation outliers sit in
+    a few channels that stay the same through training (TetraJet-v2 §4), so a short calibration suffices.
+    Call before_step(step) before each optimizer step and after_step(steps_done, reduce) after it; `reduce`
+    sums a tensor across processes in place (DDP), so every process picks the same channels."""
+
+    def __init__(self, layers, frac=0.1, start=500, window=50):
+        self.layers, self.frac, self.start, self.window = layers, frac, start, window
+
+    def before_step(self, step):
+        for layer in self.layers.values():
+            layer.calibrating = self.start <= step < self.start + self.window and layer.outliers is None
+
+    def after_step(self, step, reduce=None):
+        if step != self.start + self.window:
+            return
+        for layer in self.layers.values():
+            if layer.channel_norm is not None:
+                if reduce is not None:
+                    reduce(layer.channel_norm)
+                layer.outliers, layer.channel_norm = select_outlier_channels(layer.channel_norm, self.frac), None
+            layer.calibrating = False
+
+    def summary(self):
+        """-> {layer name: number of outlier channels}."""
+        return {k: (0 if m.outliers is None else len(m.outliers)) for k, m in self.layers.items()}
+
+# -----------------------------------------------------------------------------
 # Modules last: FP4Linear and the converter
 
 class FP4Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in simulated FP4 (FP4LinearFunction); the weight stays the fp32
     master. Stochastic rounding and random RHT signs come from this layer's own torch.Generator, seeded with
     `seed` on first use on a device; its state rides in the state_dict (extra_state), so --resume continues
-    the exact random stream. (Calling FP4LinearFunction directly, pass any generator, or None for torch's.)"""
+    the exact random stream. (Calling FP4LinearFunction directly, pass any generator, or None for torch's.)
+    OutControl state: `outliers` (input channels kept in MXFP8, or None) and, while `calibrating`, the running
+    `channel_norm`; both are saved in extra_state too. Set `stats = {}` to collect diagnostics on the next
+    forward and backward (FP4LinearFunction fills it)."""
 
     def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe, self.seed = get_recipe(recipe), seed
         self._generator, self._rng_state = None, None
+        self.outliers, self.channel_norm, self.calibrating, self.stats = None, None, False, None
 
     @classmethod
     def from_linear(cls, linear, recipe="tetrajet", seed=0):
@@ -571,20 +680,28 @@ class FP4Linear(nn.Linear):
 
     def quantize_weight(self):
         """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (SPEC §7)."""
-        return fake_quant(self.weight.detach(), self.recipe, tile=self.recipe.weight_tile)
+        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.outliers)
 
     def forward(self, x):
-        y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device))
+        if self.calibrating:                                 # OutControl: per-channel L2 norm over tokens
+            norm = x.detach().reshape(-1, self.in_features).float().norm(dim=0)    # (in,)
+            self.channel_norm = norm if self.channel_norm is None else self.channel_norm + norm
+        outliers = self.outliers if self.outliers is not None and len(self.outliers) else None
+        y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device), outliers, self.stats)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def get_extra_state(self):
         rng = self._rng_state
         if self._generator is not None:
             rng = {"device": self._generator.device.type, "state": self._generator.get_state()}
-        return {"recipe": self.recipe.name, "seed": self.seed, "rng_state": rng}
+        return {"recipe": self.recipe.name, "seed": self.seed, "rng_state": rng, "outliers": self.outliers,
+                "channel_norm": self.channel_norm}
 
     def set_extra_state(self, state):
         self.seed, self._generator, self._rng_state = state["seed"], None, state["rng_state"]
+        device = self.weight.device
+        self.outliers, self.channel_norm = (None if t is None else t.to(device)
+                                            for t in (state.get("outliers"), state.get("channel_norm")))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, recipe={self.recipe.name}"

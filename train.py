@@ -58,7 +58,11 @@ class TrainConfig:
     osci_period: int = 200        # steps between oscillation windows (shrunk for short runs, see resolve())
     osci_window: int = 50         # steps each window accumulates over
     osci_threshold: float = 8.0   # reset weights whose ratio sum|dQ(w)| / sum|dw| >= this
-    osci_start: float = 0.6       # first window: a step, or a fraction (< 1) of max_iters
+    osci_start: float = 0.6       # first window: a step, or a fraction (< 1) of max_iters (windows also run, measuring only, without --osci-reset)
+    out_control: bool = False     # OutControl: keep each FP4 layer's outlier input channels in MXFP8 (TetraJet-v2 §4)
+    out_control_frac: float = 0.1  # fraction of input channels kept in MXFP8 (rounded up to 32, at most half)
+    out_control_step: float = 0.1  # calibration starts at this step, or this fraction (< 1) of max_iters
+    out_control_window: int = 50  # calibration steps (input-channel norms summed over them)
     # optimizer (AdamW on fp32 master weights)
     lr: float = 3e-3              # peak learning rate
     min_lr: float = 3e-4          # final learning rate
@@ -119,8 +123,9 @@ def parse_args(argv):
 def check(cfg, given):
     """Contradictory or impossible settings: exit with one line naming the flag and the fix."""
     errors = [
-        (not cfg.fp4 and any(k in given for k in ("fp4_recipe", "bf16_first_k", "bf16_last_k", "osci_reset")),
-         "--fp4-recipe/--bf16-*-k/--osci-reset need --fp4 (without it the whole model is bf16)"),
+        (not cfg.fp4 and any(k.startswith(("fp4_", "bf16_", "osci_", "out_control")) for k in given),
+         "--fp4-recipe/--bf16-*-k/--osci-*/--out-control* need --fp4 (without it the whole model is bf16)"),
+        (not 0 <= cfg.out_control_frac <= 0.5, "--out-control-frac must be between 0 and 0.5"),
         (cfg.osci_reset and not cfg.fp4, "--osci-reset needs --fp4"),
         (min(cfg.batch_size, cfg.block_size, cfg.grad_accum, cfg.max_iters, cfg.eval_interval, cfg.eval_iters,
              cfg.log_interval) < 1, "sizes, intervals and --max-iters must be >= 1"),
@@ -149,12 +154,37 @@ def osci_schedule(cfg):
     """-> (start, period, window) in steps. A window must close inside the run: if fewer than two periods fit
     after the start, shrink the period to half the remaining steps and the window to a quarter of the period
     (e.g. --max-iters 200: start 120, period 40, window 10, resets at steps 130 and 170)."""
-    start = int(cfg.osci_start * cfg.max_iters) if cfg.osci_start < 1 else int(cfg.osci_start)
+    start = start_step(cfg.osci_start, cfg)
     period, window = cfg.osci_period, cfg.osci_window
     if cfg.max_iters - start < 2 * period:
         period = max(2, (cfg.max_iters - start) // 2)
         window = max(1, min(window, period // 4))
     return start, period, window
+
+
+def start_step(value, cfg):
+    """--osci-start / --out-control-step: a fraction (< 1) of max_iters, or a step."""
+    return int(value * cfg.max_iters) if value < 1 else int(value)
+
+
+def fp4_report(step, layers, osci, outctl):
+    """FP4 health at an eval -> (dict for log.jsonl, one log line). Per layer: SQNR (dB) of X, W and dY as
+    quantized in the last training step, fraction of blocks with a saturated or underflowed scale,
+    oscillation ratio and resets of the last OsciReset window, outlier channels."""
+    per_layer = {n: dict(m.stats or {}) for n, m in layers.items()}
+    for n, v in (osci.last.items() if osci else ()):
+        per_layer[n].update(oscillating=v["oscillating"], reset=v["reset"])
+    for n, v in (outctl.summary().items() if outctl else ()):
+        per_layer[n]["outliers"] = v
+    keys = sorted({k for v in per_layer.values() for k in v})
+    mean = {k: sum(v[k] for v in per_layer.values() if k in v) / len(layers) for k in keys}
+    osc, reset = osci.summary() if osci else (0.0, 0)
+    total = dict(mean, oscillating=osc, reset=reset, outliers=sum(outctl.summary().values()) if outctl else 0)
+    sq = " ".join(f"{k[5:]} {mean[k]:.1f}" for k in keys if k.startswith("sqnr"))
+    line = (f"fp4  {step:5d} | sqnr(dB) {sq or '-'} | saturated x {mean.get('saturated_x', 0):.2%} w "
+            f"{mean.get('saturated_w', 0):.2%} | underflow x {mean.get('underflow_x', 0):.2%} w "
+            f"{mean.get('underflow_w', 0):.2%} | oscillating {osc:.3%} reset {reset} | outliers {total['outliers']}")
+    return {"total": total, "layers": per_layer}, line
 
 
 def main(argv=None):
@@ -221,15 +251,22 @@ def main(argv=None):
     size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
     gpt_config = GPTConfig(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, block_size=cfg.block_size, **size)
     model = GPT(gpt_config, compute_dtype=dtype)
-    osci = None
+    osci = outctl = None
+    fp4_layers = {}
     if cfg.fp4:
         fp4.convert_to_fp4(model, cfg.fp4_recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
                            seed=cfg.seed * 1000 + 100_000 * rank)   # independent SR noise per process
-        if cfg.osci_reset:
-            start, period, window = osci_schedule(cfg)
-            layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
-            osci = fp4.OsciReset(layers, period, window, cfg.osci_threshold, start)
-            log(f"osci-reset: windows of {window} steps every {period} from step {start}, threshold {cfg.osci_threshold}")
+        fp4_layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
+        start, period, window = osci_schedule(cfg)                    # measured always, reset only if asked
+        osci = fp4.OsciReset(fp4_layers, period, window, cfg.osci_threshold, start, reset=cfg.osci_reset)
+        log(f"oscillation windows: {window} steps every {period} from step {start}, threshold "
+            f"{cfg.osci_threshold}, {'resetting' if cfg.osci_reset else 'measuring only'}")
+        if cfg.out_control:
+            oc_start = start_step(cfg.out_control_step, cfg)
+            oc_window = max(1, min(cfg.out_control_window, cfg.max_iters - oc_start - 1))
+            outctl = fp4.OutControl(fp4_layers, cfg.out_control_frac, oc_start, oc_window)
+            log(f"out-control: calibrating steps {oc_start}-{oc_start + oc_window - 1}, then "
+                f"{cfg.out_control_frac:.0%} of input channels (rounded up to 32) in MXFP8")
     model.to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
     step, best_val = 0, float("inf")
@@ -308,10 +345,10 @@ def main(argv=None):
                           val_bits_per_unit=val_loss / math.log(2) / meta["units_per_token"], unit=meta["unit"],
                           lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=time.time() - t_start)
             record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # strict JSON
-            if osci is not None:
-                record["osci_reset_frac"], record["osci_reset"] = osci.summary()
-            log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}"
-                + (f" | osci reset {record['osci_reset']} ({record['osci_reset_frac']:.4%})" if osci else ""))
+            log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}")
+            if fp4_layers:
+                record["fp4"], line = fp4_report(step, fp4_layers, osci, outctl)
+                log(line)
             if master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -322,6 +359,11 @@ def main(argv=None):
         # one optimizer step: grad_accum micro-batches, clip, AdamW
         t0 = time.time()
         lr = get_lr(step, cfg)
+        before_eval = (step + 1) % cfg.eval_interval == 0 or step + 1 == last_step
+        for layer in fp4_layers.values():
+            layer.stats = {} if before_eval else None      # FP4 diagnostics from the step before each eval
+        if outctl is not None:
+            outctl.before_step(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -338,6 +380,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         if osci is not None:
             osci.after_step(step + 1)
+        if outctl is not None:
+            outctl.after_step(step + 1, reduce=dist.all_reduce if ddp else None)
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         loss_val, dt = loss_sum.item(), time.time() - t0

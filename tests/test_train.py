@@ -80,7 +80,8 @@ def test_model_quantizes_exactly_the_block_linears(capsys):
 
 
 def test_resume_continues_exactly(dataset, tmp_path):
-    flags = ["--fp4", "--osci-reset", "--max-iters", "8", "--eval-interval", "2"]   # osci windows at 4-5, 6-7
+    flags = ["--fp4", "--osci-reset", "--max-iters", "8", "--eval-interval", "2",   # osci windows at 4-5, 6-7
+             "--out-control", "--out-control-step", "3", "--out-control-window", "2"]  # calibrates 3-4: spans the stop
     straight = run(dataset, tmp_path / "a", *flags)
     run(dataset, tmp_path / "b", *flags, "--stop-iter", "4")
     resumed = run(dataset, tmp_path / "b", "--resume")                # config comes from the checkpoint

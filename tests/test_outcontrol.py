@@ -1,0 +1,66 @@
+"""OutControl (TetraJet-v2 §4, SPEC §8): planted outlier channels are found, kept in MXFP8, and help.
+Run: python -m pytest tests/test_outcontrol.py -q"""
+import torch
+import torch.nn.functional as F
+
+import fp4
+
+PLANTED = torch.tensor([3, 17, 40, 41, 90, 127])
+
+
+def inputs(n=256, k=128, seed=0):
+    """Gaussian activations whose PLANTED channels are 30x larger, like an LLM's outlier features."""
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    x[:, PLANTED] *= 30
+    return x
+
+
+def test_calibration_picks_the_planted_outlier_channels():
+    layer = fp4.FP4Linear(128, 64, recipe="tetrajet")
+    oc = fp4.OutControl({"l": layer}, frac=0.1, start=2, window=3)
+    for step in range(6):
+        oc.before_step(step)
+        layer(inputs(seed=step)).sum().backward()
+        oc.after_step(step + 1)
+    assert len(layer.outliers) == 32                     # 10% of 128 = 12.8, rounded up to one MXFP8 block
+    assert set(PLANTED.tolist()) <= set(layer.outliers.tolist())
+    assert not layer.calibrating and layer.channel_norm is None and oc.summary() == {"l": 32}
+
+
+def test_outlier_count_is_rounded_to_32_and_capped_at_half():
+    norms = torch.arange(48.0)
+    assert len(fp4.select_outlier_channels(norms, 0.1)) == 24          # 32 would be more than half of 48
+    assert fp4.select_outlier_channels(torch.arange(1024.0), 0.1).tolist() == list(range(1024 - 128, 1024))
+    assert len(fp4.select_outlier_channels(norms, 0.0)) == 0
+
+
+def test_split_forward_equals_the_plain_forward_when_no_channel_is_selected():
+    x, layer = inputs(), fp4.FP4Linear(128, 64, recipe="tetrajet")
+    y = layer(x)
+    layer.outliers = torch.empty(0, dtype=torch.long)
+    assert torch.equal(layer(x), y)
+    assert torch.equal(fp4.fake_quant_split(x, fp4.RECIPES["nvidia"], outliers=None), fp4.fake_quant(x, "nvidia"))
+
+
+def test_outlier_channels_in_mxfp8_bring_every_gemm_closer_to_high_precision():
+    x, dy = inputs(), torch.randn(256, 64, generator=torch.Generator().manual_seed(9))
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(8)) / 128 ** 0.5
+    ref = (x @ w.t(), dy @ w, dy.t() @ x)
+    for name, recipe in fp4.RECIPES.items():
+        errors = []
+        for outliers in (None, PLANTED):
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = fp4.FP4LinearFunction.apply(xr, wr, recipe, torch.Generator().manual_seed(1), outliers)
+            y.backward(dy)
+            errors.append([1 - F.cosine_similarity(a.flatten(), b.flatten(), 0) for a, b in zip((y, xr.grad, wr.grad), ref)])
+        (y0, dx0, dw0), (y1, dx1, dw1) = errors
+        assert y1 < 0.5 * y0 and dw1 < dw0, (name, errors)   # fprop and wgrad split the outliers off
+        assert dx1 < 2 * dx0                                  # dgrad stays FP4: not hurt beyond its noise
+
+
+def test_outcontrol_state_survives_a_state_dict_round_trip():
+    layer = fp4.FP4Linear(128, 64)
+    layer.outliers, layer.channel_norm = PLANTED.clone(), torch.arange(128.0)
+    fresh = fp4.FP4Linear(128, 64)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.outliers, PLANTED) and torch.equal(fresh.channel_norm, torch.arange(128.0))
