@@ -1,0 +1,163 @@
+"""
+snr.py: operator-level fidelity of the FP4 linear. For each recipe, run the three GEMMs of one linear layer
+(fprop O = X Wᵀ, dgrad dX = dY W, wgrad dW = dYᵀ X) through fp4.FP4LinearFunction and report each output's
+SNR against an fp64 reference, 10·log10(‖ref‖² / ‖ref − out‖²) in dB. Stochastic rounding and random
+Hadamard signs differ per seed: the table shows the mean ± standard deviation over --seeds.
+
+    python snr.py                                   # outlier + Gaussian protocols, K in {128, 512, 2048}
+    python snr.py --dist outlier --k 2048 --no-rht  # an ablation: every recipe without its RHT
+    python snr.py --checkpoint out/ckpt.pt          # real X, W, dY of every FP4 layer of a trained model
+
+Protocols (tensors X (M, K), W (N, K), dY (M, N)):
+  gaussian  every entry N(0, 1)
+  outlier   N(0, 1) + Bernoulli(0.005) · N(0, 100²): rare huge values, the published anchor's protocol
+            (AMD ALTO NVFP4 report), where one outlier sets a per-tensor scale for everything else.
+Recipe `tetrajet+oc` is TetraJet-v2 with OutControl: the top 10% of X's channels by L2 norm (rounded up to
+32), computed on the same X, kept in MXFP8.
+"""
+
+import argparse
+import dataclasses
+import os
+
+import torch
+
+import fp4
+
+OUTLIER_P, OUTLIER_STD = 0.005, 100.0
+HEADERS = ("O (dB)", "dX (dB)", "dW (dB)")
+
+
+def make_tensor(shape, dist, gen):
+    """-> fp32 tensor of `shape` drawn from the protocol `dist` ("gaussian" or "outlier")."""
+    x = torch.randn(shape, generator=gen)
+    if dist == "outlier":
+        mask = torch.rand(shape, generator=gen) < OUTLIER_P
+        x = x + mask * torch.randn(shape, generator=gen) * OUTLIER_STD
+    return x
+
+
+def snr_db(ref, out):
+    """10·log10(‖ref‖² / ‖ref − out‖²), computed in fp64."""
+    ref, out = ref.double(), out.double()
+    return (10 * torch.log10(ref.square().sum() / (ref - out).square().sum())).item()
+
+
+def fp4_gemms(recipe, x, w, dy, seed, outliers=None):
+    """-> (O, dX, dW) of the FP4 linear for one seed of SR noise and RHT signs."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    o = fp4.FP4LinearFunction.apply(x, w, recipe, torch.Generator().manual_seed(seed), outliers)
+    o.backward(dy)
+    return o.detach(), x.grad, w.grad
+
+
+def measure(recipe, x, w, dy, seeds, outliers=None):
+    """-> {"O"|"dX"|"dW": (mean dB, std dB)} over `seeds` runs against the fp64 reference."""
+    x64, w64, dy64 = x.double(), w.double(), dy.double()
+    refs = (x64 @ w64.t(), dy64 @ w64, dy64.t() @ x64)
+    runs = [[snr_db(r, o) for r, o in zip(refs, fp4_gemms(recipe, x, w, dy, seed, outliers))] for seed in range(seeds)]
+    cols = list(zip(*runs))
+    return {name: (sum(c) / len(c), torch.tensor(c).std().item() if len(c) > 1 else 0.0)
+            for name, c in zip(("O", "dX", "dW"), cols)}
+
+
+def recipes(args):
+    """The recipes to compare, each with the requested ablations applied -> {label: (Recipe, use OutControl)}."""
+    out = {}
+    for name in args.recipes:
+        base = fp4.RECIPES[name.replace("+oc", "")]
+        changes = {}
+        if args.no_rht:
+            changes["rht"] = ()
+        if args.no_sr:
+            changes.update(grad_rounding="nearest", other_rounding="nearest")
+        if args.weight_tile and base.fmt == "nvfp4":
+            changes["weight_tile"] = {"1x16": (1, 16), "16x16": (16, 16)}[args.weight_tile]
+        if args.aligned is not None:
+            changes["aligned"] = args.aligned == "on"
+        out[name] = (dataclasses.replace(base, **changes), name.endswith("+oc"))
+    return out
+
+
+def capture_from_checkpoint(path, batches=1):
+    """Real operands: load a train.py checkpoint, run `batches` training batches through the model in bf16
+    (no FP4) and capture X, W and dY of every layer that the checkpoint ran in FP4. -> {name: (X, W, dY)}."""
+    import train
+    from model import GPT, GPTConfig, PRESETS
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in train.PER_INVOCATION})
+    size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
+    vocab = (ckpt["dataset_meta"]["vocab_size"] + 63) // 64 * 64
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=cfg.block_size, **size), compute_dtype=torch.float32)
+    names = sorted({k.rsplit(".", 1)[0] for k in ckpt["model"] if k.endswith("_extra_state")})
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
+    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(os.path.dirname(__file__) or ".", "data",
+                                                                          cfg.dataset)
+    _, splits = train.load_dataset(data_dir, cfg)
+    captured = {n: [None, model.get_submodule(n).weight.detach(), None] for n in names}
+    hooks = []
+    for n in names:
+        layer = model.get_submodule(n)
+        hooks += [layer.register_forward_hook(lambda m, i, o, n=n: captured[n].__setitem__(0, i[0].detach())),
+                  layer.register_full_backward_hook(lambda m, gi, go, n=n: captured[n].__setitem__(2, go[0]))]
+    gen = torch.Generator().manual_seed(0)
+    ix = torch.randint(0, len(splits["train"]) - cfg.block_size - 1, (cfg.batch_size * batches,), generator=gen)
+    data = splits["train"]
+    tokens = [torch.from_numpy(data[i:i + cfg.block_size + 1].astype("int64")) for i in ix.tolist()]
+    x, y = torch.stack([t[:-1] for t in tokens]), torch.stack([t[1:] for t in tokens])
+    model(x, y)[1].backward()
+    for h in hooks:
+        h.remove()
+    return {n: (xi.reshape(-1, xi.shape[-1]), w, dyi.reshape(-1, dyi.shape[-1]))
+            for n, (xi, w, dyi) in captured.items()}
+
+
+def print_table(title, rows, labels):
+    print(f"\n{title}")
+    print(f"| {'recipe':<14} | " + " | ".join(f"{h:>13}" for h in HEADERS) + " |")
+    print("|" + "---|" * 4)
+    for label, res in zip(labels, rows):
+        cells = (f"{res[k][0]:6.2f} ± {res[k][1]:4.2f}" for k in ("O", "dX", "dW"))
+        print(f"| {label:<14} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=["nvidia", "tetrajet", "mxfp4", "tetrajet+oc"],
+                   choices=[*fp4.RECIPES, "tetrajet+oc"])
+    p.add_argument("--dist", nargs="+", default=["outlier", "gaussian"], choices=["outlier", "gaussian"])
+    p.add_argument("--k", nargs="+", type=int, default=[128, 512, 2048], help="in features (fprop's K)")
+    p.add_argument("--m", type=int, default=1024, help="tokens (wgrad's K)")
+    p.add_argument("--n", type=int, default=1024, help="out features (dgrad's K)")
+    p.add_argument("--seeds", type=int, default=3, help="SR/RHT seeds to average over")
+    p.add_argument("--no-rht", action="store_true", help="ablation: no Hadamard transform in any recipe")
+    p.add_argument("--no-sr", action="store_true", help="ablation: round to nearest everywhere")
+    p.add_argument("--weight-tile", choices=["1x16", "16x16"], help="ablation: W's scale tile (NVFP4 recipes)")
+    p.add_argument("--aligned", choices=["on", "off"], help="ablation: force backward operand alignment on/off")
+    p.add_argument("--checkpoint", help="also measure on real X, W, dY of this train.py checkpoint")
+    args = p.parse_args(argv)
+    chosen = recipes(args)
+    results = {}
+    for dist in args.dist:
+        for k in args.k:
+            gen = torch.Generator().manual_seed(1234 + k)
+            x, w, dy = (make_tensor(s, dist, gen) for s in ((args.m, k), (args.n, k), (args.m, args.n)))
+            rows = []
+            for label, (recipe, oc) in chosen.items():
+                outliers = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
+                rows.append(measure(recipe, x, w, dy, args.seeds, outliers))
+                results[(dist, k, label)] = rows[-1]
+            print_table(f"{dist}, M={args.m} N={args.n} K={k}, {args.seeds} seeds", rows, list(chosen))
+    if args.checkpoint:
+        for name, (x, w, dy) in capture_from_checkpoint(args.checkpoint).items():
+            rows = []
+            for label, (recipe, oc) in chosen.items():
+                outliers = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
+                rows.append(measure(recipe, x.float(), w.float(), dy.float(), args.seeds, outliers))
+                results[("checkpoint", name, label)] = rows[-1]
+            print_table(f"{name}: X {tuple(x.shape)}, W {tuple(w.shape)}", rows, list(chosen))
+    return results
+
+
+if __name__ == "__main__":
+    main()
