@@ -324,8 +324,8 @@ def random_signs(generator=None, device=None):
 
 def rht16(x, signs):
     """x (..., K), K a multiple of 16 -> x with every contiguous 16-chunk of the last dim multiplied by
-    H = ¼ · H₁₆ · diag(signs), H₁₆ the Sylvester ±1 Hadamard matrix. H is orthogonal (H Hᵀ = I), so applying
-    it to both operands of a GEMM along K leaves the product unchanged: (A H)(B H)ᵀ = A Bᵀ.
+    H = ¼ · H₁₆ · diag(signs), H₁₆ the Sylvester ±1 Hadamard matrix. H is orthogonal (H Hᵀ = I), so
+    applying it to both operands of a GEMM along K leaves the product unchanged: (A H)(B H)ᵀ = A Bᵀ.
     Why: each output is a ±¼-weighted sum of all 16 inputs, so a single outlier is spread over the whole
     chunk (|16| -> sixteen values of |4|) and the block's values look Gaussian, which a 16-element FP4 block
     with one scale represents far better than one spike among near-zeros. Random signs make the rotation,
@@ -360,7 +360,8 @@ class Recipe:
                          (self.weight_tile in ((1, 16), (16, 16)), "weight_tile must be (1, 16) or (16, 16)"),
                          (self.fmt == "nvfp4" or (self.outer, self.weight_tile) == ("tensor", (1, 16)),
                           "mxfp4 has no outer scale and no 2-D tiles: keep outer='tensor', weight_tile=(1, 16)"),
-                         ({self.grad_rounding, self.other_rounding} <= set(ROUNDINGS), f"roundings must be in {ROUNDINGS}"),
+                         ({self.grad_rounding, self.other_rounding} <= set(ROUNDINGS),
+                          f"roundings must be in {ROUNDINGS}"),
                          (set(self.rht) <= {"dgrad", "wgrad"}, "rht must be a subset of ('dgrad', 'wgrad')"),
                          (self.rht_signs in ("fixed", "random"), "rht_signs must be 'fixed' or 'random'")):
             if not ok:

@@ -39,7 +39,7 @@ from model import GPT, GPTConfig, PRESETS
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "pystdlib"     # name under data/ (or a path) with train.bin, val.bin, meta.pkl; pystdlib is built if missing
+    dataset: str = "pystdlib"     # name under data/, or a path, holding train.bin, val.bin, meta.pkl (auto-built)
     batch_size: int = 16          # sequences per micro-batch per process
     block_size: int = 128         # context length in tokens
     grad_accum: int = 1           # micro-batches per optimizer step (per process)
@@ -55,10 +55,10 @@ class TrainConfig:
     bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
     bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
     osci_reset: bool = False      # OsciReset: snap oscillating FP4 weights to their bin centre (TetraJet-v2 §4)
-    osci_period: int = 200        # steps between oscillation windows (shrunk for short runs, see resolve())
+    osci_period: int = 200        # steps between oscillation windows (shrunk for short runs, see osci_schedule())
     osci_window: int = 50         # steps each window accumulates over
     osci_threshold: float = 8.0   # reset weights whose ratio sum|dQ(w)| / sum|dw| >= this
-    osci_start: float = 0.6       # first window: a step, or a fraction (< 1) of max_iters (windows also run, measuring only, without --osci-reset)
+    osci_start: float = 0.6       # first window: a step, or a fraction (< 1) of max_iters (also measured without reset)
     out_control: bool = False     # OutControl: keep each FP4 layer's outlier input channels in MXFP8 (TetraJet-v2 §4)
     out_control_frac: float = 0.1  # fraction of input channels kept in MXFP8 (rounded up to 32, at most half)
     out_control_step: float = 0.1  # calibration starts at this step, or this fraction (< 1) of max_iters
@@ -111,7 +111,8 @@ def parse_args(argv):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), dict(help=f"{helps[f.name]} (default: {f.default})".replace("%", "%%"))
+        help_text = f"{helps[f.name]} (default: {f.default})".replace("%", "%%")       # argparse formats %
+        flag, kw = "--" + f.name.replace("_", "-"), dict(help=help_text)
         if f.type is bool:
             p.add_argument(flag, type=parse_bool, nargs="?", const=True, metavar="BOOL", **kw)
         else:
@@ -167,11 +168,11 @@ def start_step(value, cfg):
     return int(value * cfg.max_iters) if value < 1 else int(value)
 
 
-def fp4_report(step, layers, osci, outctl):
+def fp4_report(step, layers, stats, osci, outctl):
     """FP4 health at an eval -> (dict for log.jsonl, one log line). Per layer: SQNR (dB) of X, W and dY as
     quantized in the last training step, fraction of blocks with a saturated or underflowed scale,
     oscillation ratio and resets of the last OsciReset window, outlier channels."""
-    per_layer = {n: dict(m.stats or {}) for n, m in layers.items()}
+    per_layer = {n: dict(stats[n] or {}) for n in layers}
     for n, v in (osci.last.items() if osci else ()):
         per_layer[n].update(oscillating=v["oscillating"], reset=v["reset"])
     for n, v in (outctl.summary().items() if outctl else ()):
@@ -191,7 +192,7 @@ def main(argv=None):
     given = parse_args(sys.argv[1:] if argv is None else argv)
     # -----------------------------------------------------------------------------
     # device, DDP
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    ddp = int(os.environ.get("RANK", -1)) != -1             # launched by torchrun?
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
     cfg = replace(TrainConfig(), **given)
@@ -208,6 +209,7 @@ def main(argv=None):
             sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); "
                      f"delete it or choose another --out-dir")
     check(cfg, given)
+    # every process computes on its own device; under torchrun the ranks of one node share it by LOCAL_RANK
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -217,6 +219,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = device.split(":")[0]
+    # activations (and the matmuls of the high-precision layers) run in bf16; master weights stay fp32
     dtype = {"auto": torch.float32 if device_type == "mps" else torch.bfloat16,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     torch.manual_seed(cfg.seed)
@@ -238,6 +241,8 @@ def main(argv=None):
     meta, splits = load_dataset(data_dir, cfg)
 
     def get_batch(split, gen):
+        """-> x, y (batch_size, block_size) int64: random windows of this process's shard, y shifted by one.
+        Random offsets (nanoGPT) rather than epochs: simple, and the generator state is the data position."""
         data = splits[split]
         lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world - cfg.block_size - 1
         ix = torch.randint(lo, hi, (cfg.batch_size,), generator=gen).tolist()   # random windows (nanoGPT)
@@ -248,12 +253,14 @@ def main(argv=None):
     train_gen = torch.Generator().manual_seed(cfg.seed + rank)  # its state is the data position
     # -----------------------------------------------------------------------------
     # model, FP4 conversion (before compile and DDP), optimizer
-    size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
+    size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}    # preset, then overrides
+    # vocab padded to a multiple of 64 for matmul efficiency (nanoGPT); the extra logits are never targets
     gpt_config = GPTConfig(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, block_size=cfg.block_size, **size)
     model = GPT(gpt_config, compute_dtype=dtype)
     osci = outctl = None
     fp4_layers = {}
     if cfg.fp4:
+        # FP4 before compile and DDP, so both see the final modules (nanochat does the same)
         fp4.convert_to_fp4(model, cfg.fp4_recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
                            seed=cfg.seed * 1000 + 100_000 * rank)   # independent SR noise per process
         fp4_layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
@@ -270,7 +277,7 @@ def main(argv=None):
     model.to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
     step, best_val = 0, float("inf")
-    if ckpt is not None:
+    if ckpt is not None:                                   # restore everything that decides what happens next
         if len(ckpt["rng"]["train_gen"]) != world:
             sys.exit(f"error: {ckpt_path} was written by {len(ckpt['rng']['train_gen'])} processes; resume with "
                      f"the same number (this run has {world}) so every data shard continues where it stopped")
@@ -287,7 +294,7 @@ def main(argv=None):
             osci.load_state_dict({k: _to(v, device) for k, v in ckpt["osci"].items()})
         log(f"resumed from {ckpt_path} at step {step}")
     log(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {gpt_config}")
-    raw_model = model
+    raw_model = model                                      # what gets saved: no _orig_mod. / module. prefixes
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
@@ -316,7 +323,8 @@ def main(argv=None):
         if master:
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg),
                          step=step, best_val_loss=best_val, rng=dict(torch=torch.get_rng_state(), train_gen=gens),
-                         osci=osci.state_dict() if osci else None, dataset_meta={k: meta[k] for k in ("tokenizer", "vocab_size")})
+                         osci=osci.state_dict() if osci else None,
+                         dataset_meta={k: meta[k] for k in ("tokenizer", "vocab_size")})
             os.makedirs(cfg.out_dir, exist_ok=True)
             torch.save(state, ckpt_path + ".tmp")          # atomic: a crash mid-write leaves the old checkpoint
             os.replace(ckpt_path + ".tmp", ckpt_path)
@@ -337,6 +345,9 @@ def main(argv=None):
     for step in range(step, last_step + 1):
         # once in a while: evaluate, log, checkpoint (not again at the step we resumed from)
         if (step % cfg.eval_interval == 0 or step == last_step) and (step != resumed_at or step == last_step):
+            stats = {n: m.stats for n, m in fp4_layers.items()}   # filled by the training step just before
+            for m in fp4_layers.values():
+                m.stats = None                                     # (not by the eval forwards)
             val_loss = evaluate()
             best_val = min(best_val, val_loss)
             train_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
@@ -344,10 +355,10 @@ def main(argv=None):
             record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
                           val_bits_per_unit=val_loss / math.log(2) / meta["units_per_token"], unit=meta["unit"],
                           lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=time.time() - t_start)
-            record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # strict JSON
+            record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # JSON
             log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}")
             if fp4_layers:
-                record["fp4"], line = fp4_report(step, fp4_layers, osci, outctl)
+                record["fp4"], line = fp4_report(step, fp4_layers, stats, osci, outctl)
                 log(line)
             if master:
                 with open(log_path, "a") as f:
@@ -356,7 +367,7 @@ def main(argv=None):
             window_losses, window_time, window_steps = [], 0.0, 0
         if step == last_step:
             break
-        # one optimizer step: grad_accum micro-batches, clip, AdamW
+        # one optimizer step: grad_accum micro-batches (DDP syncs grads on the last one only), clip, AdamW
         t0 = time.time()
         lr = get_lr(step, cfg)
         before_eval = (step + 1) % cfg.eval_interval == 0 or step + 1 == last_step

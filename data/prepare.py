@@ -90,7 +90,8 @@ def prepare_text(name, text, tokenizer, source, root=DATA_DIR):
     train_ids, meta = tokenize(text[:cut], tokenizer, stoi)
     val_ids, _ = tokenize(text[cut:], tokenizer, stoi)
     units = len(text[cut:].encode("utf-8")) if meta["unit"] == "byte" else len(text[cut:])
-    return write_dataset(name, train_ids, val_ids, dict(meta, units_per_token=units / len(val_ids), source=source), root)
+    meta.update(units_per_token=units / len(val_ids), source=source)
+    return write_dataset(name, train_ids, val_ids, meta, root)
 
 
 def read_text(path):

@@ -103,7 +103,7 @@ def test_nan_or_inf_in_the_input_makes_its_output_row_nan(name):
 
 def test_fp4_linear_is_deterministic_given_its_seed():
     x, w, dy = data()
-    a, b, c = run(fp4.RECIPES["tetrajet"], x, w, dy, 7), run(fp4.RECIPES["tetrajet"], x, w, dy, 7), run(fp4.RECIPES["tetrajet"], x, w, dy, 8)
+    a, b, c = (run(fp4.RECIPES["tetrajet"], x, w, dy, seed) for seed in (7, 7, 8))
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert torch.equal(a[0], c[0]) and not torch.equal(a[2], c[2])  # forward is RTN; backward is random
 
