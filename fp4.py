@@ -54,9 +54,19 @@ The RHT (SPEC §5) multiplies every 16-chunk along K of both operands by the sam
 
 What stays high precision in every recipe: master weights, embeddings, LM head, norms, attention, loss.
 
-Hooks for what comes next: OsciReset (TetraJet-v2 §4, SPEC §7) needs the forward weight quantizer, which is
-`FP4Linear.quantize_weight()`; OutControl (SPEC §8) splits the input channels of the same three GEMMs and
-uses `quantize_mxfp8` below.
+Weight oscillation reset (OsciReset, TetraJet-v2 §4, SPEC §7)
+--------------------------------------------------------------
+Late in training the updates get small, and a master weight sitting on a rounding boundary flips its FP4
+value back and forth on tiny updates: the network the optimizer sees keeps jumping by a whole bin. Over a
+window of T steps, r = Σ|Q(w_t) - Q(w_t-1)| / Σ|w_t - w_t-1| separates these (r >> 1) from weights that
+drift through bins (r ≈ 1); OsciReset snaps w <- Q(w) where r >= θ, moving it to its bin's centre.
+
+Outlier-channel control (OutControl, TetraJet-v2 §4, SPEC §8)
+-------------------------------------------------------------
+A few input channels of a linear layer carry most of the activation energy, and they stay the same through
+training. After a short calibration the top 10% of channels by L2 norm are fixed and computed in MXFP8:
+Y = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ in fprop and the O columns of wgrad in MXFP8; dgrad
+stays FP4.
 
 What we leave out: real packed-FP4 GEMMs (kernels.py), swizzled scale layouts, tensor subclasses, TP/FSDP.
 Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
@@ -164,6 +174,8 @@ def _as_padded_2d(x, row_multiple, col_multiple):
     bf16/fp16 upcast to fp32 exactly; fp64 is rounded to fp32 (the formats are defined on fp32)."""
     if not x.is_floating_point() or x.dim() == 0:
         raise TypeError(f"expected a floating tensor with at least one dim, got {x.dtype} of shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor of shape {tuple(x.shape)}")
     x2 = x.reshape(-1, x.shape[-1]).float()                   # (M, K)
     M, K = x2.shape
     pad_rows, pad_cols = -M % row_multiple, -K % col_multiple
