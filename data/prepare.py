@@ -135,7 +135,8 @@ def prepare_shakespeare_char(input_path=None):
             print(f"downloading {SHAKESPEARE_URL}")
             try:
                 input_path.parent.mkdir(parents=True, exist_ok=True)
-                urllib.request.urlretrieve(SHAKESPEARE_URL, input_path)
+                urllib.request.urlretrieve(SHAKESPEARE_URL, input_path.with_suffix(".tmp"))
+                os.replace(input_path.with_suffix(".tmp"), input_path)     # never a half-downloaded input.txt
             except OSError as e:
                 sys.exit(f"error: could not download tinyshakespeare ({e}); pass --input /path/to/input.txt")
     return prepare_text("shakespeare_char", read_text(input_path), "char", str(input_path))
