@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -74,6 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # clip the global grad norm to this (0 = off)
     max_iters: int = 200          # optimizer steps; the LR schedule spans them
     stop_iter: int = 0            # save and exit after this step (0 = run to max_iters); --resume continues
+    skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradient is NaN/Inf instead of stopping
     # evaluation and logging
     eval_interval: int = 50       # evaluate val loss and save a checkpoint every this many steps
     eval_iters: int = 10          # val batches per evaluation (the same batches every time)
@@ -209,6 +211,13 @@ def main(argv=None):
             sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); "
                      f"delete it or choose another --out-dir")
     check(cfg, given)
+    try:                                                   # fail now, not after an hour of training
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {cfg.out_dir} ({e.strerror or e}); choose a writable folder")
     # every process computes on its own device; under torchrun the ranks of one node share it by LOCAL_RANK
     device = cfg.device
     if device == "auto":
@@ -324,6 +333,7 @@ def main(argv=None):
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg),
                          step=step, best_val_loss=best_val, rng=dict(torch=torch.get_rng_state(), train_gen=gens),
                          osci=osci.state_dict() if osci else None,
+                         log_window=dict(losses=window_losses, time=window_time, steps=window_steps, skipped=skipped),
                          dataset_meta={k: meta[k] for k in ("tokenizer", "vocab_size")})
             os.makedirs(cfg.out_dir, exist_ok=True)
             torch.save(state, ckpt_path + ".tmp")          # atomic: a crash mid-write leaves the old checkpoint
@@ -335,14 +345,30 @@ def main(argv=None):
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         if ckpt is None and os.path.exists(log_path):
             os.remove(log_path)                            # a fresh run starts a fresh log
+    # SIGINT (Ctrl-C) / SIGTERM (a scheduler's preemption): finish the current step, save, exit; --resume goes on
+    interrupted = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: interrupted.append(signum))
+    skipped = 0                                            # non-finite steps skipped (--skip-nonfinite)
     bar = tqdm(total=last_step, initial=step, disable=not master or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)                                 # a progress bar for terminals, not for log files
     t_start, window_losses, window_time, window_steps, val_loss = time.time(), [], 0.0, 0, float("nan")
     resumed_at = step if ckpt is not None else -1
+    if ckpt is not None:                                   # the train_loss average in progress, so logs match
+        w = ckpt["log_window"]
+        window_losses, window_time, window_steps, skipped = w["losses"], w["time"], w["steps"], w["skipped"]
     for step in range(step, last_step + 1):
+        # interrupted: checkpoint the state between two steps and leave (all processes agree on when)
+        stop = torch.tensor(float(bool(interrupted)), device=device)
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item():
+            save_checkpoint()
+            log(f"interrupted at step {step}: saved {ckpt_path}; continue with: python train.py --resume "
+                f"--out-dir {cfg.out_dir}")
+            sys.exit(128 + (interrupted[0] if interrupted else signal.SIGTERM))
         # once in a while: evaluate, log, checkpoint (not again at the step we resumed from)
         if (step % cfg.eval_interval == 0 or step == last_step) and (step != resumed_at or step == last_step):
             stats = {n: m.stats for n, m in fp4_layers.items()}   # filled by the training step just before
@@ -354,7 +380,8 @@ def main(argv=None):
             tok_s = window_steps * tokens_per_step / window_time if window_time else float("nan")
             record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
                           val_bits_per_unit=val_loss / math.log(2) / meta["units_per_token"], unit=meta["unit"],
-                          lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=time.time() - t_start)
+                          lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=time.time() - t_start,
+                          skipped_nonfinite=skipped)
             record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # JSON
             log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}")
             if fp4_layers:
@@ -363,8 +390,8 @@ def main(argv=None):
             if master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            save_checkpoint()
             window_losses, window_time, window_steps = [], 0.0, 0
+            save_checkpoint()
         if step == last_step:
             break
         # one optimizer step: grad_accum micro-batches (DDP syncs grads on the last one only), clip, AdamW
@@ -385,18 +412,30 @@ def main(argv=None):
                 _, loss = model(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        # the global grad norm (clipped to grad_clip if > 0); after DDP's sync, so every process agrees
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        finite = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        else:
+            what = f"non-finite {'loss' if not torch.isfinite(loss_sum) else 'gradient'} at step {step} " \
+                   f"(loss {loss_sum.item():.4g}, grad norm {grad_norm.item():.4g})"
+            if not cfg.skip_nonfinite:
+                log(nonfinite_report(raw_model, fp4_layers))
+                sys.exit(f"error: {what}. Stopped without saving: {ckpt_path} holds the last good state. Lower "
+                         f"--lr, keep more layers in bf16 (--bf16-first-k/--bf16-last-k), or --skip-nonfinite")
+            skipped += 1                                   # the step counts, the update is dropped
+            log(f"skipping {what} ({skipped} skipped so far)")
         optimizer.zero_grad(set_to_none=True)
         if osci is not None:
             osci.after_step(step + 1)
         if outctl is not None:
             outctl.after_step(step + 1, reduce=dist.all_reduce if ddp else None)
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         loss_val, dt = loss_sum.item(), time.time() - t0
-        window_losses.append(loss_val)
+        if finite:
+            window_losses.append(loss_val)
         window_time, window_steps = window_time + dt, window_steps + 1
         bar.update(1)
         if step % cfg.log_interval == 0:
@@ -412,6 +451,18 @@ def main(argv=None):
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
     return val_loss
+
+
+def nonfinite_report(model, fp4_layers):
+    """Which parameters hold non-finite values or gradients, and the FP4 health of each FP4 weight (fraction
+    of blocks with a saturated or underflowed scale): where a NaN came from, in one block of text."""
+    bad = [n for n, p in model.named_parameters()
+           if not p.isfinite().all() or (p.grad is not None and not p.grad.isfinite().all())]
+    lines = [f"non-finite parameters or gradients: {', '.join(bad) or 'none'}"]
+    for n, m in fp4_layers.items():
+        sat, under = fp4.block_health(m.weight.detach(), m.recipe, m.recipe.weight_tile)
+        lines.append(f"  {n}: weight blocks saturated {sat:.2%}, underflowed {under:.2%}")
+    return "FP4 health at the failure:\n" + "\n".join(lines)
 
 
 def _to(obj, device):
