@@ -83,6 +83,7 @@ def capture_from_checkpoint(path, batches=1):
     """Real operands: load a train.py checkpoint, run `batches` training batches through the model in bf16
     (no FP4) and capture X, W and dY of every layer that the checkpoint ran in FP4. -> {name: (X, W, dY)}."""
     import train
+    from data.prepare import load_dataset
     from model import GPT, GPTConfig, PRESETS
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in train.PER_INVOCATION})
@@ -93,7 +94,7 @@ def capture_from_checkpoint(path, batches=1):
     model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
     data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(os.path.dirname(__file__) or ".", "data",
                                                                           cfg.dataset)
-    _, splits = train.load_dataset(data_dir, cfg)
+    _, splits = load_dataset(data_dir, cfg.block_size)
     captured = {n: [None, model.get_submodule(n).weight.detach(), None] for n in names}
     hooks = []
     for n in names:

@@ -16,7 +16,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import re
 import signal
 import sys
@@ -31,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fp4
-from data.prepare import prepare_pystdlib, sha256_file
+from data.prepare import load_dataset, prepare_pystdlib
 from model import GPT, GPTConfig, PRESETS
 
 # -----------------------------------------------------------------------------
@@ -247,7 +246,7 @@ def main(argv=None):
         prepare_pystdlib()
     if ddp:
         dist.barrier()
-    meta, splits = load_dataset(data_dir, cfg)
+    meta, splits = load_dataset(data_dir, cfg.block_size, world)
 
     def get_batch(split, gen):
         """-> x, y (batch_size, block_size) int64: random windows of this process's shard, y shifted by one.
@@ -470,28 +469,6 @@ def _to(obj, device):
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj.to(device) if torch.is_tensor(obj) else obj
-
-
-def load_dataset(data_dir, cfg):
-    """-> (meta, {"train": memmap, "val": memmap}); one clear error if anything is missing or corrupt."""
-    name = os.path.basename(data_dir)
-    fix = ("python data/prepare.py pystdlib" if name == "pystdlib" else "python data/prepare.py shakespeare_char"
-           if name == "shakespeare_char" else f"python data/prepare.py textfile --input FILE --name {name}")
-    try:
-        with open(os.path.join(data_dir, "meta.pkl"), "rb") as f:
-            meta = pickle.load(f)
-        splits = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r") for s in ("train", "val")}
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
-        sys.exit(f"error: dataset '{name}' is missing or unreadable in {data_dir} ({e}); prepare it with: {fix}")
-    for s, data in splits.items():
-        if len(data) != meta[f"{s}_tokens"]:
-            sys.exit(f"error: data/{name}/{s}.bin has {len(data)} tokens, meta.pkl says {meta[f'{s}_tokens']} "
-                     f"(truncated or stale?); re-run: {fix}")
-        if data.nbytes < 1 << 30 and sha256_file(os.path.join(data_dir, f"{s}.bin")) != meta[f"{s}_sha256"]:
-            sys.exit(f"error: data/{name}/{s}.bin does not match the sha256 in meta.pkl (corrupt?); re-run: {fix}")
-        if len(data) // max(1, int(os.environ.get("WORLD_SIZE", 1))) <= cfg.block_size + 1:
-            sys.exit(f"error: data/{name}/{s}.bin ({len(data)} tokens) is too short for --block-size {cfg.block_size}")
-    return meta, splits
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-data/prepare.py: turn text into the token files train.py reads, nanoGPT style. One function per dataset;
+data/prepare.py: turn text into the token files train.py reads, and check them when it does (nanoGPT style).
 each writes data/<name>/train.bin and val.bin (raw uint16 token ids, no header, np.memmap-able) and
 meta.pkl (tokenizer, vocab size, how many bytes or chars a token is worth, sources, sha256 of the bins).
 
@@ -140,6 +140,30 @@ def prepare_shakespeare_char(input_path=None):
             except OSError as e:
                 sys.exit(f"error: could not download tinyshakespeare ({e}); pass --input /path/to/input.txt")
     return prepare_text("shakespeare_char", read_text(input_path), "char", str(input_path))
+
+
+def load_dataset(data_dir, block_size, world=1):
+    """Open a prepared dataset for training: -> (meta, {"train": memmap, "val": memmap}) of uint16 tokens.
+    One clear error, naming the command that fixes it, if anything is missing, truncated, corrupt (sha256,
+    for files under 1 GiB) or too short for `block_size` tokens per each of `world` processes' shards."""
+    name = os.path.basename(data_dir)
+    fix = ("python data/prepare.py pystdlib" if name == "pystdlib" else "python data/prepare.py shakespeare_char"
+           if name == "shakespeare_char" else f"python data/prepare.py textfile --input FILE --name {name}")
+    try:
+        with open(os.path.join(data_dir, "meta.pkl"), "rb") as f:
+            meta = pickle.load(f)
+        splits = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r") for s in ("train", "val")}
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        sys.exit(f"error: dataset '{name}' is missing or unreadable in {data_dir} ({e}); prepare it with: {fix}")
+    for s, data in splits.items():
+        if len(data) != meta[f"{s}_tokens"]:
+            sys.exit(f"error: data/{name}/{s}.bin has {len(data)} tokens, meta.pkl says {meta[f'{s}_tokens']} "
+                     f"(truncated or stale?); re-run: {fix}")
+        if data.nbytes < 1 << 30 and sha256_file(os.path.join(data_dir, f"{s}.bin")) != meta[f"{s}_sha256"]:
+            sys.exit(f"error: data/{name}/{s}.bin does not match the sha256 in meta.pkl (corrupt?); re-run: {fix}")
+        if len(data) // world <= block_size + 1:
+            sys.exit(f"error: data/{name}/{s}.bin ({len(data)} tokens) is too short for --block-size {block_size}")
+    return meta, splits
 
 
 def main(argv=None):

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import train
 from data import prepare
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50 + "All: Speak, speak. é\n" * 20
@@ -49,16 +48,15 @@ def test_pystdlib_corpus_is_deterministic_and_split_by_file(tmp_path):
 
 def test_truncated_or_corrupted_token_files_are_refused(tmp_path):
     out = prepare.prepare_text("toy", TEXT * 4, "byte", "t", root=tmp_path)
-    cfg = train.TrainConfig(block_size=16)
-    train.load_dataset(str(out), cfg)                          # fine as written
+    prepare.load_dataset(str(out), 16)                          # fine as written
     data = bytearray((out / "train.bin").read_bytes())
     data[10] ^= 1
     (out / "train.bin").write_bytes(bytes(data))
     with pytest.raises(SystemExit, match="sha256"):
-        train.load_dataset(str(out), cfg)
+        prepare.load_dataset(str(out), 16)
     (out / "train.bin").write_bytes(bytes(data[:-2]))
     with pytest.raises(SystemExit, match="tokens, meta.pkl says"):
-        train.load_dataset(str(out), cfg)
+        prepare.load_dataset(str(out), 16)
     os.remove(out / "meta.pkl")
     with pytest.raises(SystemExit, match="prepare it with"):
-        train.load_dataset(str(out), cfg)
+        prepare.load_dataset(str(out), 16)
