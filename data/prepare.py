@@ -1,6 +1,6 @@
 """
 data/prepare.py: turn text into the token files train.py reads, and check them when it does (nanoGPT style).
-each writes data/<name>/train.bin and val.bin (raw uint16 token ids, no header, np.memmap-able) and
+One function per dataset; each writes data/<name>/train.bin and val.bin (raw uint16 token ids, no header, np.memmap-able) and
 meta.pkl (tokenizer, vocab size, how many bytes or chars a token is worth, sources, sha256 of the bins).
 
     python data/prepare.py pystdlib                           # the offline default corpus (train.py runs this)
