@@ -1,7 +1,8 @@
 """
 data/prepare.py: turn text into the token files train.py reads, and check them when it does (nanoGPT style).
-One function per dataset; each writes data/<name>/train.bin and val.bin (raw uint16 token ids, no header, np.memmap-able) and
-meta.pkl (tokenizer, vocab size, how many bytes or chars a token is worth, sources, sha256 of the bins).
+One function per dataset; each writes data/<name>/train.bin and val.bin (raw uint16 token ids, no header,
+np.memmap-able) and meta.pkl (tokenizer, vocab size, how many bytes or chars a token is worth, sources,
+sha256 of the bins). load_dataset() opens them for train.py and refuses missing or corrupt files.
 
     python data/prepare.py pystdlib                           # the offline default corpus (train.py runs this)
     python data/prepare.py shakespeare_char [--input FILE]    # tinyshakespeare, char-level (downloads once)
