@@ -18,7 +18,6 @@ Recipe `tetrajet+oc` is TetraJet-v2 with OutControl: the top 10% of X's channels
 
 import argparse
 import dataclasses
-import os
 
 import torch
 
@@ -83,18 +82,13 @@ def capture_from_checkpoint(path, batches=1):
     """Real operands: load a train.py checkpoint, run `batches` training batches through the model in bf16
     (no FP4) and capture X, W and dY of every layer that the checkpoint ran in FP4. -> {name: (X, W, dY)}."""
     import train
-    from data.prepare import load_dataset
-    from model import GPT, GPTConfig, PRESETS
+    from data.prepare import dataset_dir, load_dataset
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in train.PER_INVOCATION})
-    size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
-    vocab = (ckpt["dataset_meta"]["vocab_size"] + 63) // 64 * 64
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=cfg.block_size, **size), compute_dtype=torch.float32)
+    model = train.build_model(cfg, ckpt["dataset_meta"]["vocab_size"], torch.float32)
     names = sorted({k.rsplit(".", 1)[0] for k in ckpt["model"] if k.endswith("_extra_state")})
     model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
-    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(os.path.dirname(__file__) or ".", "data",
-                                                                          cfg.dataset)
-    _, splits = load_dataset(data_dir, cfg.block_size)
+    _, splits = load_dataset(dataset_dir(cfg.dataset), cfg.block_size)
     captured = {n: [None, model.get_submodule(n).weight.detach(), None] for n in names}
     hooks = []
     for n in names:

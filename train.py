@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import fp4
-from data.prepare import load_dataset, prepare_pystdlib
+from data.prepare import dataset_dir, load_dataset, prepare_pystdlib
 from model import GPT, GPTConfig, PRESETS
 
 # -----------------------------------------------------------------------------
@@ -164,6 +164,14 @@ def osci_schedule(cfg):
     return start, period, window
 
 
+def build_model(cfg, vocab_size, dtype):
+    """The GPT of cfg's preset with its size overrides; the vocab padded to a multiple of 64 for matmul
+    efficiency (nanoGPT: the extra logits are never targets)."""
+    size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}
+    config = GPTConfig(vocab_size=(vocab_size + 63) // 64 * 64, block_size=cfg.block_size, **size)
+    return GPT(config, compute_dtype=dtype)
+
+
 def start_step(value, cfg):
     """--osci-start / --out-control-step: a fraction (< 1) of max_iters, or a step."""
     return int(value * cfg.max_iters) if value < 1 else int(value)
@@ -240,8 +248,7 @@ def main(argv=None):
     log(json.dumps(asdict(cfg)))
     # -----------------------------------------------------------------------------
     # data: uint16 token memmaps; each process samples from its own contiguous shard (rank-disjoint)
-    data_dir = cfg.dataset if os.path.isdir(cfg.dataset) else os.path.join(os.path.dirname(__file__) or ".", "data",
-                                                                          cfg.dataset)
+    data_dir = dataset_dir(cfg.dataset)
     if cfg.dataset == "pystdlib" and not os.path.exists(os.path.join(data_dir, "meta.pkl")) and master:
         prepare_pystdlib()
     if ddp:
@@ -261,10 +268,7 @@ def main(argv=None):
     train_gen = torch.Generator().manual_seed(cfg.seed + rank)  # its state is the data position
     # -----------------------------------------------------------------------------
     # model, FP4 conversion (before compile and DDP), optimizer
-    size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}    # preset, then overrides
-    # vocab padded to a multiple of 64 for matmul efficiency (nanoGPT); the extra logits are never targets
-    gpt_config = GPTConfig(vocab_size=(meta["vocab_size"] + 63) // 64 * 64, block_size=cfg.block_size, **size)
-    model = GPT(gpt_config, compute_dtype=dtype)
+    model = build_model(cfg, meta["vocab_size"], dtype)
     osci = outctl = None
     fp4_layers = {}
     if cfg.fp4:
@@ -301,7 +305,7 @@ def main(argv=None):
         if osci is not None and ckpt.get("osci") is not None:
             osci.load_state_dict({k: _to(v, device) for k, v in ckpt["osci"].items()})
         log(f"resumed from {ckpt_path} at step {step}")
-    log(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {gpt_config}")
+    log(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
     raw_model = model                                      # what gets saved: no _orig_mod. / module. prefixes
     if cfg.compile:
         model = torch.compile(model)

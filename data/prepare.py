@@ -143,6 +143,11 @@ def prepare_shakespeare_char(input_path=None):
     return prepare_text("shakespeare_char", read_text(input_path), "char", str(input_path))
 
 
+def dataset_dir(name):
+    """--dataset: a folder path, or a name under data/."""
+    return name if os.path.isdir(name) else str(DATA_DIR / name)
+
+
 def load_dataset(data_dir, block_size, world=1):
     """Open a prepared dataset for training: -> (meta, {"train": memmap, "val": memmap}) of uint16 tokens.
     One clear error, naming the command that fixes it, if anything is missing, truncated, corrupt (sha256,
