@@ -60,6 +60,7 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
+        # fp32 inside: the mean of squares of bf16 activations loses digits fast, and norms are cheap
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
@@ -87,7 +88,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)                             # each (B, T, C)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q), self.k_norm(k)     # bounds the attention logits: no loss spikes from q·k growth
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)        # high precision, not quantized
@@ -114,6 +115,9 @@ class Block(nn.Module):
         self.mlp, self.ln_2 = MLP(config), RMSNorm(config.n_embd)
 
     def forward(self, x, cos, sin):
+        # Normalizing the sublayer *output* (not its input, as GPT-2 does) keeps every residual update at a
+        # controlled scale, which OLMo 2 found more stable; it also keeps the inputs of the next block's FP4
+        # linears in a steady range.
         x = x + self.ln_1(self.attn(x, cos, sin))
         return x + self.ln_2(self.mlp(x))
 
@@ -148,10 +152,11 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]                     # (T, hd/2)
-        x = self.transformer.wte(idx).to(self.compute_dtype)               # (B, T, C)
+        x = self.transformer.wte(idx).to(self.compute_dtype)               # (B, T, C); no position embedding:
+        # positions enter only through RoPE inside attention
         for block in self.transformer.h:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.transformer.ln_f(x)).float()           # (B, T, vocab)
+        logits = self.lm_head(self.transformer.ln_f(x)).float()           # (B, T, vocab), fp32 for the loss
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
