@@ -422,6 +422,11 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None):
     return dequantize(quantize(x, get_recipe(recipe), rounding, tile, generator), x.shape[-1])
 
 
+def fake_quant_mxfp8(x):
+    """x (..., K) -> fp32 (..., K): MXFP8 along the last dim, then dequantized (OutControl's channels)."""
+    return dequantize(quantize_mxfp8(x), x.shape[-1])
+
+
 def fake_quant_split(x, recipe, tile=(1, 16), outliers=None):
     """x (M, K) -> fp32 (M, K), round to nearest: FP4 (the recipe's format) on every column except the
     `outliers` (LongTensor of column indices, or None), which get MXFP8 (OutControl, SPEC §8). Each part is
@@ -431,7 +436,7 @@ def fake_quant_split(x, recipe, tile=(1, 16), outliers=None):
     keep = _complement(outliers, x.shape[1])
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     out[:, keep] = fake_quant(x[:, keep], recipe, tile=tile)
-    out[:, outliers] = dequantize(quantize_mxfp8(x[:, outliers]), len(outliers))
+    out[:, outliers] = fake_quant_mxfp8(x[:, outliers])
     return out
 
 
@@ -524,8 +529,7 @@ class FP4LinearFunction(torch.autograd.Function):
             keep = _complement(outliers, x_src.shape[1])
             dw = torch.empty(dy2.shape[1], x_src.shape[1], device=dy2.device)                # (out, in)
             dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats)
-            dy8, x8 = (dequantize(quantize_mxfp8(t), t.shape[1]) for t in (dy2.t(), x_src[:, outliers].t()))
-            dw[:, outliers] = dy8 @ x8.t()
+            dw[:, outliers] = fake_quant_mxfp8(dy2.t()) @ fake_quant_mxfp8(x_src[:, outliers].t()).t()
         dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if dx is not None else None
         return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None, None
 
@@ -602,7 +606,8 @@ class OsciReset:
                 mask = oscillation_ratio(st["sum_dq"], st["sum_dw"]) >= self.threshold
                 if self.reset:
                     w[mask] = q[mask].to(w.dtype)
-                self.last[name] = {"oscillating": mask.float().mean().item(), "reset": int(mask.sum()) * self.reset}
+                self.last[name] = {"oscillating": mask.float().mean().item(),
+                                   "reset": int(mask.sum()) if self.reset else 0}
                 del self.state[name]
 
     def summary(self):
@@ -616,7 +621,10 @@ class OsciReset:
         return {"state": self.state, "last": self.last}
 
     def load_state_dict(self, d):
-        self.state, self.last = d["state"], d["last"]
+        """Restore a state_dict(); open windows' tensors move to their layer's device (checkpoints load on CPU)."""
+        self.last = d["last"]
+        self.state = {name: {k: t.to(self.layers[name].weight.device) for k, t in st.items()}
+                      for name, st in d["state"].items()}
 
 # -----------------------------------------------------------------------------
 # OutControl (TetraJet-v2 §4, SPEC §8): a static set of outlier input channels kept in MXFP8

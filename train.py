@@ -303,7 +303,7 @@ def main(argv=None):
         train_gen.set_state(ckpt["rng"]["train_gen"][rank])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if osci is not None and ckpt.get("osci") is not None:
-            osci.load_state_dict({k: _to(v, device) for k, v in ckpt["osci"].items()})
+            osci.load_state_dict(ckpt["osci"])
         log(f"resumed from {ckpt_path} at step {step}")
     log(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
     raw_model = model                                      # what gets saved: no _orig_mod. / module. prefixes
@@ -466,13 +466,6 @@ def nonfinite_report(model, fp4_layers):
         sat, under = fp4.block_health(m.weight.detach(), m.recipe, m.recipe.weight_tile)
         lines.append(f"  {n}: weight blocks saturated {sat:.2%}, underflowed {under:.2%}")
     return "FP4 health at the failure:\n" + "\n".join(lines)
-
-
-def _to(obj, device):
-    """Move every tensor in a nested dict to device."""
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj.to(device) if torch.is_tensor(obj) else obj
 
 
 if __name__ == "__main__":
