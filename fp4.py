@@ -76,6 +76,7 @@ that scale dequantizes to NaN (the whole tensor with a per-tensor scale, the 1x1
 the 32-block with MX). NaN is never turned into finite garbage.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -108,6 +109,10 @@ ROUNDINGS = ("nearest", "stochastic")
 # replay the very stream torch.manual_seed(s) used to draw the weights or data, and SR noise correlated with
 # the values it rounds is biased (measured: 16.8 dB instead of 17.25 dB SQNR on randn).
 NOISE_SEED_OFFSET = 1 << 32
+# SR noise (uniform_noise): PCG-RXS-M-XS 32-bit hash constants, and the spacing of the uniforms
+PCG_MULTIPLIER, PCG_INCREMENT, PCG_OUTPUT_MULTIPLIER = 747796405, 2891336453, 277803737
+U32_MASK = 0xFFFFFFFF
+NOISE_ULP = 2.0 ** -24                 # u = (24-bit integer) * 2^-24, exact in fp32
 
 # -----------------------------------------------------------------------------
 # E2M1 elements (SPEC §1)
@@ -117,38 +122,52 @@ def _fp32_exponent(a):
     return ((a.view(torch.int32) >> 23) & 0xFF) - 127
 
 
-def round_e2m1(v, rounding="nearest", generator=None):
-    """Round fp32 v (any shape) to 4-bit E2M1 codes (uint8 in 0..15, same shape, unpacked).
+def round_e2m1_magnitude(a, noise=None):
+    """fp32 a >= 0 (any shape) -> the E2M1 grid magnitude it rounds to (fp32, one of E2M1_GRID); NaN stays NaN.
 
-    nearest:    |v| is clamped to 6, then k = number of midpoints below it (ties to even, E2M1_MIDPOINTS).
-    stochastic: with lo <= |v| <= hi the neighbouring grid magnitudes, round up with probability
-                p = (|v| - lo) / (hi - lo), i.e. iff u < p for u = torch.rand(v.shape, generator=generator)
-                (one draw per element, in v's memory order: the same u gives the same codes, for kernels too).
-                The subtraction and the division by a power of two are exact in fp32, so p is exact.
-    The sign bit is set iff v < 0: -0.0 gives code 0, a tiny negative gives code 8 (-0), as TE's reference.
-    NaN gives code 0; it only occurs under a NaN scale, which is what carries the NaN (module docstring).
+    The grid spacing is 2^(e-1) on region e = clamp(floor(log2 a), 0, 2): 0.5 on [0, 2), 1 on [2, 4), 2 on
+    [4, 6]. In units of the spacing, x = a / 2^(e-1) is exact (a power-of-two scaling) and the grid points are
+    the integers, so
+        nearest:    q = round(x) · 2^(e-1)                     (torch.round: ties to even, SPEC §1)
+        stochastic: q = (floor(x) + [u < x - floor(x)]) · 2^(e-1), u = `noise` (same shape, uniform [0, 1))
+    after clamping a to 6. x - floor(x) is exact (Sterbenz), so P(round up) is exactly the fractional part.
+    Ties to even in x are ties to the even code, since code = x + 2e (0.25->0, 0.75->1, 1.25->1, 1.75->2,
+    2.5->2, 3.5->4, 5->4); x = 4 is the next region's first grid point (2 or 4), so the result is always on
+    the grid. Written as compares and multiplies (no table lookups) so torch.compile fuses it into one loop.
     """
     # Why SR for gradients: RTN maps every value in a bin to the same grid point, a bias that does not
-    # average out over steps; SR's E[q] = v makes the quantized gradient an unbiased estimate of the true
+    # average out over steps; SR's E[q] = a makes the quantized gradient an unbiased estimate of the true
     # one, at the price of ~twice the error variance (about 3 dB lower SQNR).
-    a = v.abs().clamp(max=F4_E2M1_MAX).nan_to_num_(0.0)
-    if rounding == "nearest":
-        k = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
-        for mid, tie_up in E2M1_MIDPOINTS:
-            k += (a >= mid) if tie_up else (a > mid)
-    elif rounding == "stochastic":
-        # The grid spacing is 2^(e-1) on region e = clamp(floor(log2 |v|), 0, 2): 0.5 on [0, 2), 1 on [2, 4),
-        # 2 on [4, 6] (e read exactly from the fp32 exponent bits). In units of the spacing |v| = t + p, with
-        # t = floor(|v| / 2^(e-1)) and 0 <= p < 1, both exact (a power-of-two scaling, then Sterbenz); lo's
-        # code is t + 2e (0.5 -> t=1, e=0; 3 -> t=3, e=1; 6 -> t=3, e=2), and SR adds one with probability p.
-        e = _fp32_exponent(a).clamp(0, 2)                                # int32
-        x = a * ((E8M0_BIAS + 1 - e) << 23).view(torch.float32)          # |v| / 2^(e-1), exact
-        t = torch.floor(x)
-        u = torch.rand(v.shape, generator=generator, device=v.device)
-        k = (t + 2 * e + (u < x - t)).to(torch.uint8)
-    else:
+    a = a.clamp(max=F4_E2M1_MAX)
+    inv_step = torch.where(a >= 4.0, 0.5, torch.where(a >= 2.0, 1.0, 2.0))   # 1 / 2^(e-1)
+    x = a * inv_step
+    if noise is None:
+        return torch.round(x) / inv_step
+    t = torch.floor(x)
+    return (t + (noise < x - t).float()) / inv_step
+
+
+def e2m1_codes(magnitude, negative):
+    """Grid magnitudes (fp32, E2M1_GRID values or NaN) and a bool sign mask -> uint8 codes 0..15."""
+    return _code_values(magnitude, negative).to(torch.uint8)
+
+
+def _code_values(magnitude, negative):
+    """-> the codes as fp32: k = 2·q for q <= 2 (0, 0.5, 1, 1.5, 2 -> 0..4), else min(q + 2, 7) (3 -> 5,
+    4 -> 6, 6 -> 7); + 8 if negative. NaN gives 0 (it only occurs under a NaN scale, which carries the NaN)."""
+    k = torch.where(magnitude <= 2.0, magnitude * 2.0, (magnitude + 2.0).clamp(max=7.0)).nan_to_num(0.0)
+    return k + negative.float() * 8.0
+
+
+def round_e2m1(v, rounding="nearest", generator=None):
+    """Round fp32 v (any shape) to 4-bit E2M1 codes (uint8 in 0..15, same shape, unpacked): |v| with
+    round_e2m1_magnitude, SR noise = uniform_noise(draw_seed(generator), v.shape). The sign bit is set iff
+    v < 0: -0.0 gives code 0, a tiny negative gives code 8 (-0), as TE's reference."""
+    if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return k | ((v < 0).to(torch.uint8) << 3)
+    v = v.float()
+    noise = uniform_noise(draw_seed(generator, v.device), v.shape) if rounding == "stochastic" else None
+    return e2m1_codes(round_e2m1_magnitude(v.abs(), noise), v < 0)
 
 
 def decode_e2m1(codes):
@@ -165,6 +184,40 @@ def pack_e2m1(codes):
 def unpack_e2m1(packed):
     """(..., K/2) uint8 -> (..., K) uint8 codes; the inverse of pack_e2m1."""
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+# -----------------------------------------------------------------------------
+# Stochastic-rounding noise. A counter-based generator: the uniform for element i is a pure function of
+# (seed, i), so the reference, its torch.compile'd twin and the Triton kernels (kernels.py) produce the very
+# same codes for SR too, in any evaluation order, and the noise is computed inside the fused quantizer
+# instead of read from memory. (torch.rand is none of these: its CPU generator is a sequential Mersenne
+# Twister, single-threaded, and was 13% of an FP4 training step.) A torch.Generator still owns the
+# randomness: it draws each quantization's seed, so seeding and checkpointing it replays the noise exactly.
+
+def _pcg_hash(h):
+    """int64 tensor of uint32 values -> their PCG-RXS-M-XS hash, uint32 values in int64 (O'Neill 2014, the
+    hash Jarzynski & Olano 2020 recommend for GPU noise): state = h·747796405 + 2891336453; word =
+    ((state >> ((state >> 28) + 4)) ^ state)·277803737; out = (word >> 22) ^ word, all mod 2^32.
+    Every product is < 2^62, so int64 arithmetic is exact and `& U32_MASK` gives what a kernel's wrapping
+    uint32 arithmetic gives."""
+    state = (h * PCG_MULTIPLIER + PCG_INCREMENT) & U32_MASK
+    word = (((state >> ((state >> 28) + 4)) ^ state) * PCG_OUTPUT_MULTIPLIER) & U32_MASK
+    return (word >> 22) ^ word
+
+
+def draw_seed(generator=None, device=None):
+    """-> int64 (2,): the two uint32 seeds (s0, s1) of one quantization, torch.randint(0, 2^32, (2,), generator)."""
+    return torch.randint(0, 1 << 32, (2,), generator=generator, device=device or torch.device("cpu"))
+
+
+def uniform_noise(seed, shape):
+    """int64 (2,) seed -> fp32 tensor of `shape`, uniform on [0, 1) in steps of 2^-24 (like torch.rand):
+    u[i] = (pcg(pcg(i ^ s0) ^ s1) >> 8) · 2^-24, i the element's row-major index mod 2^32 (for a 2-D quantizer
+    view (Mp, Kp): i = row·Kp + col). Two chained hashes so that different seeds give unrelated streams, not
+    shifted copies of one; the top 24 bits are the best mixed and fit fp32 exactly."""
+    seed = seed.to(torch.int64)
+    i = torch.arange(math.prod(shape), device=seed.device, dtype=torch.int64).view(shape) & U32_MASK
+    h = _pcg_hash(_pcg_hash(i ^ seed[0]) ^ seed[1])
+    return (h >> 8).float() * NOISE_ULP
 
 # -----------------------------------------------------------------------------
 # Shared plumbing: every quantizer works on the last dim of a 2-D fp32 view, zero-padded to whole blocks.
@@ -197,10 +250,19 @@ def _tile_amax(x2, tile):
 
 
 def _e8m0(exponent, amax):
-    """int exponent -> torch.float8_e8m0fnu 2^exponent, clamped to [-127, 127]; NaN (255) where amax is not
+    """int exponent -> uint8 E8M0 byte b = exponent + 127, clamped to [0, 254]; 255 (NaN) where amax is not
     finite, so a NaN/Inf block dequantizes to NaN instead of a saturated finite value."""
     b = (exponent.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
-    return torch.where(torch.isfinite(amax), b, E8M0_NAN).to(torch.uint8).view(torch.float8_e8m0fnu)
+    return torch.where(torch.isfinite(amax), b, E8M0_NAN).to(torch.uint8)
+
+
+def _e8m0_value(b):
+    """uint8 E8M0 bytes -> fp32 2^(b - 127) (NaN for 255), built from the fp32 bits: exponent field b for
+    b >= 1, the subnormal 2^-127 = 0x00400000 for b = 0. Equals b.view(float8_e8m0fnu).float(), but with
+    plain integer ops, which torch.compile's CPU backend can generate (it has no e8m0 type)."""
+    bits = torch.where(b == 0, 0x00400000, torch.where(b == E8M0_NAN, 0x7FC00000, b.int() << 23))
+    return bits.int().view(torch.float32)
+
 
 # -----------------------------------------------------------------------------
 # NVFP4 (SPEC §2 per-tensor, §3 double-block)
@@ -211,7 +273,49 @@ class NVFP4(NamedTuple):
     outer_scale: torch.Tensor  # fp32: per-tensor decode scale S_dec (0-dim), or per-128 s_o (..., Kp/128)
 
 
-def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None):
+def _check(outer, tile, rounding):
+    if outer not in ("tensor", OUTER_BLOCK):
+        raise ValueError(f"outer must be 'tensor' or {OUTER_BLOCK}, got {outer!r}")
+    if tuple(tile) not in ((1, 16), (16, 16)):
+        raise ValueError(f"tile must be (1, 16) or (16, 16), got {tile!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def _nvfp4_scales(x2, outer, tile):
+    """fp32 (Mp, Kp), padded -> (block_scale e4m3 (Mp, Kp/16), scale fp32 (Mp, Kp/16): each 16-block's decode
+    scale, outer_scale: S_dec (0-dim) or s_o (Mp, Kp/128)). The formulas are quantize_nvfp4's docstring."""
+    Mp, Kp = x2.shape
+    amax16 = _tile_amax(x2, tile)                                                     # (Mp, Kp/16)
+    if outer == "tensor":
+        A = amax16.amax()                                                             # () fp32
+        # (not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688, rounding twice)
+        S_enc = torch.where(A == 0, 1.0, (A.new_tensor(NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
+        S_dec = 1.0 / S_enc
+        block_scale = (amax16 * (S_enc * FP32_ONE_SIXTH)).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)
+        return block_scale, block_scale.float() * S_dec, S_dec
+    amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
+    s_o = torch.where(amax128 == 0, 1.0, amax128 / NVFP4_AMAX_TO_SCALE)
+    s_o16 = s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)                 # (Mp, Kp/16)
+    s_i = ((amax16 / s_o16) / F4_E2M1_MAX).clamp(max=F8E4M3_MAX)
+    block_scale = torch.where(amax16 == 0, DOUBLE_BLOCK_ZERO_SCALE, s_i).to(torch.float8_e4m3fn)
+    return block_scale, s_o16 * block_scale.float(), s_o
+
+
+def _round_nvfp4(x2, outer, tile, rounding, seed):
+    """The body shared by quantize_nvfp4 and fake_quant: fp32 (Mp, Kp), padded -> (magnitude fp32 and
+    negative bool, both (Mp, Kp/16, 16), then block_scale, scale, outer_scale as _nvfp4_scales)."""
+    Mp, Kp = x2.shape
+    block_scale, scale, outer_scale = _nvfp4_scales(x2, outer, tile)
+    encode = (1.0 / scale).clamp(max=FLT_MAX)                                         # (Mp, Kp/16)
+    v = x2.view(Mp, -1, NVFP4_BLOCK) * encode[..., None]                              # (Mp, Kp/16, 16)
+    noise = uniform_noise(seed, (Mp, Kp)).view(v.shape) if rounding == "stochastic" else None
+    magnitude = round_e2m1_magnitude(v.abs(), noise)
+    keep = (block_scale.float() != 0)[..., None]         # a block whose E4M3 scale is 0 is all code 0 (+0)
+    return torch.where(keep, magnitude, 0.0), (v < 0) & keep, block_scale, scale, outer_scale
+
+
+def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, path="reference"):
     """x (..., K) float -> NVFP4, quantized along the last dim; Kp = K rounded up to 16 (outer="tensor") or
     128 (outer=128), zero-padded. With tile=(16, 16) the leading dims are flattened into rows, padded to 16,
     and amax_16 is taken over 16x16 tiles (with outer=128, amax_128 then over 16x128 tiles).
@@ -223,38 +327,34 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     outer=128 (SPEC §3, TetraJet-v2 double-block):
         s_o = amax_128 ⊘ 2688 (1 if 0);  s_i = e4m3(min((amax_16 ⊘ s_o) ⊘ 6, 448)) (2^-9 if amax_16 = 0)
         q = E2M1(x ⊗ (1 ⊘ (s_o ⊗ s_i)));  x_dq = e2m1(q) ⊗ (s_o ⊗ s_i)
-    A block whose E4M3 scale is 0 gets all codes 0. SR draws one torch.rand(Mp, Kp) from `generator`.
+    A block whose E4M3 scale is 0 gets all codes 0. SR (round_e2m1_magnitude) uses
+    uniform_noise(draw_seed(generator), (Mp, Kp)). `path`: which implementation runs it (see FP4_PATHS);
+    all give the same bits.
     """
-    if outer not in ("tensor", OUTER_BLOCK):
-        raise ValueError(f"outer must be 'tensor' or {OUTER_BLOCK}, got {outer!r}")
-    if tuple(tile) not in ((1, 16), (16, 16)):
-        raise ValueError(f"tile must be (1, 16) or (16, 16), got {tile!r}")
+    _check(outer, tile, rounding)
     tile = tuple(tile)
     x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK)  # (Mp, Kp)
-    Mp, Kp = x2.shape
-    amax16 = _tile_amax(x2, tile)                                                     # (Mp, Kp/16)
-    if outer == "tensor":
-        A = amax16.amax()                                                             # () fp32
-        # (not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688, rounding twice)
-        S_enc = torch.where(A == 0, 1.0, (A.new_tensor(NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
-        S_dec = 1.0 / S_enc
-        block_scale = (amax16 * (S_enc * FP32_ONE_SIXTH)).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)
-        scale = block_scale.float() * S_dec                                           # (Mp, Kp/16) decode
-        outer_scale = S_dec
+    seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
+    if path == "triton":
+        import kernels                                   # only imported when asked for (it needs triton)
+        codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed)
     else:
-        amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
-        s_o = torch.where(amax128 == 0, 1.0, amax128 / NVFP4_AMAX_TO_SCALE)
-        s_o16 = s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)             # (Mp, Kp/16)
-        s_i = ((amax16 / s_o16) / F4_E2M1_MAX).clamp(max=F8E4M3_MAX)
-        block_scale = torch.where(amax16 == 0, DOUBLE_BLOCK_ZERO_SCALE, s_i).to(torch.float8_e4m3fn)
-        scale = s_o16 * block_scale.float()                                          # (Mp, Kp/16) decode
-        outer_scale = s_o
-    encode = (1.0 / scale).clamp(max=FLT_MAX)                                         # (Mp, Kp/16)
-    codes = round_e2m1((x2.view(Mp, -1, NVFP4_BLOCK) * encode[..., None]).view(Mp, Kp), rounding, generator)
-    codes = codes.view(Mp, -1, NVFP4_BLOCK).masked_fill_((block_scale.float() == 0)[..., None], 0).view(Mp, Kp)
+        fn = _compiled(_quantize_nvfp4_2d) if path == "compiled" else _quantize_nvfp4_2d
+        codes, block_scale, outer_scale = fn(x2, outer, tile, rounding, seed)
+        codes, block_scale = codes.to(torch.uint8), block_scale.view(torch.float8_e4m3fn)
     M = x.numel() // x.shape[-1]
     outer_scale = outer_scale if outer == "tensor" else _restore(outer_scale, x, M)
-    return NVFP4(_restore(pack_e2m1(codes), x, M), _restore(block_scale, x, M), outer_scale)
+    return NVFP4(_restore(codes, x, M), _restore(block_scale, x, M), outer_scale)
+
+
+def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed):
+    """fp32 (Mp, Kp), padded -> (packed codes (Mp, Kp/2) as int16, block_scale e4m3 bytes as uint8 (Mp, Kp/16),
+    outer_scale). The packed byte code(2j) + 16·code(2j+1) (= pack_e2m1) is formed in fp32 and returned as
+    int16, and the scales as raw bytes, because torch.compile's CPU backend vectorizes those but not fp32 ->
+    uint8 conversions or e4m3 outputs (each measured 2-4x slower on 4096x4096)."""
+    magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)
+    k = _code_values(magnitude, negative).view(x2.shape[0], -1, 2)                    # (Mp, Kp/2, 2)
+    return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
 
 
 def dequantize_nvfp4(q, dtype=torch.float32):
@@ -276,6 +376,18 @@ class MX(NamedTuple):
     scale: torch.Tensor  # float8_e8m0fnu (..., Kp/32): X = 2^(byte - 127)
 
 
+def _round_mxfp4(x2, rounding, seed):
+    """fp32 (M, Kp), padded -> (magnitude, negative (M, Kp/32, 32), scale: E8M0 bytes (M, Kp/32)); see
+    quantize_mxfp4."""
+    M, Kp = x2.shape
+    blocks = x2.view(M, -1, MX_BLOCK)                                                 # (M, Kp/32, 32)
+    amax = blocks.abs().amax(-1)                                                      # (M, Kp/32)
+    scale = _e8m0(_fp32_exponent(amax) - E2M1_MAX_POW2, amax)                         # uint8 bytes
+    v = blocks / _e8m0_value(scale)[..., None]
+    noise = uniform_noise(seed, (M, Kp)).view(v.shape) if rounding == "stochastic" else None
+    return round_e2m1_magnitude(v.abs(), noise), v < 0, scale
+
+
 def quantize_mxfp4(x, rounding="nearest", generator=None):
     """x (..., K) -> MX, blocks of 32 along the last dim (Kp = K rounded up to 32, zero-padded).
     X = 2^(floor(log2 amax) - 2), the exponent read from the fp32 bits (OCP "floor" rule; amax = 0 gives
@@ -283,13 +395,13 @@ def quantize_mxfp4(x, rounding="nearest", generator=None):
     Why MXFP4 trails NVFP4: a power-of-two scale cannot fit the block max to 6, so amax ⊘ X lands anywhere in
     [4, 8): up to 8 it saturates to 6 (clipping the largest values), and the grid is used less fully than
     with NVFP4's E4M3 scale, which maps every block's amax to ~6. Blocks of 32 also share one scale."""
+    _check("tensor", (1, 16), rounding)
     x2 = _as_padded_2d(x, 1, MX_BLOCK)                                                # (M, Kp)
-    M, Kp = x2.shape
-    blocks = x2.view(M, -1, MX_BLOCK)                                                 # (M, Kp/32, 32)
-    amax = blocks.abs().amax(-1)                                                      # (M, Kp/32)
-    scale = _e8m0(_fp32_exponent(amax) - E2M1_MAX_POW2, amax)
-    codes = round_e2m1((blocks / scale.float()[..., None]).view(M, Kp), rounding, generator)
-    return MX(_restore(pack_e2m1(codes), x, M), _restore(scale, x, M))
+    seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
+    magnitude, negative, scale = _round_mxfp4(x2, rounding, seed)
+    codes = e2m1_codes(magnitude, negative).view(x2.shape)
+    M = x2.shape[0]
+    return MX(_restore(pack_e2m1(codes), x, M), _restore(scale.view(torch.float8_e8m0fnu), x, M))
 
 
 def dequantize_mxfp4(q, dtype=torch.float32):
@@ -309,9 +421,9 @@ def quantize_mxfp8(x):
     amax = blocks.abs().amax(-1)
     r = amax / F8E4M3_MAX
     exponent = _fp32_exponent(r) + ((r.view(torch.int32) & 0x7FFFFF) != 0).int()
-    scale = _e8m0(exponent, amax)
-    codes = (blocks / scale.float()[..., None]).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
-    return MX(_restore(codes.view(M, Kp), x, M), _restore(scale, x, M))
+    scale = _e8m0(exponent, amax)                                                     # uint8 bytes
+    codes = (blocks / _e8m0_value(scale)[..., None]).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
+    return MX(_restore(codes.view(M, Kp), x, M), _restore(scale.view(torch.float8_e8m0fnu), x, M))
 
 
 def dequantize_mxfp8(q, dtype=torch.float32):
@@ -417,9 +529,99 @@ def dequantize(q, width):
     return x[..., :width]
 
 
-def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None):
-    """x (..., K) -> fp32 (..., K): quantize along the last dim with the recipe's format, then dequantize."""
-    return dequantize(quantize(x, get_recipe(recipe), rounding, tile, generator), x.shape[-1])
+def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed):
+    """fp32 (Mp, Kp), padded -> fp32 (Mp, Kp), bit for bit dequantize(quantize(x2)) but without building the
+    codes: x_dq = ±magnitude ⊗ scale. The whole body is elementwise math plus block reductions, which is what
+    torch.compile fuses into a few loops (the "compiled" path)."""
+    if fmt == "mxfp4":
+        magnitude, negative, scale = _round_mxfp4(x2, rounding, seed)
+        scale = _e8m0_value(scale)                                                    # (Mp, Kp/32)
+    else:
+        magnitude, negative, _, scale, _ = _round_nvfp4(x2, outer, tile, rounding, seed)   # scale (Mp, Kp/16)
+    x_dq = magnitude * scale[..., None]
+    return torch.where(negative, -x_dq, x_dq).view(x2.shape)
+
+
+def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path="reference"):
+    """x (..., K) -> fp32 (..., K): quantize along the last dim with the recipe's format, then dequantize;
+    equal bit for bit to dequantize(quantize(x, ...)) on every path (tests/test_kernels.py)."""
+    recipe, tile = get_recipe(recipe), tuple(tile)
+    _check(recipe.outer, tile, rounding)
+    multiple = MX_BLOCK if recipe.fmt == "mxfp4" else NVFP4_BLOCK if recipe.outer == "tensor" else OUTER_BLOCK
+    x2 = _as_padded_2d(x, tile[0], multiple)                                          # (Mp, Kp) fp32
+    seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
+    if path == "triton":
+        import kernels                                   # only imported when asked for (it needs triton)
+        out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed)
+    else:
+        fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
+        out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed)
+    return _restore(out, x, x.numel() // x.shape[-1])[..., :x.shape[-1]]
+
+
+@functools.cache
+def _compiled(fn):
+    """fn through torch.compile with dynamic shapes: one compile per (format, outer, tile, rounding, device)
+    variant, ~2-10 s each on a laptop CPU (inductor also caches them on disk for the next run)."""
+    # A run uses 2-4 variants, a test session all of them: raise dynamo's limit of 8 graphs per function so
+    # it never falls back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+# -----------------------------------------------------------------------------
+# Which implementation runs the quantizers (the `path` argument above). Three, all bit-identical:
+#   reference  the functions in this file, run eagerly: the readable definition and the judge of the others
+#   compiled   the same functions through torch.compile: inductor fuses each quantizer into a few loops
+#              (C++/OpenMP on CPU, Triton on GPUs), ~10x faster than eager on a laptop CPU (bench.py)
+#   triton     kernels.py's hand-written NVFP4 kernels (CUDA; the MXFP4 recipe has none)
+# OutControl's MXFP8 channels always run the reference (10% of the channels).
+
+FP4_PATHS = ("reference", "compiled", "triton")
+
+
+def select_path(requested, device, recipe):
+    """The one place that decides which path the FP4 layers use -> (path, a line saying which and why, for the
+    caller to print once at start-up).
+    requested: "auto" or one of FP4_PATHS. auto = triton on CUDA for NVFP4 recipes when kernels.py imports,
+    else compiled if torch.compile works here (tried on a small tensor, checked against the reference), else
+    reference with a loud banner. A path asked for by name that cannot run is an error, not a substitution."""
+    recipe, device = get_recipe(recipe), torch.device(device)
+    if requested not in ("auto",) + FP4_PATHS:
+        raise ValueError(f"unknown FP4 path {requested!r}; choose auto or one of {FP4_PATHS}")
+    if requested in ("auto", "triton"):
+        why_not = _triton_unavailable(device, recipe)
+        if why_not is None:
+            return "triton", f"FP4 path: triton (kernels.py; recipe {recipe.name}, {device})"
+        if requested == "triton":
+            raise ValueError(f"FP4 path triton is not available: {why_not}; use --fp4-path compiled or reference")
+    if requested in ("auto", "compiled"):
+        x = torch.randn(32, 256, generator=torch.Generator().manual_seed(0)).to(device)
+        try:
+            ok = torch.equal(fake_quant(x, recipe, path="compiled"), fake_quant(x, recipe))
+            why_not = None if ok else "its result differs from the reference"
+        except Exception as e:                           # no C++ compiler, unsupported device, ...
+            why_not = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if why_not is None:
+            return "compiled", f"FP4 path: compiled (torch.compile of fp4.py's quantizers; recipe {recipe.name}, {device})"
+        if requested == "compiled":
+            raise ValueError(f"FP4 path compiled is not available: torch.compile failed ({why_not}); use --fp4-path reference")
+        return "reference", ("!" * 100 + f"\n!!! FP4 path: reference (eager, ~10x slower): torch.compile failed "
+                             f"here ({why_not})\n" + "!" * 100)
+    return "reference", f"FP4 path: reference (eager fp4.py; recipe {recipe.name}, {device})"
+
+
+def _triton_unavailable(device, recipe):
+    """-> None if kernels.py can run this recipe on this device, else why not (one phrase)."""
+    if device.type != "cuda":
+        return f"its kernels need a CUDA device (this run uses {device.type})"
+    if recipe.fmt != "nvfp4":
+        return f"kernels.py has no {recipe.fmt} kernel"
+    try:
+        import kernels  # noqa: F401
+    except ImportError as e:
+        return f"kernels.py does not import ({e})"
+    return None
 
 
 def fake_quant_mxfp8(x):
@@ -427,15 +629,15 @@ def fake_quant_mxfp8(x):
     return dequantize(quantize_mxfp8(x), x.shape[-1])
 
 
-def fake_quant_split(x, recipe, tile=(1, 16), outliers=None):
+def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, path="reference"):
     """x (M, K) -> fp32 (M, K), round to nearest: FP4 (the recipe's format) on every column except the
     `outliers` (LongTensor of column indices, or None), which get MXFP8 (OutControl, SPEC §8). Each part is
     quantized as its own contiguous matrix, as a real kernel would see it after gathering the columns."""
     if outliers is None:
-        return fake_quant(x, recipe, tile=tile)
+        return fake_quant(x, recipe, tile=tile, path=path)
     keep = _complement(outliers, x.shape[1])
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    out[:, keep] = fake_quant(x[:, keep], recipe, tile=tile)
+    out[:, keep] = fake_quant(x[:, keep], recipe, tile=tile, path=path)
     out[:, outliers] = fake_quant_mxfp8(x[:, outliers])
     return out
 
@@ -446,7 +648,7 @@ def _complement(idx, n):
     return keep.nonzero().squeeze(1)
 
 
-def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None):
+def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, path="reference"):
     """a (M, K), b (P, K) -> fp32 (M, P) = Q(a H) Q(b H)ᵀ ≈ a bᵀ. `a` is the gradient dY (rounded with
     grad_rounding), `b` the other operand (other_rounding); H is RHT-16 if the recipe applies it to this GEMM,
     else the identity. Random draws from `generator`, in this order: signs, noise for a, noise for b (each SR
@@ -459,8 +661,8 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None):
         else:
             signs = torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32)
         a, b = rht16(a, signs), rht16(b, signs)              # the quantizer sees the rotated values
-    a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator)
-    b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator)
+    a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator, path=path)
+    b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, path)
     if stats is not None:                                    # H is orthogonal: same error norm as unrotated
         stats[f"sqnr_dy_{gemm}"] = sqnr(a, a_dq)
     return a_dq @ b_dq.t()
@@ -484,13 +686,13 @@ class FP4LinearFunction(torch.autograd.Function):
     # SR removes.
 
     @staticmethod
-    def forward(ctx, x, weight, recipe, generator, outliers=None, stats=None):
+    def forward(ctx, x, weight, recipe, generator, outliers=None, stats=None, path="reference"):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)                                               # (N, in)
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
         # (with outliers: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, SPEC §8)
-        x_hat = fake_quant_split(x2, recipe, (1, 16), outliers)               # (N, in) fp32
-        w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers)  # (out, in) fp32
+        x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, path)         # (N, in) fp32
+        w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, path)  # (out, in) fp32
         y = x_hat @ w_hat.t()                                                  # (N, out) fp32
         if stats is not None:
             stats.update(sqnr_x=sqnr(x2, x_hat), sqnr_w=sqnr(weight, w_hat))
@@ -503,35 +705,35 @@ class FP4LinearFunction(torch.autograd.Function):
                        and recipe.other_rounding == "nearest" and not recipe.aligned)
         ctx.save_for_backward(x_hat if recipe.aligned else x2,
                               w_hat if (recipe.aligned or ctx.reuse_w) else weight, outliers)
-        ctx.recipe, ctx.generator, ctx.stats = recipe, generator, stats
+        ctx.recipe, ctx.generator, ctx.stats, ctx.path = recipe, generator, stats, path
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        recipe, gen, stats = ctx.recipe, ctx.generator, ctx.stats
+        recipe, gen, stats, path = ctx.recipe, ctx.generator, ctx.stats, ctx.path
         x_src, w_src, outliers = ctx.saved_tensors                            # X̂ or X (N, in), Ŵ or W (out, in)
         dy2 = dy.reshape(-1, dy.shape[-1]).float()                             # (N, out)
         dx = dw = None
         # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
         # (always fully FP4, with outliers too: W's source is then the mixed Ŵ, SPEC §8)
         if ctx.needs_input_grad[0] and ctx.reuse_w:
-            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen)  # (N, out)
+            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen, path=path)  # (N, out)
             dx = dy_dq @ w_src                                                 # the forward's Ŵ, (N, in)
             if stats is not None:
                 stats["sqnr_dy_dgrad"] = sqnr(dy2, dy_dq)
         elif ctx.needs_input_grad[0]:
-            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats)
+            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats, path)
         # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
         if ctx.needs_input_grad[1] and outliers is None:
-            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats)   # (out, in)
+            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats, path=path)  # (out, in)
         elif ctx.needs_input_grad[1]:                        # FP4 on channels F, MXFP8 on the outliers O
             keep = _complement(outliers, x_src.shape[1])
             dw = torch.empty(dy2.shape[1], x_src.shape[1], device=dy2.device)                # (out, in)
-            dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats)
+            dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats, path=path)
             dw[:, outliers] = fake_quant_mxfp8(dy2.t()) @ fake_quant_mxfp8(x_src[:, outliers].t()).t()
         dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if dx is not None else None
-        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None, None
+        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None, None, None
 
 
 SATURATION_LIMIT = 7.0   # a scaled |x| above 7 loses more to the clamp at 6 than rounding loses anywhere in range
@@ -677,16 +879,18 @@ class FP4Linear(nn.Linear):
     `channel_norm`; both are saved in extra_state too. Set `stats = {}` to collect diagnostics on the next
     forward and backward (FP4LinearFunction fills it)."""
 
-    def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, path="reference",
+                 device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.recipe, self.seed = get_recipe(recipe), seed
+        self.recipe, self.seed, self.path = get_recipe(recipe), seed, path
         self._generator, self._rng_state = None, None
         self.outliers, self.channel_norm, self.calibrating, self.stats = None, None, False, None
 
     @classmethod
-    def from_linear(cls, linear, recipe="tetrajet", seed=0):
+    def from_linear(cls, linear, recipe="tetrajet", seed=0, path="reference"):
         """Wrap an existing nn.Linear; the weight and bias Parameters are shared, not copied."""
-        m = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe, seed=seed, device="meta")
+        m = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe, seed=seed, path=path,
+                device="meta")
         m.weight, m.bias = linear.weight, linear.bias
         return m
 
@@ -701,14 +905,15 @@ class FP4Linear(nn.Linear):
 
     def quantize_weight(self):
         """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (SPEC §7)."""
-        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.outliers)
+        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.outliers, self.path)
 
     def forward(self, x):
         if self.calibrating:                                 # OutControl: per-channel L2 norm over tokens
             norm = x.detach().reshape(-1, self.in_features).float().norm(dim=0)    # (in,)
             self.channel_norm = norm if self.channel_norm is None else self.channel_norm + norm
         outliers = self.outliers if self.outliers is not None and len(self.outliers) else None
-        y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device), outliers, self.stats)
+        y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device), outliers, self.stats,
+                                    self.path)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def get_extra_state(self):
@@ -725,13 +930,15 @@ class FP4Linear(nn.Linear):
                                             for t in (state.get("outliers"), state.get("channel_norm")))
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+        return f"{super().extra_repr()}, recipe={self.recipe.name}, path={self.path}"
 
 
-def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, blocks="transformer.h", seed=0):
+def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, blocks="transformer.h", seed=0,
+                   path="reference"):
     """Swap every nn.Linear (or subclass) inside the transformer blocks (`model.<blocks>`, an nn.ModuleList) for an
     FP4Linear sharing its weight, except in the first `bf16_first_k` and last `bf16_last_k` blocks. Linears
-    outside the blocks (LM head) stay high precision (SPEC §6). Layer i gets generator seed `seed + i`.
+    outside the blocks (LM head) stay high precision (SPEC §6). Layer i gets generator seed `seed + i`; all
+    run their quantizers on `path` (FP4_PATHS; select_path decides it).
     Prints what it converted and what it kept; returns the model (changed in place)."""
     recipe = get_recipe(recipe)
     try:
@@ -753,7 +960,7 @@ def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, b
             if isinstance(child, nn.Linear) and not isinstance(child, FP4Linear):
                 parent = block.get_submodule(name.rpartition(".")[0])
                 setattr(parent, name.rpartition(".")[2],
-                        FP4Linear.from_linear(child, recipe, seed=seed + len(converted)))
+                        FP4Linear.from_linear(child, recipe, seed=seed + len(converted), path=path))
                 converted.append(f"{blocks}.{i}.{name}")
     kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FP4Linear)]
     in_kept_blocks = [n for n in kept if any(n.startswith(f"{blocks}.{i}.") for i in kept_blocks)]

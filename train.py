@@ -52,6 +52,7 @@ class TrainConfig:
     # FP4
     fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = bf16 baseline)
     fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES)
+    fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, triton (same bits; fp4.select_path)
     bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
     bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
     osci_reset: bool = False      # OsciReset: snap oscillating FP4 weights to their bin centre (TetraJet-v2 §4)
@@ -89,7 +90,7 @@ class TrainConfig:
 
 
 PER_INVOCATION = ("resume", "stop_iter")      # flags that a resumed run does not inherit from the checkpoint
-CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "lr_schedule": ["cosine", "wsd"],
+CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fp4.FP4_PATHS], "lr_schedule": ["cosine", "wsd"],
            "device": ["auto", "cuda", "mps", "cpu"], "dtype": ["auto", "bfloat16", "float32"]}
 
 
@@ -273,8 +274,10 @@ def main(argv=None):
     fp4_layers = {}
     if cfg.fp4:
         # FP4 before compile and DDP, so both see the final modules (nanochat does the same)
+        path, why = fp4.select_path(cfg.fp4_path, device, cfg.fp4_recipe)
+        log(why)
         fp4.convert_to_fp4(model, cfg.fp4_recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
-                           seed=cfg.seed * 1000 + 100_000 * rank)   # independent SR noise per process
+                           seed=cfg.seed * 1000 + 100_000 * rank, path=path)   # independent SR noise per process
         fp4_layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
         start, period, window = osci_schedule(cfg)                    # measured always, reset only if asked
         osci = fp4.OsciReset(fp4_layers, period, window, cfg.osci_threshold, start, reset=cfg.osci_reset)

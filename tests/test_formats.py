@@ -54,16 +54,39 @@ def test_stochastic_rounding_is_unbiased_and_reproducible():
 
 
 def test_stochastic_rounding_rounds_up_exactly_when_the_uniform_draw_is_below_p():
-    # the contract kernels must meet: given the same u = torch.rand(shape, generator), the same codes
+    # the contract kernels must meet: u = uniform_noise(draw_seed(generator), shape), round up iff u < p
     v = torch.randn(64, 64, generator=torch.Generator().manual_seed(5)) * 3
     codes = fp4.round_e2m1(v, "stochastic", torch.Generator().manual_seed(6))
-    u = torch.rand(v.shape, generator=torch.Generator().manual_seed(6))
+    u = fp4.uniform_noise(fp4.draw_seed(torch.Generator().manual_seed(6)), v.shape)
     for x, ui, c in zip(v.flatten().tolist(), u.flatten().tolist(), codes.flatten().tolist()):
         a = min(abs(x), 6.0)
         lo = max(g for g in GRID if g <= a)
         hi = min([g for g in GRID if g > a] or [6.0])
         mag = hi if hi > lo and ui < (a - lo) / (hi - lo) else lo
         assert c == GRID.index(mag) | (8 if x < 0 else 0)
+
+
+def pcg_literal(h):
+    # PCG-RXS-M-XS on Python ints, mod 2^32 after every operation, as a C uint32 kernel computes it
+    state = (h * 747796405 + 2891336453) % 2**32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) % 2**32
+    return (word >> 22) ^ word
+
+
+def test_uniform_noise_is_the_literal_pcg_hash_and_uniform():
+    seed = fp4.draw_seed(torch.Generator().manual_seed(3))
+    s0, s1 = seed.tolist()
+    u = fp4.uniform_noise(seed, (300, 1000))
+    for i in (0, 1, 2, 999, 1000, 123456, 299999):
+        assert u.flatten()[i].item() == (pcg_literal(pcg_literal(i ^ s0) ^ s1) >> 8) * 2.0 ** -24
+    # 300k draws: mean, variance, 64-bin chi-square (63 dof: 5 sigma ~ 125) and neighbour correlations
+    x = u.double().flatten()
+    assert abs(x.mean() - 0.5) < 5 * (1 / 12 / len(x)) ** 0.5 and abs(x.var() - 1 / 12) < 1e-3
+    counts = torch.bincount((x * 64).long(), minlength=64).double()
+    assert ((counts - len(x) / 64) ** 2 / (len(x) / 64)).sum() < 125
+    for a, b in ((x[:-1], x[1:]), (u[:-1].flatten().double(), u[1:].flatten().double()),
+                 (x, fp4.uniform_noise(fp4.draw_seed(torch.Generator().manual_seed(4)), (300, 1000)).double().flatten())):
+        assert abs(torch.corrcoef(torch.stack((a, b)))[0, 1]) < 5 / len(a) ** 0.5
 
 
 def test_unknown_rounding_is_an_error():

@@ -1,0 +1,152 @@
+"""
+bench.py: how fast is simulated FP4 here? Three tables, every implementation path present on this machine:
+
+  1. quantizers on a 4096x4096 fp32 tensor: ms, elements/s and GB/s (bytes read + written), against a plain
+     copy (the floor of any one-pass quantizer) and torchao's nvfp4_quantize when torchao is installed;
+  2. one FP4 linear layer, forward + backward, against the bf16 nn.Linear at a few (tokens, in, out) shapes;
+  3. a full training step of train.py's default model (same model, batch and flags), fp4 / bf16.
+
+    python bench.py                   # cpu, all three tables
+    python bench.py --device cuda     # adds the triton path and the copy bandwidth it is measured against
+    python bench.py --only quant      # one table: quant, linear or step
+
+Timings are medians of --repeat runs after warm-up (the compiled path compiles on its first call). On a shared
+machine numbers move by 10-20% between runs: compare within one run, which is why every table has its baseline.
+"""
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+
+import fp4
+import train
+
+QUANT_SHAPE = (4096, 4096)
+LINEAR_SHAPES = ((2048, 128, 384), (2048, 512, 512), (4096, 1024, 1024))    # (tokens, in, out)
+BYTE_VOCAB = 256                                                              # the default corpus is byte-level
+
+
+def timeit(fn, device, repeat):
+    """Median wall time of fn() in ms, after two warm-up calls; synchronizes CUDA around each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def paths_here(device, recipe):
+    """The FP4 paths that can run on this device for this recipe (reference and compiled everywhere torch
+    runs, triton where select_path would allow it)."""
+    return [p for p in fp4.FP4_PATHS if p != "triton" or fp4._triton_unavailable(device, fp4.get_recipe(recipe)) is None]
+
+
+def bench_quant(device, repeat):
+    x = torch.randn(QUANT_SHAPE, device=device)
+    n = x.numel()
+    nvfp4_bytes = n * (4 + 0.5 + 1 / 16)                       # fp32 in; packed codes + E4M3 scales out
+    rows = [("copy (x.clone())", timeit(x.clone, device, repeat), n * 8)]
+    try:
+        from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale
+        rows.append(("torchao nvfp4_quantize (per-tensor)", timeit(
+            lambda: nvfp4_quantize(x, 16, per_tensor_amax_to_scale(x.abs().amax())), device, repeat), nvfp4_bytes))
+    except ImportError:
+        print("(torchao not installed: no torchao row)")
+    gen = torch.Generator(device).manual_seed(0)
+    variants = (("per-tensor 1x16 RTN", dict()), ("per-tensor 16x16 RTN", dict(tile=(16, 16))),
+                ("double-block RTN", dict(outer=128)), ("per-tensor SR", dict(rounding="stochastic")),
+                ("double-block SR", dict(outer=128, rounding="stochastic")))
+    for path in paths_here(device, "nvidia"):
+        for name, kw in variants:
+            rows.append((f"quantize_nvfp4 {name} [{path}]", timeit(
+                lambda: fp4.quantize_nvfp4(x, **kw, generator=gen, path=path), device, repeat), nvfp4_bytes))
+        for recipe, rounding in (("tetrajet", "nearest"), ("tetrajet", "stochastic"), ("mxfp4", "nearest")):
+            if path in paths_here(device, recipe):
+                rows.append((f"fake_quant {recipe} {rounding} [{path}]", timeit(
+                    lambda: fp4.fake_quant(x, recipe, rounding, generator=gen, path=path), device, repeat), n * 8))
+    copy_ms = rows[0][1]
+    print(f"\n1. quantizers, {QUANT_SHAPE[0]}x{QUANT_SHAPE[1]} fp32 on {device} (GB/s = bytes read + written)")
+    print(f"{'':52s} {'ms':>8s} {'Gelem/s':>8s} {'GB/s':>7s} {'x copy':>7s}")
+    for name, ms, nbytes in rows:
+        print(f"{name:52s} {ms:8.1f} {n / ms / 1e6:8.2f} {nbytes / ms / 1e6:7.1f} {ms / copy_ms:7.1f}")
+    return rows
+
+
+def bench_linear(device, repeat, recipe):
+    print(f"\n2. one linear layer, forward + backward, recipe {recipe} on {device}: ms (ratio to bf16 nn.Linear)")
+    print(f"{'tokens x in x out':20s} {'bf16':>8s} " + " ".join(f"{p:>18s}" for p in paths_here(device, recipe)))
+    for tokens, k_in, k_out in LINEAR_SHAPES:
+        x = torch.randn(tokens, k_in, device=device, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(tokens, k_out, device=device, dtype=torch.bfloat16)
+        ref = torch.nn.Linear(k_in, k_out, bias=False, device=device)
+
+        def step(layer):
+            y = layer(x) if isinstance(layer, fp4.FP4Linear) else torch.nn.functional.linear(x, layer.weight.bfloat16())
+            y.backward(dy)
+        base = timeit(lambda: step(ref), device, repeat)
+        cells = []
+        for path in paths_here(device, recipe):
+            layer = fp4.FP4Linear.from_linear(ref, recipe, path=path)
+            t = timeit(lambda: step(layer), device, repeat)
+            cells.append(f"{t:9.1f} ({t / base:5.1f}x)")
+        print(f"{tokens:>6d} x {k_in:>4d} x {k_out:>4d}  {base:8.1f} " + " ".join(f"{c:>18s}" for c in cells))
+
+
+def bench_step(device, repeat, recipe, argv):
+    """fwd + bwd + AdamW of train.py's model at its defaults (plus any --train-flags), bf16 vs every FP4 path."""
+    cfg = train.TrainConfig(**train.parse_args(argv))
+    dtype = torch.bfloat16
+    idx = torch.randint(0, BYTE_VOCAB, (cfg.batch_size, cfg.block_size + 1), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    x, y = idx[:, :-1], idx[:, 1:]
+    results = {}
+    for label, path in [("bf16", None)] + [(f"fp4 {recipe} [{p}]", p) for p in paths_here(device, recipe)]:
+        torch.manual_seed(cfg.seed)
+        model = train.build_model(cfg, BYTE_VOCAB, dtype)
+        if path is not None:
+            fp4.convert_to_fp4(model, recipe, path=path)
+        model.to(device)
+        opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+
+        def step():
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results[label] = timeit(step, device, repeat)
+    print(f"\n3. training step, model {cfg.model}, batch {cfg.batch_size} x {cfg.block_size} tokens, on {device}")
+    for label, ms in results.items():
+        print(f"{label:32s} {ms:8.1f} ms   {ms / results['bf16']:5.2f}x bf16   "
+              f"{cfg.batch_size * cfg.block_size / ms * 1e3:9,.0f} tok/s")
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--recipe", default="tetrajet", choices=list(fp4.RECIPES))
+    p.add_argument("--only", choices=["quant", "linear", "step"])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--train-flags", default="", help="extra train.py flags for table 3, e.g. '--model 70m'")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__} | {device} | {torch.get_num_threads()} threads"
+          + (f" | {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    if args.only in (None, "quant"):
+        bench_quant(device, args.repeat)
+    if args.only in (None, "linear"):
+        bench_linear(device, args.repeat, args.recipe)
+    if args.only in (None, "step"):
+        bench_step(device, args.repeat, args.recipe, args.train_flags.split())
+
+
+if __name__ == "__main__":
+    main()

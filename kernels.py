@@ -1,0 +1,235 @@
+"""
+kernels.py: fused Triton kernels for NVFP4 quantization, the fast twins of fp4.py (which stays the definition).
+
+Optional: fp4.py imports this module only when asked for the "triton" path (fp4.select_path decides, and
+requires CUDA for training). Every kernel here must equal fp4.py bit for bit: codes, scale bytes and
+dequantized values, for RTN and for SR (both draw fp4.uniform_noise, a counter-based hash of the element
+index, so the same seed gives the same noise in any order). tests/test_kernels.py checks this on CPU with
+TRITON_INTERPRET=1 and, when a GPU is present, on the GPU.
+
+What one launch computes (one program per 16 rows x 128 columns of the padded (Mp, Kp) fp32 input):
+
+    x      = load the (16, 128) tile                          # 8 blocks of 16 along K per row
+    x      = x @ H per 16-chunk                               # optional RHT-16 (fp4.rht16), fused
+    amax16 = max |x| over each 1x16 block (or 16x16 tile: max over the 16 rows too)
+    per-tensor (SPEC §2): A = amax|x| from a first pass; S_enc = 2688 / A; S_dec = 1 / S_enc
+        s_b = e4m3(min(amax16 * (S_enc * fl(1/6)), 448));   scale = s_b * S_dec
+    double-block (SPEC §3): one 128-block per row of the tile, so a single pass:
+        s_o = amax128 / 2688;  s_i = e4m3(min(amax16 / s_o / 6, 448));   scale = s_o * s_i
+    q      = E2M1(x * min(1 / scale, FLT_MAX))                # RTN, or SR with u = uniform_noise(seed, i)
+    store    fake-quant: ±q * scale (fp32)   |   quantize: packed codes, E4M3 scale bytes, outer scale
+
+Exactness notes (why the kernel does some things by hand):
+  - divisions use tl.math.div_rn (IEEE round-to-nearest); Triton's `/` is an approximate division on GPUs.
+  - the E4M3 rounding is arithmetic (round to 3 mantissa bits / to multiples of 2^-9), not a cast: Triton's
+    interpreter rounds fp32 -> float8e4nv ties away from zero and flushes subnormals, which TE does not.
+  - round-half-even is (v + 2^23) - 2^23, exact for 0 <= v < 2^22 in IEEE fp32 arithmetic.
+  - the RHT is a tl.dot at IEEE fp32 precision; its 16-term sums may round in a different order than
+    torch's matmul, so its results equal fp4.rht16 exactly only when those sums are exact (tested that way).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+import fp4
+
+TILE_ROWS = 16          # rows per program: one 16x16 weight tile tall
+TILE_COLS = 128         # columns per program: one double-block outer block wide (8 blocks of 16)
+RNE_MAGIC = 8388608.0   # 2^23: (v + 2^23) - 2^23 rounds 0 <= v < 2^22 to the nearest integer, ties to even
+E4M3_MIN_NORMAL = 2.0 ** -6
+E4M3_SUBNORMAL_STEP = 2.0 ** -9
+
+# -----------------------------------------------------------------------------
+# device helpers (each mirrors one function of fp4.py)
+
+
+@triton.jit
+def _pcg_hash(h):
+    """fp4._pcg_hash: int64 holding uint32 values; every product < 2^62, masked back to 32 bits."""
+    state = (h * 747796405 + 2891336453) & 0xFFFFFFFF
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & 0xFFFFFFFF
+    return (word >> 22) ^ word
+
+
+@triton.jit
+def _round_e4m3(s):
+    """fp32 s in [0, 448] (or NaN) -> the nearest E4M3 value (ties to even), as fp32: a multiple of 2^(e-3)
+    for s >= 2^-6 (e = floor(log2 s), read from the bits), else of 2^-9 (E4M3 subnormals)."""
+    e = ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)        # 2^(e-3), exact
+    return ((s / step + RNE_MAGIC) - RNE_MAGIC) * step                 # s / step: a power-of-two scaling
+
+
+@triton.jit
+def _e4m3_byte(v):
+    """An exact E4M3 value v >= 0 (fp32, or NaN) -> its byte: (e + 7) << 3 | mantissa, or the subnormal
+    v / 2^-9; 0x7F for NaN."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    pow2 = ((tl.maximum(e, -6) + 127) << 23).to(tl.float32, bitcast=True)
+    normal = ((e + 7) << 3) | (v / pow2 * 8.0 - 8.0).to(tl.int32)
+    byte = tl.where(v >= 2.0 ** -6, normal, (v * 512.0).to(tl.int32))
+    return tl.where(v != v, 0x7F, byte).to(tl.uint8)
+
+
+@triton.jit
+def _round_e2m1(a, noise, SR: tl.constexpr):
+    """fp4.round_e2m1_magnitude: a >= 0 -> grid magnitude; RTN, or SR with `noise` (same shape)."""
+    a = tl.minimum(a, 6.0)
+    step = tl.where(a >= 4.0, 2.0, tl.where(a >= 2.0, 1.0, 0.5))
+    x = a / step                                                        # exact: a power of two
+    if SR:
+        t = tl.floor(x)
+        return (t + tl.where(noise < x - t, 1.0, 0.0)) * step
+    return ((x + RNE_MAGIC) - RNE_MAGIC) * step
+
+# -----------------------------------------------------------------------------
+# the kernel
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_ptr, seed0, seed1, M, Kp,
+                  FAKE: tl.constexpr, DOUBLE_BLOCK: tl.constexpr, TILE16: tl.constexpr, SR: tl.constexpr,
+                  RHT: tl.constexpr):
+    BM: tl.constexpr = 16
+    BK: tl.constexpr = 128
+    NB: tl.constexpr = BK // 16                                         # 16-blocks per tile row
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)                     # (BM,)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)                     # (BK,)
+    mask = (rows[:, None] < M) & (cols[None, :] < Kp)                   # (BM, BK)
+    offs = rows[:, None].to(tl.int64) * Kp + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)     # (BM, BK), padding reads as 0
+    if RHT:                                                             # x <- x H on every 16-chunk
+        h = tl.load(h_ptr + tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])
+        x = tl.reshape(tl.dot(tl.reshape(x, (BM * NB, 16)), h, input_precision="ieee"), (BM, BK))
+    xb = tl.reshape(x, (BM, NB, 16))
+    amax16 = tl.max(tl.abs(xb), axis=2)                                 # (BM, NB)
+    if TILE16:                                                          # one amax per 16x16 tile
+        amax16 = tl.broadcast_to(tl.max(amax16, axis=0)[None, :], (BM, NB))
+    if DOUBLE_BLOCK:                                                    # SPEC §3
+        amax128 = tl.max(amax16, axis=1)                                # (BM,)
+        s_o = tl.where(amax128 == 0.0, 1.0, tl.math.div_rn(amax128, tl.full(amax128.shape, 2688.0, tl.float32)))
+        s_i = tl.math.div_rn(tl.math.div_rn(amax16, s_o[:, None]), tl.full(amax16.shape, 6.0, tl.float32))
+        s_i = tl.where(amax16 == 0.0, 2.0 ** -9, _round_e4m3(tl.minimum(s_i, 448.0)))
+        block_scale = s_i
+        scale = s_o[:, None] * s_i                                      # (BM, NB)
+    else:                                                               # SPEC §2, A from the amax pass
+        A = tl.load(amax_ptr)
+        s_enc = tl.where(A == 0.0, 1.0, tl.minimum(tl.math.div_rn(2688.0, A), 3.4028234663852886e38))
+        s_dec = tl.math.div_rn(1.0, s_enc)
+        block_scale = _round_e4m3(tl.minimum(amax16 * (s_enc * 0.1666666716337204), 448.0))
+        scale = block_scale * s_dec
+    encode = tl.minimum(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 3.4028234663852886e38)
+    v = xb * encode[:, :, None]                                         # (BM, NB, 16)
+    if SR:
+        idx = tl.reshape(offs & 0xFFFFFFFF, (BM, NB, 16))
+        u = (_pcg_hash(_pcg_hash(idx ^ seed0) ^ seed1) >> 8).to(tl.float32) * (2.0 ** -24)
+    else:
+        u = v
+    q = _round_e2m1(tl.abs(v), u, SR)
+    keep = (block_scale != 0.0)[:, :, None]
+    q = tl.where(keep, q, 0.0)
+    negative = (v < 0.0) & keep
+    if FAKE:
+        x_dq = q * scale[:, :, None]
+        tl.store(out_ptr + offs, tl.reshape(tl.where(negative, -x_dq, x_dq), (BM, BK)), mask=mask)
+    else:                                                               # codes, two per byte, low nibble first
+        k = tl.where(q <= 2.0, q * 2.0, tl.minimum(q + 2.0, 7.0))
+        k = tl.where(k != k, 0.0, k) + tl.where(negative, 8.0, 0.0)
+        lo, hi = tl.split(tl.reshape(k.to(tl.int32), (BM, BK // 2, 2)))
+        pcols = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+        tl.store(codes_ptr + rows[:, None].to(tl.int64) * (Kp // 2) + pcols[None, :], (lo | (hi << 4)).to(tl.uint8),
+                 mask=(rows[:, None] < M) & (pcols[None, :] < Kp // 2))
+        scols = tl.program_id(1) * NB + tl.arange(0, NB)
+        tl.store(scale_ptr + rows[:, None].to(tl.int64) * (Kp // 16) + scols[None, :], _e4m3_byte(block_scale),
+                 mask=(rows[:, None] < M) & (scols[None, :] < Kp // 16))
+        if DOUBLE_BLOCK:
+            tl.store(outer_ptr + rows.to(tl.int64) * (Kp // 128) + tl.program_id(1), s_o, mask=rows < M)
+
+# -----------------------------------------------------------------------------
+# wrappers: check, allocate, launch
+
+
+def _launch(x2, outer, tile, seed, signs, fake):
+    if x2.dtype != torch.float32 or x2.dim() != 2:
+        raise ValueError(f"kernels: expected a 2-D fp32 tensor, got {x2.dtype} of shape {tuple(x2.shape)}")
+    tile = tuple(tile)
+    M, Kp = x2.shape
+    if Kp % (fp4.OUTER_BLOCK if outer == fp4.OUTER_BLOCK else fp4.NVFP4_BLOCK) or (tile == (16, 16) and M % 16):
+        raise ValueError(f"kernels: shape {tuple(x2.shape)} is not padded to whole blocks for outer={outer!r}, "
+                         f"tile={tile}; pad it as fp4._as_padded_2d does")
+    x2 = x2.contiguous()
+    dev = x2.device
+    h = None
+    if signs is not None:
+        h = (fp4.rht16(torch.eye(16, device=dev), signs)).contiguous()   # H itself: rows of I times H
+    amax = torch.zeros((), device=dev)
+    if outer == "tensor":
+        amax = (fp4.rht16(x2, signs) if signs is not None else x2).abs().amax()   # the first (amax) pass
+    out = torch.empty_like(x2) if fake else x2.new_empty(0)
+    codes = torch.empty(M, Kp // 2, dtype=torch.uint8, device=dev)
+    scales = torch.empty(M, Kp // 16, dtype=torch.uint8, device=dev)
+    outer_scale = torch.empty(M, Kp // 128 if outer == fp4.OUTER_BLOCK else 0, device=dev)
+    s0, s1 = (int(s) for s in seed.tolist()) if seed is not None else (0, 0)
+    grid = (triton.cdiv(M, TILE_ROWS), triton.cdiv(Kp, TILE_COLS))
+    _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, h if h is not None else x2, s0, s1, M, Kp,
+                        FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
+                        SR=seed is not None, RHT=signs is not None)
+    if fake:
+        return out
+    if outer == "tensor":
+        s_enc = torch.where(amax == 0, 1.0, (amax.new_tensor(fp4.NVFP4_AMAX_TO_SCALE) / amax).clamp(max=fp4.FLT_MAX))
+        outer_scale = 1.0 / s_enc
+    return codes, scales.view(torch.float8_e4m3fn), outer_scale
+
+
+def quantize_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None):
+    """fp32 (Mp, Kp), padded as fp4.quantize_nvfp4 pads -> (codes uint8 (Mp, Kp/2), block_scale e4m3
+    (Mp, Kp/16), outer_scale: 0-dim S_dec or (Mp, Kp/128) s_o). seed: None (RTN) or fp4.draw_seed's (2,)
+    int64 (SR). signs: None, or 16 ±1 to quantize x2 H instead of x2 (fused RHT-16)."""
+    return _launch(x2, outer, tile, seed, signs, fake=False)
+
+
+def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None):
+    """fp32 (Mp, Kp) -> fp32 (Mp, Kp): dequantize(quantize(x2)) in one pass (two with a per-tensor scale)."""
+    return _launch(x2, outer, tile, seed, signs, fake=True)
+
+# -----------------------------------------------------------------------------
+# validate, then benchmark:  python kernels.py   (on a GPU; TRITON_INTERPRET=1 python kernels.py on a CPU)
+
+
+if __name__ == "__main__":
+    import time
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = (4096, 4096) if device == "cuda" else (64, 256)
+    x = torch.randn(shape, device=device)
+    seed = fp4.draw_seed(torch.Generator(device).manual_seed(0), device)
+    for outer in ("tensor", 128):
+        for tile in ((1, 16), (16, 16)):
+            for s in (None, seed):
+                rounding = "nearest" if s is None else "stochastic"
+                ref = fp4._quantize_nvfp4_2d(x, outer, tile, rounding, s)
+                got = quantize_nvfp4(x, outer, tile, s)
+                same = (torch.equal(got[0], ref[0].to(torch.uint8)) and torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8))
+                        and torch.equal(got[2], ref[2]))
+                same_dq = torch.equal(fake_quant_nvfp4(x, outer, tile, s), fp4._fake_quant_2d(x, "nvfp4", outer, tile, rounding, s))
+                print(f"outer={outer!s:6s} tile={tile} {rounding:10s} codes/scales equal: {same}, fake-quant equal: {same_dq}")
+    if device == "cuda":
+        def ms(fn, n=20):
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / n * 1e3
+        n = x.numel()
+        copy = ms(x.clone)
+        print(f"copy: {copy:.3f} ms = {n * 8 / copy / 1e6:.0f} GB/s")
+        for name, fn, nbytes in (("quantize per-tensor", lambda: quantize_nvfp4(x), n * 4.5625),
+                                 ("quantize double-block", lambda: quantize_nvfp4(x, 128), n * 4.5625),
+                                 ("quantize double-block SR", lambda: quantize_nvfp4(x, 128, seed=seed), n * 4.5625),
+                                 ("fake-quant double-block", lambda: fake_quant_nvfp4(x, 128), n * 8)):
+            t = ms(fn)
+            print(f"{name:28s} {t:.3f} ms  {nbytes / t / 1e6:6.0f} GB/s  ({nbytes / t / (n * 8 / copy):.0%} of copy)")
