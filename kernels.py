@@ -74,9 +74,22 @@ def _e4m3_byte(v):
 
 
 @triton.jit
+def _amax(v, axis):
+    """max over `axis` that returns NaN if any element is NaN, like torch.amax (tl.max may skip NaNs)."""
+    has_nan = tl.max(tl.where(v != v, 1, 0), axis=axis)
+    return tl.where(has_nan > 0, float("nan"), tl.max(v, axis=axis))
+
+
+@triton.jit
+def _min(a, b):
+    """min that propagates NaN, like torch.clamp(max=)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _round_e2m1(a, noise, SR: tl.constexpr):
     """fp4.round_e2m1_magnitude: a >= 0 -> grid magnitude; RTN, or SR with `noise` (same shape)."""
-    a = tl.minimum(a, 6.0)
+    a = _min(a, 6.0)
     step = tl.where(a >= 4.0, 2.0, tl.where(a >= 2.0, 1.0, 0.5))
     x = a / step                                                        # exact: a power of two
     if SR:
@@ -104,23 +117,23 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
         h = tl.load(h_ptr + tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])
         x = tl.reshape(tl.dot(tl.reshape(x, (BM * NB, 16)), h, input_precision="ieee"), (BM, BK))
     xb = tl.reshape(x, (BM, NB, 16))
-    amax16 = tl.max(tl.abs(xb), axis=2)                                 # (BM, NB)
+    amax16 = _amax(tl.abs(xb), 2)                                       # (BM, NB)
     if TILE16:                                                          # one amax per 16x16 tile
-        amax16 = tl.broadcast_to(tl.max(amax16, axis=0)[None, :], (BM, NB))
+        amax16 = tl.broadcast_to(_amax(amax16, 0)[None, :], (BM, NB))
     if DOUBLE_BLOCK:                                                    # SPEC §3
-        amax128 = tl.max(amax16, axis=1)                                # (BM,)
+        amax128 = _amax(amax16, 1)                                      # (BM,)
         s_o = tl.where(amax128 == 0.0, 1.0, tl.math.div_rn(amax128, tl.full(amax128.shape, 2688.0, tl.float32)))
         s_i = tl.math.div_rn(tl.math.div_rn(amax16, s_o[:, None]), tl.full(amax16.shape, 6.0, tl.float32))
-        s_i = tl.where(amax16 == 0.0, 2.0 ** -9, _round_e4m3(tl.minimum(s_i, 448.0)))
+        s_i = tl.where(amax16 == 0.0, 2.0 ** -9, _round_e4m3(_min(s_i, 448.0)))
         block_scale = s_i
         scale = s_o[:, None] * s_i                                      # (BM, NB)
     else:                                                               # SPEC §2, A from the amax pass
         A = tl.load(amax_ptr)
-        s_enc = tl.where(A == 0.0, 1.0, tl.minimum(tl.math.div_rn(2688.0, A), 3.4028234663852886e38))
+        s_enc = tl.where(A == 0.0, 1.0, _min(tl.math.div_rn(2688.0, A), 3.4028234663852886e38))
         s_dec = tl.math.div_rn(1.0, s_enc)
-        block_scale = _round_e4m3(tl.minimum(amax16 * (s_enc * 0.1666666716337204), 448.0))
+        block_scale = _round_e4m3(_min(amax16 * (s_enc * 0.1666666716337204), 448.0))
         scale = block_scale * s_dec
-    encode = tl.minimum(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 3.4028234663852886e38)
+    encode = _min(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 3.4028234663852886e38)
     v = xb * encode[:, :, None]                                         # (BM, NB, 16)
     if SR:
         idx = tl.reshape(offs & 0xFFFFFFFF, (BM, NB, 16))

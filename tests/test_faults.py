@@ -22,7 +22,8 @@ def strip(records):
 
 
 def test_sigterm_mid_run_saves_and_resume_matches_an_uninterrupted_run(dataset, tmp_path):
-    flags = ["--fp4", "--max-iters", "60", "--eval-interval", "20", "--log-interval", "1"]
+    # (--fp4-path reference: a fresh process would spend longer compiling the quantizers than training)
+    flags = ["--fp4", "--fp4-path", "reference", "--max-iters", "60", "--eval-interval", "20", "--log-interval", "1"]
     straight = run(dataset, tmp_path / "a", *flags)
     cmd = [sys.executable, "train.py", "--dataset", dataset, "--out-dir", str(tmp_path / "b"), *TINY, *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,154 @@
+"""The fast paths equal the reference bit for bit: fp4.py through torch.compile, and kernels.py's Triton
+kernels (on CPU through TRITON_INTERPRET=1, on a GPU when there is one). SR is compared exactly too: every
+path draws the same counter-based noise from the same seed. Run: python -m pytest tests/test_kernels.py -q"""
+
+import os
+
+import pytest
+import torch
+
+import fp4
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede kernels.py's @triton.jit (triton reads it there)
+try:
+    import kernels
+except ImportError:                                  # no triton (e.g. macOS): only the compiled-path tests run
+    kernels = None
+needs_triton = pytest.mark.skipif(kernels is None, reason="triton is not installed")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# the interpreter runs the kernels in numpy, which warns on the Inf/NaN arithmetic the NaN tests exercise
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+
+def awkward(rows=40, cols=200, seed=0):
+    """Gaussian rows at very different scales, plus an all-zero block, a block whose E4M3 scale underflows to
+    a subnormal (1e-7 beside 1e2), bf16-representable values (E4M3 ties) and a K that is no block multiple."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.logspace(-3, 2, rows)[:, None]
+    x[3, 16:32] = 0.0
+    x[5, :] = 100.0 * torch.randn(cols, generator=g)
+    x[5, 48:64] = 1e-7 * torch.randn(16, generator=g)
+    x[7:9] = (torch.randn(2, cols, generator=g) * 3).bfloat16().float()
+    return x
+
+
+def same_quantized(a, b):
+    """Two NVFP4 tuples are equal: codes, scale bytes, outer scales."""
+    return (torch.equal(a.codes, b.codes) and torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+            and torch.equal(a.outer_scale, b.outer_scale))
+
+
+def equal_with_nan(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+NVFP4_CASES = [(outer, tile, rounding) for outer in ("tensor", 128) for tile in ((1, 16), (16, 16))
+               for rounding in ("nearest", "stochastic")]
+FAKE_QUANT_CASES = [("tetrajet", "nearest", (1, 16)), ("tetrajet", "stochastic", (1, 16)),
+                    ("nvidia", "nearest", (16, 16)), ("nvidia", "stochastic", (1, 16)),
+                    ("mxfp4", "nearest", (1, 16)), ("mxfp4", "stochastic", (1, 16))]
+
+# -----------------------------------------------------------------------------
+# compiled (torch.compile of fp4.py) == reference
+
+
+@pytest.mark.parametrize("recipe,rounding,tile", FAKE_QUANT_CASES)
+def test_compiled_fake_quant_equals_reference_bit_for_bit(recipe, rounding, tile):
+    x = awkward()
+    x[11, 7] = float("nan")                                           # its block (or tensor) becomes NaN
+    for shape_x in (x, x[:17, :150]):                                 # a second shape reuses the dynamic graph
+        ref = fp4.fake_quant(shape_x, recipe, rounding, tile, torch.Generator().manual_seed(1))
+        got = fp4.fake_quant(shape_x, recipe, rounding, tile, torch.Generator().manual_seed(1), path="compiled")
+        assert equal_with_nan(got, ref)
+
+
+@pytest.mark.parametrize("outer,tile,rounding", [("tensor", (16, 16), "nearest"), (128, (1, 16), "stochastic")])
+def test_compiled_quantize_nvfp4_equals_reference_bit_for_bit(outer, tile, rounding):
+    x = awkward()
+    ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=torch.Generator().manual_seed(2))
+    got = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=torch.Generator().manual_seed(2),
+                             path="compiled")
+    assert same_quantized(got, ref)
+
+
+def test_fp4_linear_gives_identical_outputs_and_grads_on_the_compiled_path():
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(3)).bfloat16()
+    dy = torch.randn(64, 48, generator=torch.Generator().manual_seed(4)).bfloat16()
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(5)) / 96 ** 0.5
+    results = []
+    for path in ("reference", "compiled"):
+        layer = fp4.FP4Linear(96, 48, recipe="tetrajet", seed=7, path=path)
+        layer.weight.data.copy_(w)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        results.append((y, xi.grad, layer.weight.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+# -----------------------------------------------------------------------------
+# the one place that decides
+
+
+def test_select_path_picks_compiled_on_cpu_and_refuses_what_cannot_run():
+    path, line = fp4.select_path("auto", "cpu", "tetrajet")
+    assert path == "compiled" and "FP4 path: compiled" in line
+    assert fp4.select_path("reference", "cpu", "nvidia")[0] == "reference"
+    with pytest.raises(ValueError, match="CUDA"):
+        fp4.select_path("triton", "cpu", "tetrajet")
+    with pytest.raises(ValueError, match="unknown FP4 path"):
+        fp4.select_path("fastest", "cpu", "tetrajet")
+
+# -----------------------------------------------------------------------------
+# kernels.py (Triton) == reference
+
+
+@needs_triton
+@pytest.mark.parametrize("outer,tile,rounding", NVFP4_CASES)
+def test_triton_quantize_and_fake_quant_equal_reference_bit_for_bit(outer, tile, rounding):
+    x = awkward(cols=200 if outer == "tensor" else 256)              # per-tensor: Kp = 208, a partial tile
+    gen = lambda: torch.Generator().manual_seed(3)                   # noqa: E731
+    ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen())
+    got = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen(), path="triton")
+    assert same_quantized(got, ref)
+    recipe = fp4.Recipe("r", outer=outer)
+    ref = fp4.fake_quant(x, recipe, rounding, tile, gen())
+    assert torch.equal(fp4.fake_quant(x, recipe, rounding, tile, gen(), path="triton"), ref)
+
+
+@needs_triton
+def test_triton_keeps_nan_in_its_block_like_the_reference():
+    x = awkward(cols=256)
+    x[2, 20] = float("nan")
+    for outer in ("tensor", 128):
+        recipe = fp4.Recipe("r", outer=outer)
+        assert equal_with_nan(fp4.fake_quant(x, recipe, path="triton"), fp4.fake_quant(x, recipe))
+
+
+@needs_triton
+@pytest.mark.parametrize("outer", ["tensor", 128])
+def test_triton_fused_rht_equals_rht_then_quantize(outer):
+    # small integers: every 16-term sum of ±x/4 is exact, so any summation order gives the reference's bits
+    x = torch.randint(-8, 9, (32, 256), generator=torch.Generator().manual_seed(4)).float()
+    signs = fp4.random_signs(torch.Generator().manual_seed(5))
+    seed = fp4.draw_seed(torch.Generator().manual_seed(6))
+    ref = fp4._fake_quant_2d(fp4.rht16(x, signs), "nvfp4", outer, (1, 16), "stochastic", seed)
+    assert torch.equal(kernels.fake_quant_nvfp4(x, outer, seed=seed, signs=signs), ref)
+
+
+@needs_triton
+def test_triton_wrapper_rejects_unpadded_input():
+    with pytest.raises(ValueError, match="not padded"):
+        kernels.fake_quant_nvfp4(torch.randn(16, 200), outer=128)
+
+
+@needs_triton
+@needs_gpu
+@pytest.mark.parametrize("outer,tile,rounding", NVFP4_CASES)
+def test_triton_on_gpu_equals_reference_on_gpu(outer, tile, rounding):
+    x = awkward(rows=512, cols=1024).cuda()
+    gen = lambda: torch.Generator("cuda").manual_seed(3)             # noqa: E731
+    ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen())
+    got = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen(), path="triton")
+    assert same_quantized(got, ref)
