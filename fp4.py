@@ -223,13 +223,14 @@ def uniform_noise(seed, shape):
 # Shared plumbing: every quantizer works on the last dim of a 2-D fp32 view, zero-padded to whole blocks.
 
 def _as_padded_2d(x, row_multiple, col_multiple):
-    """x (..., K) float -> fp32 (Mp, Kp), rows padded to row_multiple, K to col_multiple, with zeros.
-    bf16/fp16 upcast to fp32 exactly; fp64 is rounded to fp32 (the formats are defined on fp32)."""
+    """x (..., K) float -> (Mp, Kp) in x's dtype, rows padded to row_multiple, K to col_multiple, with zeros
+    (a view when no padding is needed). The quantizers then compute in fp32: bf16/fp16 upcast exactly, fp64
+    is rounded to fp32 (the formats are defined on fp32)."""
     if not x.is_floating_point() or x.dim() == 0:
         raise TypeError(f"expected a floating tensor with at least one dim, got {x.dtype} of shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {tuple(x.shape)}")
-    x2 = x.reshape(-1, x.shape[-1]).float()                   # (M, K)
+    x2 = x.reshape(-1, x.shape[-1])                           # (M, K)
     M, K = x2.shape
     pad_rows, pad_cols = -M % row_multiple, -K % col_multiple
     return torch.nn.functional.pad(x2, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else x2
@@ -333,7 +334,7 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     """
     _check(outer, tile, rounding)
     tile = tuple(tile)
-    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK)  # (Mp, Kp)
+    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()  # (Mp, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
     if path == "triton":
         import kernels                                   # only imported when asked for (it needs triton)
@@ -396,7 +397,7 @@ def quantize_mxfp4(x, rounding="nearest", generator=None):
     [4, 8): up to 8 it saturates to 6 (clipping the largest values), and the grid is used less fully than
     with NVFP4's E4M3 scale, which maps every block's amax to ~6. Blocks of 32 also share one scale."""
     _check("tensor", (1, 16), rounding)
-    x2 = _as_padded_2d(x, 1, MX_BLOCK)                                                # (M, Kp)
+    x2 = _as_padded_2d(x, 1, MX_BLOCK).float()                                        # (M, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
     magnitude, negative, scale = _round_mxfp4(x2, rounding, seed)
     codes = e2m1_codes(magnitude, negative).view(x2.shape)
@@ -415,7 +416,7 @@ def quantize_mxfp8(x):
     X = 2^ceil(log2(amax ⊘ 448)): the exponent of r = amax ⊘ 448 plus 1 if r's mantissa is non-zero, so the
     block max never exceeds 448 after scaling (beyond fp32 rounding of r; the cast saturates anyway).
     Elements: e4m3(clamp(x ⊘ X, ±448)), round to nearest even."""
-    x2 = _as_padded_2d(x, 1, MX_BLOCK)
+    x2 = _as_padded_2d(x, 1, MX_BLOCK).float()
     M, Kp = x2.shape
     blocks = x2.view(M, -1, MX_BLOCK)
     amax = blocks.abs().amax(-1)
@@ -456,11 +457,16 @@ def rht16(x, signs):
     and so its effect on the quantization error, independent of the data (TetraJet-v2 §3, NVIDIA §4.2)."""
     if x.shape[-1] % NVFP4_BLOCK:
         raise ValueError(f"rht16 needs the last dim to be a multiple of 16, got {x.shape[-1]}; zero-pad it first")
-    h = torch.ones(1, 1, device=x.device)
-    for _ in range(4):                                       # Sylvester: H_2n = [[H, H], [H, -H]]
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    H = 0.25 * h * signs.to(x.device, torch.float32)         # (16, 16): column j scaled by signs[j]
-    return (x.float().reshape(-1, NVFP4_BLOCK) @ H).reshape(x.shape)   # one (n, 16) @ (16, 16) matmul
+    # x H₁₆ by the fast Walsh-Hadamard transform: 4 butterfly stages, stage h (1, 2, 4, 8) maps the pair
+    # (a, b) = (x[i], x[i + h]) in every group of 2h to (a + b, a - b) -- Sylvester's H_2n = [[H, H], [H, -H]].
+    # Additions in this fixed order (fp32) define the result bit for bit, so kernels can reproduce it, and
+    # torch.compile fuses it into the quantizer that follows (a matmul would be a separate, unfused call).
+    y = x.float().reshape(-1, NVFP4_BLOCK)                   # (n, 16)
+    for h in (1, 2, 4, 8):
+        pairs = y.view(-1, NVFP4_BLOCK // (2 * h), 2, h)    # [..., 0, :] = a, [..., 1, :] = b
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2).view(-1, NVFP4_BLOCK)
+    return (y * (0.25 * signs.to(x.device, torch.float32))).view(x.shape)   # column j times ¼·signs[j], exact
 
 # -----------------------------------------------------------------------------
 # Recipes: which quantizer each operand of each GEMM gets (SPEC §6). Every knob is independent and has an
@@ -529,10 +535,13 @@ def dequantize(q, width):
     return x[..., :width]
 
 
-def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed):
-    """fp32 (Mp, Kp), padded -> fp32 (Mp, Kp), bit for bit dequantize(quantize(x2)) but without building the
-    codes: x_dq = ±magnitude ⊗ scale. The whole body is elementwise math plus block reductions, which is what
-    torch.compile fuses into a few loops (the "compiled" path)."""
+def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, signs=None):
+    """(Mp, Kp) padded, any float dtype and strides -> fp32 (Mp, Kp): bit for bit
+    dequantize(quantize(rht16(x2, signs) or x2)), but without building the codes: x_dq = ±magnitude ⊗ scale. The body is elementwise math, butterflies and block reductions, which torch.compile fuses into a
+    few loops that read x2 where it lies (the "compiled" path): no cast, transpose or RHT pass of its own."""
+    x2 = x2.float()
+    if signs is not None:
+        x2 = rht16(x2, signs)
     if fmt == "mxfp4":
         magnitude, negative, scale = _round_mxfp4(x2, rounding, seed)
         scale = _e8m0_value(scale)                                                    # (Mp, Kp/32)
@@ -542,31 +551,48 @@ def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed):
     return torch.where(negative, -x_dq, x_dq).view(x2.shape)
 
 
-def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path="reference"):
-    """x (..., K) -> fp32 (..., K): quantize along the last dim with the recipe's format, then dequantize;
-    equal bit for bit to dequantize(quantize(x, ...)) on every path (tests/test_kernels.py)."""
+def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path="reference", *,
+               rht_signs=None, dtype=torch.float32):
+    """x (..., K) -> (..., K) in `dtype`: quantize along the last dim with the recipe's format, then
+    dequantize; equal bit for bit to dequantize(quantize(x, ...)) on every path (tests/test_kernels.py).
+    rht_signs: None, or 16 ±1 signs to quantize rht16(x) instead (x zero-padded to whole 16-chunks first);
+    the result then keeps that padded width, K rounded up to 16, since rotated padding is no longer zero."""
     recipe, tile = get_recipe(recipe), tuple(tile)
     _check(recipe.outer, tile, rounding)
     multiple = MX_BLOCK if recipe.fmt == "mxfp4" else NVFP4_BLOCK if recipe.outer == "tensor" else OUTER_BLOCK
-    x2 = _as_padded_2d(x, tile[0], multiple)                                          # (Mp, Kp) fp32
+    x2 = _as_padded_2d(x, tile[0], multiple)                                          # (Mp, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
     if path == "triton":
         import kernels                                   # only imported when asked for (it needs triton)
-        out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed)
+        out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
     else:
         fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
-        out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed)
-    return _restore(out, x, x.numel() // x.shape[-1])[..., :x.shape[-1]]
+        out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed, rht_signs)
+    # (the cast to `dtype` stays outside the compiled function: inductor's CPU code for an fp32 -> bf16
+    # output was measured 6x slower than eager's .to(), 11 ms vs 1.9 ms on 512x2048)
+    out = out.to(dtype)
+    width = x.shape[-1] if rht_signs is None else -(-x.shape[-1] // NVFP4_BLOCK) * NVFP4_BLOCK
+    return _restore(out, x, x.numel() // x.shape[-1])[..., :width]
 
 
 @functools.cache
 def _compiled(fn):
-    """fn through torch.compile with dynamic shapes: one compile per (format, outer, tile, rounding, device)
-    variant, ~2-10 s each on a laptop CPU (inductor also caches them on disk for the next run)."""
-    # A run uses 2-4 variants, a test session all of them: raise dynamo's limit of 8 graphs per function so
-    # it never falls back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    """fn(x2, ...) through torch.compile: one graph per (K, format, outer, tile, rounding, RHT, device)
+    variant, ~2-6 s to compile on a laptop CPU the first time (inductor caches it on disk for later runs).
+    The row count is dynamic, so every batch size and every layer of one width share a graph; K is static,
+    because with a symbolic K the block indexing (and the RHT's butterflies) vectorize 3-4x worse (measured
+    8.3 vs 2.2 ms on 512x2048 with RHT)."""
+    # A run uses ~10-20 variants, a test session more: raise dynamo's limit of 8 graphs per function so it
+    # never falls back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run(x2, *args):
+        x2 = x2.contiguous()         # a transposed operand (wgrad's dYᵀ, Xᵀ): one copy beats strided reads
+        torch._dynamo.maybe_mark_dynamic(x2, 0)
+        torch._dynamo.mark_static(x2, 1)
+        return compiled(x2, *args)
+    return run
 
 
 # -----------------------------------------------------------------------------
@@ -624,21 +650,21 @@ def _triton_unavailable(device, recipe):
     return None
 
 
-def fake_quant_mxfp8(x):
-    """x (..., K) -> fp32 (..., K): MXFP8 along the last dim, then dequantized (OutControl's channels)."""
-    return dequantize(quantize_mxfp8(x), x.shape[-1])
+def fake_quant_mxfp8(x, dtype=torch.float32):
+    """x (..., K) -> (..., K) in `dtype`: MXFP8 along the last dim, then dequantized (OutControl's channels)."""
+    return dequantize(quantize_mxfp8(x), x.shape[-1]).to(dtype)
 
 
-def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, path="reference"):
-    """x (M, K) -> fp32 (M, K), round to nearest: FP4 (the recipe's format) on every column except the
+def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, path="reference", dtype=torch.float32):
+    """x (M, K) -> (M, K) in `dtype`, round to nearest: FP4 (the recipe's format) on every column except the
     `outliers` (LongTensor of column indices, or None), which get MXFP8 (OutControl, SPEC §8). Each part is
     quantized as its own contiguous matrix, as a real kernel would see it after gathering the columns."""
     if outliers is None:
-        return fake_quant(x, recipe, tile=tile, path=path)
+        return fake_quant(x, recipe, tile=tile, path=path, dtype=dtype)
     keep = _complement(outliers, x.shape[1])
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    out[:, keep] = fake_quant(x[:, keep], recipe, tile=tile, path=path)
-    out[:, outliers] = fake_quant_mxfp8(x[:, outliers])
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    out[:, keep] = fake_quant(x[:, keep], recipe, tile=tile, path=path, dtype=dtype)
+    out[:, outliers] = fake_quant_mxfp8(x[:, outliers], dtype)
     return out
 
 
@@ -648,23 +674,21 @@ def _complement(idx, n):
     return keep.nonzero().squeeze(1)
 
 
-def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, path="reference"):
-    """a (M, K), b (P, K) -> fp32 (M, P) = Q(a H) Q(b H)ᵀ ≈ a bᵀ. `a` is the gradient dY (rounded with
-    grad_rounding), `b` the other operand (other_rounding); H is RHT-16 if the recipe applies it to this GEMM,
-    else the identity. Random draws from `generator`, in this order: signs, noise for a, noise for b (each SR
-    operand draws its own, independent noise). `stats`: a dict that receives the SQNR of the dY operand."""
+def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, path="reference", dtype=torch.float32):
+    """a (M, K), b (P, K) -> (M, P) in `dtype` = Q(a H) Q(b H)ᵀ ≈ a bᵀ. `a` is the gradient dY (rounded with
+    grad_rounding), `b` the other operand (other_rounding); H is RHT-16 if the recipe applies it to this GEMM
+    (both operands zero-padded to whole 16-chunks), else the identity. Random draws from `generator`, in this
+    order: signs, noise for a, noise for b (each SR operand draws its own, independent noise). `stats`: a
+    dict that receives the SQNR of the dY operand."""
+    signs = None
     if gemm in recipe.rht:
-        pad = -a.shape[1] % NVFP4_BLOCK                      # the RHT needs whole 16-chunks along K
-        a, b = (torch.nn.functional.pad(t.float(), (0, pad)) for t in (a, b))
-        if recipe.rht_signs == "random":
-            signs = random_signs(generator, a.device)
-        else:
-            signs = torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32)
-        a, b = rht16(a, signs), rht16(b, signs)              # the quantizer sees the rotated values
-    a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator, path=path)
-    b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, path)
-    if stats is not None:                                    # H is orthogonal: same error norm as unrotated
-        stats[f"sqnr_dy_{gemm}"] = sqnr(a, a_dq)
+        signs = (random_signs(generator, a.device) if recipe.rht_signs == "random"
+                 else torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32, device=a.device))
+    a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator, path=path, rht_signs=signs, dtype=dtype)
+    b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, path, rht_signs=signs, dtype=dtype)
+    if stats is not None:                                    # against what the quantizer saw: a H
+        a_seen = a if signs is None else rht16(torch.nn.functional.pad(a.float(), (0, a_dq.shape[1] - a.shape[1])), signs)
+        stats[f"sqnr_dy_{gemm}"] = sqnr(a_seen, a_dq)
     return a_dq @ b_dq.t()
 
 # -----------------------------------------------------------------------------
@@ -674,9 +698,14 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, pa
 class FP4LinearFunction(torch.autograd.Function):
     """Y = Q(X) Q(W)ᵀ forward, FP4 dgrad and wgrad backward, for one Recipe. High precision in, high out:
     x (..., in) any float dtype, weight (out, in) -> y (..., out) in x.dtype; grads in the inputs' dtypes.
-    All products are fp32 on dequantized values (a real FP4 GEMM would get bit-identical inputs).
+    The quantizers compute in fp32, exactly as the SPEC says; each GEMM then multiplies the dequantized
+    operands in x.dtype, as torch.matmul does it (fp32 accumulation for bf16 inputs). So an FP4 run and the
+    bf16 baseline multiply at the same precision and differ only by the quantization. For bf16 this rounds
+    each dequantized value to 8 significant bits: exact for E2M1 x E4M3/E8M0 products (<= 6 bits), a
+    relative error <= 2^-9 once an fp32 outer scale is folded in, ~30 dB below FP4's own error.
     outliers: None or a LongTensor of input channels kept in MXFP8 (OutControl). stats: None or a dict the
-    call fills with diagnostics (SQNR of X, W, dY; saturated/underflowed block fractions); it draws no noise."""
+    call fills with diagnostics (SQNR of X, W, dY; saturated/underflowed block fractions); it draws no noise.
+    path: which implementation runs the quantizers (FP4_PATHS); all give the same bits."""
 
     # The three GEMMs quantize differently because they do different jobs. fprop must be accurate (RTN): its
     # output is the network. dgrad and wgrad feed the optimizer, which averages over steps, so unbiased SR
@@ -687,51 +716,52 @@ class FP4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, recipe, generator, outliers=None, stats=None, path="reference"):
-        in_f = x.shape[-1]
+        in_f, dtype = x.shape[-1], x.dtype
         x2 = x.reshape(-1, in_f)                                               # (N, in)
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
         # (with outliers: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, SPEC §8)
-        x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, path)         # (N, in) fp32
-        w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, path)  # (out, in) fp32
-        y = x_hat @ w_hat.t()                                                  # (N, out) fp32
+        x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, path, dtype)  # (N, in) in x.dtype
+        w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, path, dtype)  # (out, in)
+        y = x_hat @ w_hat.t()                                                  # (N, out)
         if stats is not None:
             stats.update(sqnr_x=sqnr(x2, x_hat), sqnr_w=sqnr(weight, w_hat))
             stats.update(zip(("saturated_x", "underflow_x"), block_health(x2, recipe)))
             stats.update(zip(("saturated_w", "underflow_w"), block_health(weight, recipe, recipe.weight_tile)))
         # What the backward keeps. NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (SPEC §2): when dgrad would
         # re-quantize W exactly as the forward did (RTN, no RHT), it reuses the forward Ŵ instead. Aligned
-        # recipes keep the dequantized X̂, Ŵ (fp32); the others keep X and W.
+        # recipes keep the dequantized X̂, Ŵ (as the GEMM saw them, in x.dtype); the others keep X and W.
         ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
                        and recipe.other_rounding == "nearest" and not recipe.aligned)
         ctx.save_for_backward(x_hat if recipe.aligned else x2,
                               w_hat if (recipe.aligned or ctx.reuse_w) else weight, outliers)
         ctx.recipe, ctx.generator, ctx.stats, ctx.path = recipe, generator, stats, path
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        recipe, gen, stats, path = ctx.recipe, ctx.generator, ctx.stats, ctx.path
+        recipe, gen, stats, path, dtype = ctx.recipe, ctx.generator, ctx.stats, ctx.path, ctx.x_dtype
         x_src, w_src, outliers = ctx.saved_tensors                            # X̂ or X (N, in), Ŵ or W (out, in)
-        dy2 = dy.reshape(-1, dy.shape[-1]).float()                             # (N, out)
+        dy2 = dy.reshape(-1, dy.shape[-1])                                     # (N, out)
         dx = dw = None
         # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
         # (always fully FP4, with outliers too: W's source is then the mixed Ŵ, SPEC §8)
         if ctx.needs_input_grad[0] and ctx.reuse_w:
-            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen, path=path)  # (N, out)
+            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen, path=path, dtype=dtype)  # (N, out)
             dx = dy_dq @ w_src                                                 # the forward's Ŵ, (N, in)
             if stats is not None:
                 stats["sqnr_dy_dgrad"] = sqnr(dy2, dy_dq)
         elif ctx.needs_input_grad[0]:
-            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats, path)
+            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats, path, dtype)
         # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
         if ctx.needs_input_grad[1] and outliers is None:
-            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats, path=path)  # (out, in)
+            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats, path=path, dtype=dtype)
         elif ctx.needs_input_grad[1]:                        # FP4 on channels F, MXFP8 on the outliers O
             keep = _complement(outliers, x_src.shape[1])
-            dw = torch.empty(dy2.shape[1], x_src.shape[1], device=dy2.device)                # (out, in)
-            dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats, path=path)
-            dw[:, outliers] = fake_quant_mxfp8(dy2.t()) @ fake_quant_mxfp8(x_src[:, outliers].t()).t()
+            dw = torch.empty(dy2.shape[1], x_src.shape[1], dtype=dtype, device=dy2.device)    # (out, in)
+            dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats, path=path,
+                                         dtype=dtype)
+            dw[:, outliers] = fake_quant_mxfp8(dy2.t(), dtype) @ fake_quant_mxfp8(x_src[:, outliers].t(), dtype).t()
         dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if dx is not None else None
         return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None, None, None
 
