@@ -10,7 +10,7 @@ TRITON_INTERPRET=1 and, when a GPU is present, on the GPU.
 What one launch computes (one program per 16 rows x 128 columns of the padded (Mp, Kp) fp32 input):
 
     x      = load the (16, 128) tile                          # 8 blocks of 16 along K per row
-    x      = x H on every 16-chunk                            # optional RHT-16, fp4.rht16's butterflies
+    x      = x H on every 16-chunk                            # optional RHT-16, fp4.rht16's order
     amax16 = max |x| over each 1x16 block (or 16x16 tile: max over the 16 rows too)
     per-tensor (SPEC §2): A = amax|x| from a first pass; S_enc = 2688 / A; S_dec = 1 / S_enc
         s_b = e4m3(min(amax16 * (S_enc * fl(1/6)), 448));   scale = s_b * S_dec
@@ -24,8 +24,8 @@ Exactness notes (why the kernel does some things by hand):
   - the E4M3 rounding is arithmetic (round to 3 mantissa bits / to multiples of 2^-9), not a cast: Triton's
     interpreter rounds fp32 -> float8e4nv ties away from zero and flushes subnormals, which TE does not.
   - round-half-even is (v + 2^23) - 2^23, exact for 0 <= v < 2^22 in IEEE fp32 arithmetic.
-  - the RHT is fp4.rht16's four butterfly stages in the same order (not a tl.dot, whose summation order
-    is the compiler's), so rotated values are bit-identical too.
+  - the RHT is fp4.rht16's 16 multiply-adds in the same order (not a tl.dot, whose summation order is
+    the compiler's); each product is exact (x·±¼), so even a fused multiply-add rounds the same.
 """
 
 import torch
@@ -97,24 +97,12 @@ def _round_e2m1(a, noise, SR: tl.constexpr):
         return (t + tl.where(noise < x - t, 1.0, 0.0)) * step
     return ((x + RNE_MAGIC) - RNE_MAGIC) * step
 
-@triton.jit
-def _rht16(x, signs_ptr, R: tl.constexpr):
-    """fp4.rht16 on x (R, 16): stage h maps (x[i], x[i + h]) in every group of 2h to (a + b, a - b), then
-    column j is multiplied by ¼·signs[j]. The size-2 axis is moved last so tl.split / tl.join can pair it."""
-    for h in tl.static_range(4):
-        H: tl.constexpr = 1 << h
-        pairs = tl.permute(tl.reshape(x, (R, 16 // (2 * H), 2, H)), (0, 1, 3, 2))   # (R, groups, h, 2)
-        a, b = tl.split(pairs)
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, 16))
-    signs = tl.load(signs_ptr + tl.arange(0, 16))
-    return x * (0.25 * signs)[None, :]
-
 # -----------------------------------------------------------------------------
 # the kernel
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, signs_ptr, seed0, seed1, M, Kp,
+def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_ptr, seed0, seed1, M, Kp,
                   FAKE: tl.constexpr, DOUBLE_BLOCK: tl.constexpr, TILE16: tl.constexpr, SR: tl.constexpr,
                   RHT: tl.constexpr):
     BM: tl.constexpr = 16
@@ -124,10 +112,19 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, sig
     cols = tl.program_id(1) * BK + tl.arange(0, BK)                     # (BK,)
     mask = (rows[:, None] < M) & (cols[None, :] < Kp)                   # (BM, BK)
     offs = rows[:, None].to(tl.int64) * Kp + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)     # (BM, BK), padding reads as 0
-    if RHT:                                                             # x <- x H on every 16-chunk
-        x = tl.reshape(_rht16(tl.reshape(x, (BM * NB, 16)), signs_ptr, BM * NB), (BM, BK))
-    xb = tl.reshape(x, (BM, NB, 16))
+    if RHT:   # xb[r, b, j] = Σ_i x[r, 16b + i]·H[i, j], i = 0..15 in order (fp4.rht16); loads column i of each chunk
+        starts = rows[:, None].to(tl.int64) * Kp + (tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :]
+        cmask = (rows[:, None] < M) & ((tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :] < Kp)
+        xb = tl.zeros((BM, NB, 16), tl.float32)
+        for i in tl.static_range(16):
+            xi = tl.load(x_ptr + starts + i, mask=cmask, other=0.0).to(tl.float32)   # (BM, NB)
+            hi = tl.load(h_ptr + i * 16 + tl.arange(0, 16))                        # (16,) row i of H
+            if i == 0:
+                xb = xi[:, :, None] * hi[None, None, :]
+            else:
+                xb = xb + xi[:, :, None] * hi[None, None, :]
+    else:
+        xb = tl.reshape(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), (BM, NB, 16))  # pad reads 0
     amax16 = _amax(tl.abs(xb), 2)                                       # (BM, NB)
     if TILE16:                                                          # one amax per 16x16 tile
         amax16 = tl.broadcast_to(_amax(amax16, 0)[None, :], (BM, NB))
@@ -185,7 +182,7 @@ def _launch(x2, outer, tile, seed, signs, fake):
                          f"tile={tile}; pad it as fp4._as_padded_2d does")
     x2 = x2.contiguous()                             # bf16 stays bf16: the kernel upcasts as it loads
     dev = x2.device
-    signs = signs.to(dev, torch.float32).contiguous() if signs is not None else None
+    h = fp4.hadamard16(signs.to(dev)).contiguous() if signs is not None else None
     amax = torch.zeros((), device=dev)
     if outer == "tensor":
         amax = (fp4.rht16(x2, signs) if signs is not None else x2).abs().amax()   # the first (amax) pass
@@ -195,7 +192,7 @@ def _launch(x2, outer, tile, seed, signs, fake):
     outer_scale = torch.empty(M, Kp // 128 if outer == fp4.OUTER_BLOCK else 0, device=dev)
     s0, s1 = (int(s) for s in seed.tolist()) if seed is not None else (0, 0)
     grid = (triton.cdiv(M, TILE_ROWS), triton.cdiv(Kp, TILE_COLS))
-    _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, signs if signs is not None else amax, s0, s1, M, Kp,
+    _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, h if h is not None else amax, s0, s1, M, Kp,
                         FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
                         SR=seed is not None, RHT=signs is not None)
     if fake:

@@ -131,7 +131,7 @@ def test_rht_is_orthogonal_and_preserves_gemms():
     sylvester = torch.ones(1, 1)
     for _ in range(4):                              # H_2n = [[H, H], [H, -H]], built independently
         sylvester = torch.cat((torch.cat((sylvester, sylvester), 1), torch.cat((sylvester, -sylvester), 1)), 0)
-    assert torch.equal(H, 0.25 * sylvester * signs)  # the butterflies compute exactly ¼ H₁₆ diag(signs)
+    assert torch.equal(H, 0.25 * sylvester * signs)  # rht16 computes exactly ¼ H₁₆ diag(signs)
     torch.testing.assert_close(H @ H.t(), eye, atol=1e-6, rtol=0)
     a, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g)
     torch.testing.assert_close(fp4.rht16(a, signs) @ fp4.rht16(b, signs).t(), a @ b.t(), atol=1e-4, rtol=1e-5)
