@@ -28,10 +28,10 @@ LINEAR_SHAPES = ((2048, 128, 384), (2048, 512, 512), (4096, 1024, 1024))    # (t
 BYTE_VOCAB = 256                                                              # the default corpus is byte-level
 
 
-def timeit(fn, device, repeat):
-    """Median wall time of fn() in ms, after two warm-up calls; synchronizes CUDA around each call."""
+def timeit(fn, device, repeat, warmup=2):
+    """Median wall time of fn() in ms, after `warmup` calls; synchronizes CUDA around each call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
@@ -101,13 +101,15 @@ def bench_linear(device, repeat, recipe):
 
 
 def bench_step(device, repeat, recipe, argv):
-    """fwd + bwd + AdamW of train.py's model at its defaults (plus any --train-flags), bf16 vs every FP4 path."""
+    """fwd + bwd + AdamW of train.py's model at its defaults (plus any --train-flags), bf16 vs every FP4 path.
+    The models take turns, one step each, `repeat` rounds after two warm-up rounds, and each reports its
+    median: a shared machine's slow drifts then hit every column alike."""
     cfg = train.TrainConfig(**train.parse_args(argv))
     dtype = torch.bfloat16
     idx = torch.randint(0, BYTE_VOCAB, (cfg.batch_size, cfg.block_size + 1), device=device,
                         generator=torch.Generator(device).manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
-    results = {}
+    steps = {}
     for label, path in [("bf16", None)] + [(f"fp4 {recipe} [{p}]", p) for p in paths_here(device, recipe)]:
         torch.manual_seed(cfg.seed)
         model = train.build_model(cfg, BYTE_VOCAB, dtype)
@@ -116,12 +118,17 @@ def bench_step(device, repeat, recipe, argv):
         model.to(device)
         opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
 
-        def step():
+        def step(model=model, opt=opt):
             _, loss = model(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        results[label] = timeit(step, device, repeat)
+        steps[label] = step
+    times = {label: [] for label in steps}
+    for _ in range(repeat + 2):
+        for label, step in steps.items():
+            times[label].append(timeit(step, device, 1, warmup=0))
+    results = {label: sorted(t[2:])[len(t[2:]) // 2] for label, t in times.items()}
     print(f"\n3. training step, model {cfg.model}, batch {cfg.batch_size} x {cfg.block_size} tokens, on {device}")
     for label, ms in results.items():
         print(f"{label:32s} {ms:8.1f} ms   {ms / results['bf16']:5.2f}x bf16   "
