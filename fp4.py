@@ -576,6 +576,8 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path
     x2 = _as_padded_2d(x, tile[0], multiple)                                          # (Mp, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
     if path == "triton":
+        if recipe.fmt != "nvfp4":
+            raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
         import kernels                                   # only imported when asked for (it needs triton)
         out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
     else:

@@ -37,8 +37,6 @@ import fp4
 TILE_ROWS = 16          # rows per program: one 16x16 weight tile tall
 TILE_COLS = 128         # columns per program: one double-block outer block wide (8 blocks of 16)
 RNE_MAGIC = 8388608.0   # 2^23: (v + 2^23) - 2^23 rounds 0 <= v < 2^22 to the nearest integer, ties to even
-E4M3_MIN_NORMAL = 2.0 ** -6
-E4M3_SUBNORMAL_STEP = 2.0 ** -9
 
 # -----------------------------------------------------------------------------
 # device helpers (each mirrors one function of fp4.py)
@@ -104,9 +102,7 @@ def _round_e2m1(a, noise, SR: tl.constexpr):
 @triton.jit
 def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_ptr, seed0, seed1, M, Kp,
                   FAKE: tl.constexpr, DOUBLE_BLOCK: tl.constexpr, TILE16: tl.constexpr, SR: tl.constexpr,
-                  RHT: tl.constexpr):
-    BM: tl.constexpr = 16
-    BK: tl.constexpr = 128
+                  RHT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     NB: tl.constexpr = BK // 16                                         # 16-blocks per tile row
     rows = tl.program_id(0) * BM + tl.arange(0, BM)                     # (BM,)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)                     # (BK,)
@@ -185,7 +181,7 @@ def _launch(x2, outer, tile, seed, signs, fake):
     h = fp4.hadamard16(signs.to(dev)).contiguous() if signs is not None else None
     amax = torch.zeros((), device=dev)
     if outer == "tensor":
-        amax = (fp4.rht16(x2, signs) if signs is not None else x2).abs().amax()   # the first (amax) pass
+        amax = (fp4.rht16(x2, signs) if signs is not None else x2).abs().amax().float()   # the amax pass
     out = torch.empty(x2.shape, device=dev) if fake else torch.empty(0, device=dev)
     codes = torch.empty(M, Kp // 2, dtype=torch.uint8, device=dev)
     scales = torch.empty(M, Kp // 16, dtype=torch.uint8, device=dev)
@@ -194,7 +190,7 @@ def _launch(x2, outer, tile, seed, signs, fake):
     grid = (triton.cdiv(M, TILE_ROWS), triton.cdiv(Kp, TILE_COLS))
     _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, h if h is not None else amax, s0, s1, M, Kp,
                         FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
-                        SR=seed is not None, RHT=signs is not None)
+                        SR=seed is not None, RHT=signs is not None, BM=TILE_ROWS, BK=TILE_COLS)
     if fake:
         return out
     if outer == "tensor":

@@ -149,7 +149,18 @@ def test_triton_fused_rht_equals_rht_then_quantize(outer):
 
 
 @needs_triton
-def test_triton_wrapper_rejects_unpadded_input():
+@pytest.mark.parametrize("outer", ["tensor", 128])
+def test_triton_takes_bf16_input_like_the_reference(outer):
+    x = awkward(cols=256).bfloat16()
+    gen = lambda: torch.Generator().manual_seed(7)                   # noqa: E731
+    ref = fp4.quantize_nvfp4(x, outer=outer, rounding="stochastic", generator=gen())
+    assert same_quantized(fp4.quantize_nvfp4(x, outer=outer, rounding="stochastic", generator=gen(), path="triton"), ref)
+
+
+@needs_triton
+def test_triton_wrapper_rejects_unpadded_input_and_mx_recipes():
+    with pytest.raises(ValueError, match="NVFP4 kernels only"):
+        fp4.fake_quant(torch.randn(4, 64), "mxfp4", path="triton")
     with pytest.raises(ValueError, match="not padded"):
         kernels.fake_quant_nvfp4(torch.randn(16, 200), outer=128)
 
