@@ -126,7 +126,8 @@ def parse_args(argv):
 def check(cfg, given):
     """Contradictory or impossible settings: exit with one line naming the flag and the fix."""
     errors = [
-        (not cfg.fp4 and any(k.startswith(("fp4_", "bf16_", "osci_", "out_control")) for k in given),
+        (not cfg.fp4 and any(k.startswith(("fp4_", "bf16_", "osci_", "out_control")) and k != "fp4_path"
+                             for k in given),          # (--fp4-path only picks an implementation: harmless)
          "--fp4-recipe/--bf16-*-k/--osci-*/--out-control* need --fp4 (without it the whole model is bf16)"),
         (not 0 <= cfg.out_control_frac <= 0.5, "--out-control-frac must be between 0 and 0.5"),
         (cfg.osci_reset and not cfg.fp4, "--osci-reset needs --fp4"),

@@ -1,0 +1,202 @@
+"""
+compare.py: FP4-versus-bf16 ablations. Runs named configurations x seeds through train.py with identical
+data, tokens and schedule, then writes <out>/results.md (a table with error bars) and <out>/loss.png.
+
+    python compare.py --out runs/quick -- --max-iters 200            # the 7 built-in configs x 3 seeds
+    python compare.py --configs bf16 nvidia tetrajet --seeds 1 2 --config "lr1e-3=--fp4 --lr 1e-3" -- --model 70m
+    python compare.py --out runs/quick --parallel 2 -- --max-iters 200   # 2 runs at a time, threads split
+
+Everything after `--` goes to every run unchanged (model, data, steps, ...). Each run lives in
+<out>/<config>/seed<s>/ (train.py's log.jsonl and ckpt.pt, plus train.log, its console output); a run is
+finished when compare.py wrote its done.json. Rerunning the same command resumes the sweep: finished runs
+are skipped, an interrupted run continues from its checkpoint (train.py --resume), the rest start.
+
+The table (SPEC §9): final val loss mean ± std over seeds; its gap to bf16; the gap closed versus a baseline
+B (default nvidia), (L_B - L_M) / (L_B - L_bf16), computed per seed (same seed = same init and data order)
+and reported as mean ± standard error; tok/s (median over evals after the first, which holds compile time);
+the oscillation ratio at the last eval (FP4 runs).
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from tqdm import tqdm
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = {                       # name -> train.py flags; the default sweep, in table order
+    "bf16": "",
+    "nvidia": "--fp4 --fp4-recipe nvidia",
+    "mxfp4": "--fp4 --fp4-recipe mxfp4",
+    "tetrajet": "--fp4 --fp4-recipe tetrajet",
+    "tetrajet+osci": "--fp4 --fp4-recipe tetrajet --osci-reset",
+    "tetrajet+oc": "--fp4 --fp4-recipe tetrajet --out-control",
+    "tetrajet+all": "--fp4 --fp4-recipe tetrajet --osci-reset --out-control",
+}
+OWNED_FLAGS = ("--seed", "--out-dir", "--resume")          # compare.py sets these per run
+
+
+def parse_args(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    common = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/compare", help="sweep folder (default: runs/compare)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"built-in configs to run, of {list(CONFIGS)}")
+    p.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra configuration: a name and its train.py flags (repeatable)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1337, 1338, 1339])
+    p.add_argument("--baseline", default="nvidia", help="the B of 'gap closed' (default: nvidia)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (the CPU threads are split among them)")
+    p.add_argument("--no-plot", action="store_true", help="skip loss.png")
+    args = p.parse_args(argv)
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown config {unknown[0]!r}; built-in: {list(CONFIGS)} (or add one with --config NAME=FLAGS)")
+    configs = {name: CONFIGS[name] for name in args.configs}
+    for spec in args.config:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or "/" in name:
+            p.error(f"--config wants NAME=FLAGS with a plain name, got {spec!r}")
+        configs[name] = flags
+    owned = [f for f in common + [t for flags in configs.values() for t in shlex.split(flags)]
+             if f.split("=")[0] in OWNED_FLAGS]
+    if owned:
+        p.error(f"{owned[0]} is set by compare.py for every run (--seeds, --out); remove it")
+    if "bf16" not in configs:
+        p.error("the sweep needs the bf16 config: every gap is measured against it")
+    if args.parallel < 1:
+        p.error("--parallel must be at least 1")
+    return args, configs, common
+
+
+def run_one(run_dir, flags, common, seed, threads):
+    """Train one (config, seed) in run_dir, resuming from its checkpoint if an earlier sweep was cut off.
+    -> None on success, else a one-line reason. done.json marks success (written last, so atomic enough)."""
+    os.makedirs(run_dir, exist_ok=True)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), *common, *shlex.split(flags), "--seed", str(seed),
+           "--out-dir", run_dir]
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        cmd.append("--resume")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        return f"exit code {rc}; see {os.path.join(run_dir, 'train.log')}"
+    with open(os.path.join(run_dir, "done.json"), "w") as f:
+        json.dump({"cmd": cmd}, f)
+    return None
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_std(xs):
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(out, configs, seeds, baseline):
+    """-> {config: row dict} from the runs' own log.jsonl files."""
+    logs = {c: {s: read_log(os.path.join(out, c, f"seed{s}")) for s in seeds} for c in configs}
+    final = {c: {s: logs[c][s][-1]["val_loss"] for s in seeds} for c in configs}
+    rows = {}
+    for c in configs:
+        row = {"flags": configs[c], "final": [final[c][s] for s in seeds]}
+        row["mean"], row["std"] = mean_std(row["final"])
+        row["gap"] = row["mean"] - statistics.fmean(final["bf16"].values())
+        if baseline in configs and c not in ("bf16", baseline):
+            closed = [(final[baseline][s] - final[c][s]) / (final[baseline][s] - final["bf16"][s]) for s in seeds]
+            m, sd = mean_std(closed)
+            row["gap_closed"], row["gap_closed_se"] = m, sd / math.sqrt(len(closed))
+        speeds = [statistics.median([r["tok_per_s"] for r in logs[c][s][1:]] or [logs[c][s][-1]["tok_per_s"]])
+                  for s in seeds]
+        row["tok_per_s"] = statistics.fmean(speeds)
+        osc = [logs[c][s][-1].get("fp4", {}).get("total", {}).get("oscillating") for s in seeds]
+        row["oscillating"] = statistics.fmean(osc) if None not in osc else None
+        rows[c] = row
+    return rows, logs
+
+
+def write_table(out, rows, seeds, baseline, common):
+    lines = [f"# FP4 vs bf16: {len(rows)} configurations x {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+             f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`. Gap closed vs `{baseline}`: "
+             f"(L_{baseline} - L) / (L_{baseline} - L_bf16) per seed, mean ± standard error.", "",
+             f"| config | flags | final val_loss (mean ± std) | gap to bf16 | gap closed vs {baseline} | tok/s | oscillating |",
+             "|---|---|---|---|---|---|---|"]
+    for c, r in rows.items():
+        closed = f"{r['gap_closed']:+.1%} ± {r['gap_closed_se']:.1%}" if "gap_closed" in r else ""
+        osc = f"{r['oscillating']:.2%}" if r["oscillating"] is not None else ""
+        gap = f"{r['gap']:+.4f}" if c != "bf16" else ""
+        lines.append(f"| {c} | `{r['flags']}` | {r['mean']:.4f} ± {r['std']:.4f} | {gap} | {closed} | "
+                     f"{r['tok_per_s']:,.0f} | {osc} |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"seeds": seeds, "baseline": baseline, "common": common, "rows": rows}, f, indent=1)
+    return "\n".join(lines)
+
+
+def plot(out, logs, seeds):
+    """loss.png: val loss against tokens, mean over seeds, shaded between the seeds' min and max."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for c, by_seed in logs.items():
+        runs = [by_seed[s] for s in seeds]
+        tokens = [r["tokens"] for r in runs[0]]
+        vals = [[r["val_loss"] for r in run] for run in runs]
+        mean = [statistics.fmean(v) for v in zip(*vals)]
+        line, = ax.plot(tokens, mean, label=c)
+        ax.fill_between(tokens, [min(v) for v in zip(*vals)], [max(v) for v in zip(*vals)], color=line.get_color(),
+                        alpha=0.2)
+    ax.set(xlabel="tokens", ylabel="val loss", title=f"val loss, mean and range over {len(seeds)} seeds")
+    later = [r["val_loss"] for by_seed in logs.values() for s in seeds for r in by_seed[s][1:]]
+    if later:                                       # leave out the untrained first eval, which dwarfs the rest
+        ax.set_ylim(0.98 * min(later), 1.02 * max(later))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"))
+
+
+def main(argv=None):
+    args, configs, common = parse_args(argv)
+    runs = [(c, s) for c in configs for s in args.seeds]
+    todo = [(c, s) for c, s in runs if not os.path.exists(os.path.join(args.out, c, f"seed{s}", "done.json"))]
+    print(f"compare: {len(runs)} runs ({len(configs)} configs x {len(args.seeds)} seeds) in {args.out}; "
+          f"{len(runs) - len(todo)} already finished, {len(todo)} to run, {args.parallel} at a time")
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    failed = []
+    with ThreadPoolExecutor(args.parallel) as pool, tqdm(total=len(todo), desc="sweep", unit="run") as bar:
+        jobs = {pool.submit(run_one, os.path.join(args.out, c, f"seed{s}"), configs[c], common, s, threads): (c, s)
+                for c, s in todo}
+        for job in as_completed(jobs):
+            err = job.result()
+            if err:
+                failed.append(f"{jobs[job][0]} seed {jobs[job][1]}: {err}")
+            bar.update()
+    if failed:
+        sys.exit("error: some runs failed (fix and rerun the same command to finish the sweep):\n  " + "\n  ".join(failed))
+    rows, logs = summarize(args.out, configs, args.seeds, args.baseline)
+    print(write_table(args.out, rows, args.seeds, args.baseline, common))
+    if not args.no_plot:
+        try:
+            plot(args.out, logs, args.seeds)
+        except ImportError:
+            sys.exit(f"error: loss.png needs matplotlib (pip install matplotlib); {args.out}/results.md is written")
+        print(f"wrote {args.out}/results.md and {args.out}/loss.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

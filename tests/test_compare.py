@@ -1,0 +1,89 @@
+"""compare.py: the table's numbers are the runs' own, a cut-off sweep resumes without redoing finished runs,
+bad sweeps fail with one line. Two configs x two seeds x 4 steps of a tiny model (real train.py processes).
+Run: python -m pytest tests/test_compare.py -q"""
+import json
+import os
+import statistics
+
+import pytest
+
+import compare
+from data.prepare import prepare_text
+from test_train import TINY
+
+STEPS = ["--max-iters", "4", "--eval-interval", "2", "--fp4-path", "reference"]   # compiling would dominate
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    text = "".join(f"line {i % 13} says {i * 7 % 31};\n" for i in range(3000))
+    return str(prepare_text("cmp", text, "byte", "generated", root=tmp_path_factory.mktemp("data")))
+
+
+def sweep(out, dataset, *extra):
+    return compare.main(["--out", str(out), "--configs", "bf16", "tetrajet", "--seeds", "1", "2", "--baseline",
+                         "tetrajet", "--no-plot", *extra, "--", "--dataset", dataset, *TINY, *STEPS])
+
+
+def final_losses(out, config):
+    return [json.loads(open(os.path.join(out, config, f"seed{s}", "log.jsonl")).read().splitlines()[-1])["val_loss"]
+            for s in (1, 2)]
+
+
+def test_table_matches_the_runs_logs_and_a_cut_off_sweep_resumes(tmp_path, dataset, capsys):
+    rows = sweep(tmp_path, dataset, "--config", "fast=--fp4 --lr 2e-2")
+    for config in ("bf16", "tetrajet", "fast"):
+        finals = final_losses(tmp_path, config)
+        assert rows[config]["final"] == finals
+        assert rows[config]["mean"] == pytest.approx(statistics.fmean(finals))
+        assert rows[config]["std"] == pytest.approx(statistics.stdev(finals))
+        assert f"| {config} |" in open(tmp_path / "results.md").read()
+    bf16, tj, fast = (final_losses(tmp_path, c) for c in ("bf16", "tetrajet", "fast"))
+    per_seed = [(tj[i] - fast[i]) / (tj[i] - bf16[i]) for i in range(2)]
+    assert rows["fast"]["gap_closed"] == pytest.approx(statistics.fmean(per_seed))
+    assert rows["tetrajet"]["oscillating"] is not None and rows["bf16"]["oscillating"] is None
+    assert f"{rows['fast']['mean']:.4f} ± {rows['fast']['std']:.4f}" in open(tmp_path / "results.md").read()
+
+    # cut the sweep off: one run never finished (a checkpoint at step 2, no done.json), one never started
+    cut = tmp_path / "tetrajet" / "seed2"
+    stamp = os.path.getmtime(tmp_path / "bf16" / "seed1" / "log.jsonl")
+    for f in cut.iterdir():
+        f.unlink()
+    compare.run_one(str(cut), "--fp4 --fp4-recipe tetrajet", ["--dataset", dataset, *TINY, *STEPS, "--stop-iter", "2"],
+                    2, 1)
+    os.remove(cut / "done.json")                       # as if the process had died after its step-2 checkpoint
+    assert json.loads((cut / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+    for f in (tmp_path / "fast" / "seed1").iterdir():
+        f.unlink()
+    capsys.readouterr()
+    again = sweep(tmp_path, dataset, "--config", "fast=--fp4 --lr 2e-2")
+    assert "4 already finished, 2 to run" in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / "bf16" / "seed1" / "log.jsonl") == stamp      # not rerun
+    assert "--resume" in [line for line in (cut / "train.log").read_text().splitlines() if line.startswith("$ ")][-1]
+    assert again["tetrajet"]["final"] == rows["tetrajet"]["final"]                   # resumed = uninterrupted
+    assert again["fast"]["final"] == rows["fast"]["final"]                           # same seed, same run
+
+
+def test_loss_plot_is_written_or_the_missing_matplotlib_is_named(tmp_path, dataset):
+    args = ["--out", str(tmp_path), "--configs", "bf16", "--seeds", "1", "--", "--dataset", dataset, *TINY, *STEPS]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="needs matplotlib"):
+            compare.main(args)
+        assert (tmp_path / "results.md").exists()
+        return
+    compare.main(args)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "fp8"], "unknown config 'fp8'"),
+    (["--configs", "nvidia"], "needs the bf16 config"),
+    (["--config", "nameless"], "NAME=FLAGS"),
+    (["--", "--seed", "3"], "--seed is set by compare.py"),
+    (["--config", "x=--fp4 --out-dir y"], "--out-dir is set by compare.py")])
+def test_bad_sweeps_fail_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(argv)
+    assert message in capsys.readouterr().err
