@@ -103,9 +103,6 @@ DOUBLE_BLOCK_ZERO_SCALE = 2.0 ** -9    # s_i of an all-zero 16-block: smallest E
 E2M1_MAX_POW2 = 2                      # 6 = 1.5 * 2^2: MXFP4 scale exponent = floor(log2 amax) - 2
 E8M0_BIAS, E8M0_NAN = 127, 255         # E8M0 byte b means 2^(b - 127); 255 is NaN
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Midpoints between neighbouring codes k and k+1, and whether an exact tie goes up (to k+1). Ties go to the
-# even code (SPEC §1): 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4.
-E2M1_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 # NVIDIA's fixed RHT sign vector (TE), + + + - + - - - - - - + - + - -
 NVIDIA_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 ROUNDINGS = ("nearest", "stochastic")
@@ -287,16 +284,21 @@ def _check(outer, tile, rounding):
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
+def tensor_scales(A):
+    """Per-tensor amax A (0-dim fp32) -> (S_enc, S_dec) of SPEC §2: S_enc = min(2688 ⊘ A, FLT_MAX), 1 if A = 0;
+    S_dec = 1 ⊘ S_enc. (Not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688,
+    rounding twice.)"""
+    S_enc = torch.where(A == 0, 1.0, (A.new_tensor(NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
+    return S_enc, 1.0 / S_enc
+
+
 def _nvfp4_scales(x2, outer, tile):
     """fp32 (Mp, Kp), padded -> (block_scale e4m3 (Mp, Kp/16), scale fp32 (Mp, Kp/16): each 16-block's decode
     scale, outer_scale: S_dec (0-dim) or s_o (Mp, Kp/128)). The formulas are quantize_nvfp4's docstring."""
     Mp, Kp = x2.shape
     amax16 = _tile_amax(x2, tile)                                                     # (Mp, Kp/16)
     if outer == "tensor":
-        A = amax16.amax()                                                             # () fp32
-        # (not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688, rounding twice)
-        S_enc = torch.where(A == 0, 1.0, (A.new_tensor(NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
-        S_dec = 1.0 / S_enc
+        S_enc, S_dec = tensor_scales(amax16.amax())                                    # () fp32 each
         block_scale = (amax16 * (S_enc * FP32_ONE_SIXTH)).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)
         return block_scale, block_scale.float() * S_dec, S_dec
     amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
@@ -550,8 +552,9 @@ def dequantize(q, width):
 
 def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, signs=None):
     """(Mp, Kp) padded, any float dtype and strides -> fp32 (Mp, Kp): bit for bit
-    dequantize(quantize(rht16(x2, signs) or x2)), but without building the codes: x_dq = ±magnitude ⊗ scale. The body is elementwise math, butterflies and block reductions, which torch.compile fuses into a
-    few loops that read x2 where it lies (the "compiled" path): no cast, transpose or RHT pass of its own."""
+    dequantize(quantize(rht16(x2, signs) or x2)), but without building the codes: x_dq = ±magnitude ⊗ scale.
+    The body is elementwise math, the RHT's multiply-adds and block reductions, which torch.compile fuses into
+    a few loops (the "compiled" path): no cast or RHT pass of its own."""
     x2 = x2.float()
     if signs is not None:
         x2 = rht16(x2, signs)
@@ -595,8 +598,8 @@ def _compiled(fn):
     """fn(x2, ...) through torch.compile: one graph per (K, format, outer, tile, rounding, RHT, device)
     variant, ~2-6 s to compile on a laptop CPU the first time (inductor caches it on disk for later runs).
     The row count is dynamic, so every batch size and every layer of one width share a graph; K is static,
-    because with a symbolic K the block indexing (and the RHT's butterflies) vectorize 3-4x worse (measured
-    8.3 vs 2.2 ms on 512x2048 with RHT)."""
+    because with a symbolic K the block indexing vectorizes 3-4x worse (measured 8.3 vs 2.2 ms on 512x2048
+    with RHT)."""
     # A run uses ~10-20 variants, a test session more: raise dynamo's limit of 8 graphs per function so it
     # never falls back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)

@@ -194,8 +194,7 @@ def _launch(x2, outer, tile, seed, signs, fake):
     if fake:
         return out
     if outer == "tensor":
-        s_enc = torch.where(amax == 0, 1.0, (amax.new_tensor(fp4.NVFP4_AMAX_TO_SCALE) / amax).clamp(max=fp4.FLT_MAX))
-        outer_scale = 1.0 / s_enc
+        outer_scale = fp4.tensor_scales(amax)[1]                          # S_dec, as the kernel computed it
     return codes, scales.view(torch.float8_e4m3fn), outer_scale
 
 

@@ -141,7 +141,7 @@ def test_triton_keeps_nan_in_its_block_like_the_reference():
 @needs_triton
 @pytest.mark.parametrize("outer", ["tensor", 128])
 def test_triton_fused_rht_equals_rht_then_quantize(outer):
-    x = awkward(cols=256)                            # the same butterflies in the same order: same bits
+    x = awkward(cols=256)                            # the same 16 multiply-adds in the same order: same bits
     signs = fp4.random_signs(torch.Generator().manual_seed(5))
     seed = fp4.draw_seed(torch.Generator().manual_seed(6))
     ref = fp4._fake_quant_2d(fp4.rht16(x, signs), "nvfp4", outer, (1, 16), "stochastic", seed)
