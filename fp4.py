@@ -636,7 +636,10 @@ def select_path(requested, device, recipe):
     if requested in ("auto", "triton"):
         why_not = _triton_unavailable(device, recipe)
         if why_not is None:
-            return "triton", f"FP4 path: triton (kernels.py; recipe {recipe.name}, {device})"
+            import kernels
+            gemm = ("fprop GEMM on FP4 tensor cores (kernels.fp4_gemm)" if kernels.fp4_gemm_supported(device)
+                    else "GEMMs dequantize + matmul: no FP4 tensor cores on this GPU")
+            return "triton", f"FP4 path: triton (kernels.py; recipe {recipe.name}, {device}; {gemm})"
         if requested == "triton":
             raise ValueError(f"FP4 path triton is not available: {why_not}; use --fp4-path compiled or reference")
     if requested in ("auto", "compiled"):
@@ -709,6 +712,24 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, pa
         stats[f"sqnr_dy_{gemm}"] = sqnr(a_seen, a_dq)
     return a_dq @ b_dq.t()
 
+def _fprop(x2, weight, recipe, outliers, path, dtype):
+    """GEMM 1 of FP4LinearFunction: x2 (N, in), weight (out, in) -> (Y = X̂ Ŵᵀ (N, out), X̂ (N, in), Ŵ (out, in)),
+    all in `dtype`, X and W quantized along `in` with round to nearest. On FP4 tensor cores (path "triton" on
+    a Blackwell GPU, no OutControl channels) the GEMM multiplies the codes themselves (kernels.fp4_gemm, fp32
+    accumulation) and X̂, Ŵ are dequantized for the backward; everywhere else it is fake-quant, then a
+    matmul in `dtype` (the simulation: same numbers up to summation order and bf16 rounding of X̂, Ŵ)."""
+    if path == "triton" and outliers is None:
+        import kernels
+        if kernels.fp4_gemm_supported(x2.device):
+            qx = quantize_nvfp4(x2, outer=recipe.outer, path="triton")
+            qw = quantize_nvfp4(weight, outer=recipe.outer, tile=recipe.weight_tile, path="triton")
+            y = kernels.fp4_gemm(qx, qw).to(dtype)
+            return y, dequantize(qx, x2.shape[1]).to(dtype), dequantize(qw, weight.shape[1]).to(dtype)
+    x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, path, dtype)                # (N, in)
+    w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, path, dtype)  # (out, in)
+    return x_hat @ w_hat.t(), x_hat, w_hat
+
+
 # -----------------------------------------------------------------------------
 # The quantized linear: Y = X Wᵀ with all three GEMMs in FP4 (SPEC §6), optionally with OutControl's
 # outlier input channels in MXFP8 (SPEC §8)
@@ -738,9 +759,7 @@ class FP4LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)                                               # (N, in)
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
         # (with outliers: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, SPEC §8)
-        x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, path, dtype)  # (N, in) in x.dtype
-        w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, path, dtype)  # (out, in)
-        y = x_hat @ w_hat.t()                                                  # (N, out)
+        y, x_hat, w_hat = _fprop(x2, weight, recipe, outliers, path, dtype)  # (N, out), (N, in), (out, in)
         if stats is not None:
             stats.update(sqnr_x=sqnr(x2, x_hat), sqnr_w=sqnr(weight, w_hat))
             stats.update(zip(("saturated_x", "underflow_x"), block_health(x2, recipe)))

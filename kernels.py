@@ -1,6 +1,9 @@
 """
 kernels.py: fused Triton kernels for NVFP4 quantization, the fast twins of fp4.py (which stays the definition).
 
+Two kernels: _nvfp4_kernel (quantize and fake-quant, below) and _fp4_gemm_kernel (a GEMM straight from the
+FP4 codes, for GPUs with FP4 tensor cores; further down, with its own explanation).
+
 Optional: fp4.py imports this module only when asked for the "triton" path (fp4.select_path decides, and
 requires CUDA for training). Every kernel here must equal fp4.py bit for bit: codes, scale bytes and
 dequantized values, for RTN and for SR (both draw fp4.uniform_noise, a counter-based hash of the element
@@ -211,6 +214,103 @@ def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None):
     return _launch(x2, outer, tile, seed, signs, fake=True)
 
 # -----------------------------------------------------------------------------
+# The FP4 GEMM: C = dequantize(A) dequantize(B)ᵀ straight from the codes, on tensor cores that multiply
+# block-scaled FP4 (Blackwell, compute capability >= 10: tcgen05 mma with E4M3 scales per 16 or E8M0 per 32).
+#
+#     for each (BM, BN) tile of C:                                    # A (M, K) and B (N, K), both packed along K
+#         acc = 0
+#         for each 128-wide K chunk c:                                # 128 = one double-block outer block
+#             part = dot_scaled(codes_A[:, c], s_A[:, c], codes_B[:, c]ᵀ, s_B[:, c])   # Σ_k (a·s_a)(b·s_b), fp32
+#             acc += part                   if the outer scale is per tensor (applied once at the end), or
+#             acc += part · s_o,A[:, c] s_o,B[:, c]ᵀ     per-128 outer scales (TetraJet-v2 double-block, SPEC §3)
+#         C = acc · S_dec,A · S_dec,B       (per-tensor outer scales: the epilogue)
+#
+# Why a Triton kernel rather than torch._scaled_mm: _scaled_mm applies one scale per operand in its epilogue,
+# which is enough for NVIDIA's per-tensor recipe but not for TetraJet-v2's fp32 scale per (row, 128-chunk):
+# that scale changes along K, so it has to multiply each chunk's partial sum inside the K loop, as here.
+# The products are exact and accumulate in fp32, so C differs from the simulated GEMM (dequantize, round to
+# bf16, bf16 matmul) only by summation order and that bf16 rounding: it is the more accurate of the two.
+# This is a plain pointer-based kernel (no TMA, no preshuffled scale layout as in Triton's tutorial 10):
+# correct everywhere tl.dot_scaled runs, fast only where it maps to FP4 tensor cores.
+
+GEMM_BM, GEMM_BN = 128, 128     # output tile per program
+GEMM_BK = 128                   # K per step: one outer block, so a per-128 outer scale is constant within it
+
+
+@triton.jit
+def _fp4_gemm_kernel(a_ptr, sa_ptr, oa_ptr, b_ptr, sb_ptr, ob_ptr, c_ptr, M, N, Kp,
+                     GROUP: tl.constexpr, OUTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
+    """OUTER: 0 none (MX), 1 per-tensor (0-dim oa, ob), 2 per-128 ((M, Kp/128), (N, Kp/128))."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)                      # (BM,) rows of A and C
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)                      # (BN,) rows of B, columns of C
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, Kp, BK):
+        kc = k0 // 2 + tl.arange(0, BK // 2)                            # packed bytes of this chunk
+        ks = k0 // GROUP + tl.arange(0, BK // GROUP)                    # its block scales
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * (Kp // 2) + kc[None, :],
+                    mask=(rm[:, None] < M) & (kc[None, :] < Kp // 2), other=0)              # (BM, BK/2) uint8
+        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * (Kp // 2) + kc[None, :],
+                    mask=(rn[:, None] < N) & (kc[None, :] < Kp // 2), other=0)              # (BN, BK/2)
+        sa = tl.load(sa_ptr + rm[:, None].to(tl.int64) * (Kp // GROUP) + ks[None, :],
+                     mask=(rm[:, None] < M) & (ks[None, :] < Kp // GROUP), other=0.0)         # (BM, BK/GROUP)
+        sb = tl.load(sb_ptr + rn[:, None].to(tl.int64) * (Kp // GROUP) + ks[None, :],
+                     mask=(rn[:, None] < N) & (ks[None, :] < Kp // GROUP), other=0.0)         # (BN, BK/GROUP)
+        part = tl.dot_scaled(a, sa, "e2m1", tl.trans(b), sb, "e2m1")   # (BM, BN) fp32; codes 0 pad the tail
+        if OUTER == 2:
+            oa = tl.load(oa_ptr + rm.to(tl.int64) * (Kp // 128) + k0 // 128, mask=rm < M, other=0.0)
+            ob = tl.load(ob_ptr + rn.to(tl.int64) * (Kp // 128) + k0 // 128, mask=rn < N, other=0.0)
+            acc += part * (oa[:, None] * ob[None, :])
+        else:
+            acc += part
+    if OUTER == 1:
+        acc = acc * (tl.load(oa_ptr) * tl.load(ob_ptr))
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def fp4_gemm_supported(device):
+    """True where tl.dot_scaled runs on FP4 tensor cores: CUDA compute capability >= 10 (Blackwell)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
+
+
+def _fp4_gemm(a_codes, a_scale, a_outer, b_codes, b_scale, b_outer):
+    """The launch, format-agnostic: codes uint8 (M, Kp/2) and (N, Kp/2); scales (rows, Kp/group) as
+    float8_e4m3fn (group 16) or E8M0 bytes as uint8 (group 32); outers None, 0-dim fp32 each, or
+    (rows, Kp/128) fp32 each -> fp32 (M, N)."""
+    (M, half), (N, half_b) = a_codes.shape, b_codes.shape
+    if half != half_b or a_scale.shape[1] != b_scale.shape[1] or a_scale.dtype != b_scale.dtype:
+        raise ValueError(f"fp4_gemm: A and B must share K and the scale format, got codes {tuple(a_codes.shape)} "
+                         f"and {tuple(b_codes.shape)}, scales {tuple(a_scale.shape)} {a_scale.dtype} and "
+                         f"{tuple(b_scale.shape)} {b_scale.dtype}")
+    Kp = 2 * half
+    group = Kp // a_scale.shape[1]
+    outer = 0 if a_outer is None else 1 if a_outer.dim() == 0 else 2
+    if outer == 2 and (Kp % GEMM_BK or a_outer.shape != (M, Kp // 128) or b_outer.shape != (N, Kp // 128)):
+        raise ValueError(f"fp4_gemm: per-128 outer scales need K padded to 128 and shapes (M, K/128), (N, K/128); "
+                         f"got K {Kp}, {tuple(a_outer.shape)} and {tuple(b_outer.shape)}")
+    c = torch.empty(M, N, device=a_codes.device)
+    dummy = c if outer == 0 else None
+    grid = (triton.cdiv(M, GEMM_BM), triton.cdiv(N, GEMM_BN))
+    _fp4_gemm_kernel[grid](a_codes.contiguous(), a_scale.contiguous(), dummy if outer == 0 else a_outer.contiguous(),
+                           b_codes.contiguous(), b_scale.contiguous(), dummy if outer == 0 else b_outer.contiguous(),
+                           c, M, N, Kp, GROUP=group, OUTER=outer, BM=GEMM_BM, BN=GEMM_BN, BK=GEMM_BK)
+    return c
+
+
+def fp4_gemm(a, b):
+    """a (M, K), b (N, K): two fp4.NVFP4 tuples with the same outer-scale kind, or two MXFP4 fp4.MX tuples,
+    quantized along K -> fp32 (M, N) = dequantize(a) @ dequantize(b)ᵀ, computed from the codes by
+    tl.dot_scaled. Rows are as stored (a 16x16-tiled weight keeps its padding rows: crop the result)."""
+    if isinstance(a, fp4.NVFP4) and isinstance(b, fp4.NVFP4):
+        if a.outer_scale.dim() != b.outer_scale.dim():
+            raise ValueError("fp4_gemm: A and B must both have per-tensor or both per-128 outer scales")
+        return _fp4_gemm(a.codes, a.block_scale, a.outer_scale, b.codes, b.block_scale, b.outer_scale)
+    if isinstance(a, fp4.MX) and isinstance(b, fp4.MX) and a.codes.dtype == b.codes.dtype == torch.uint8:
+        return _fp4_gemm(a.codes, a.scale.view(torch.uint8), None, b.codes, b.scale.view(torch.uint8), None)
+    raise ValueError(f"fp4_gemm: needs two NVFP4 or two MXFP4 tuples, got {type(a).__name__} and {type(b).__name__}")
+
+# -----------------------------------------------------------------------------
 # validate, then benchmark:  python kernels.py   (on a GPU; TRITON_INTERPRET=1 python kernels.py on a CPU)
 
 
@@ -230,6 +330,15 @@ if __name__ == "__main__":
                         and torch.equal(got[2], ref[2]))
                 same_dq = torch.equal(fake_quant_nvfp4(x, outer, tile, s), fp4._fake_quant_2d(x, "nvfp4", outer, tile, rounding, s))
                 print(f"outer={outer!s:6s} tile={tile} {rounding:10s} codes/scales equal: {same}, fake-quant equal: {same_dq}")
+    qa, qb = fp4.quantize_mxfp4(x[:256]), fp4.quantize_mxfp4(x[-128:])     # the GEMM: MXFP4 runs everywhere,
+    ref = fp4.dequantize(qa, shape[1]) @ fp4.dequantize(qb, shape[1]).t()    # NVFP4 only on FP4 tensor cores
+    print(f"fp4_gemm mxfp4 max |error| / max |C|: {((fp4_gemm(qa, qb) - ref).abs().max() / ref.abs().max()).item():.1e}")
+    if fp4_gemm_supported(device):
+        for outer in ("tensor", 128):
+            qa, qb = fp4.quantize_nvfp4(x[:256], outer=outer), fp4.quantize_nvfp4(x[-128:], outer=outer)
+            ref = fp4.dequantize(qa, shape[1]) @ fp4.dequantize(qb, shape[1]).t()
+            err = ((fp4_gemm(qa, qb) - ref).abs().max() / ref.abs().max()).item()
+            print(f"fp4_gemm nvfp4 outer={outer!s:6s} max |error| / max |C|: {err:.1e}")
     if device == "cuda":
         def ms(fn, n=20):
             fn()
@@ -248,3 +357,11 @@ if __name__ == "__main__":
                                  ("fake-quant double-block", lambda: fake_quant_nvfp4(x, 128), n * 8)):
             t = ms(fn)
             print(f"{name:28s} {t:.3f} ms  {nbytes / t / 1e6:6.0f} GB/s  ({nbytes / t / (n * 8 / copy):.0%} of copy)")
+        if fp4_gemm_supported(device):                                   # 4096^3 GEMM: FP4 codes vs bf16
+            xb = x.bfloat16()
+            t_bf16 = ms(lambda: xb @ xb.t())
+            for outer in ("tensor", 128):
+                q = fp4.quantize_nvfp4(x, outer=outer, path="triton")
+                t = ms(lambda: fp4_gemm(q, q))
+                print(f"fp4_gemm outer={outer!s:6s} {t:.3f} ms = {2 * shape[0] ** 3 / t / 1e9:.0f} TFLOP/s "
+                      f"(bf16 matmul {t_bf16:.3f} ms)")

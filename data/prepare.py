@@ -6,7 +6,7 @@ sha256 of the bins). load_dataset() opens them for train.py and refuses missing 
 
     python data/prepare.py pystdlib                           # the offline default corpus (train.py runs this)
     python data/prepare.py shakespeare_char [--input FILE]    # tinyshakespeare, char-level (downloads once)
-    python data/prepare.py textfile --input FILE --tokenizer {byte,char,gpt2} [--name NAME]
+    python data/prepare.py textfile --input FILE --tokenizer {byte,char,gpt2} [--name NAME] [--val-from BYTE]
 
 pystdlib is built from what every Python install already has: the standard library's source (docstrings and
 all) and its bundled documentation (pydoc_data/topics.py) of the running interpreter, read as bytes (vocab
@@ -81,12 +81,22 @@ def tokenize(text, tokenizer, stoi=None):
     raise ValueError(f"unknown tokenizer {tokenizer!r}: choose byte, char or gpt2")
 
 
-def prepare_text(name, text, tokenizer, source, root=DATA_DIR):
-    """Split a text 90/10 (nanoGPT: the last 10% is val), tokenize, write. For byte-level units, the meta
-    records bytes per val token so train.py can report bits per byte whatever the tokenizer."""
+def prepare_text(name, text, tokenizer, source, root=DATA_DIR, val_from=None):
+    """Split a text 90/10 (nanoGPT: the last 10% is val), or at byte offset `val_from` when the corpus defines
+    its own split (gutenberg_subset.txt: whole books from byte 38,234,253 on, so no book is in both halves);
+    tokenize, write. For byte-level units, the meta records bytes per val token so train.py can report bits per
+    byte whatever the tokenizer."""
     if not text:
         sys.exit(f"error: {source} is empty")
     cut = int(len(text) * (1 - VAL_FRACTION))
+    if val_from is not None:
+        raw = text.encode("utf-8")
+        if not 0 < val_from < len(raw):
+            sys.exit(f"error: --val-from {val_from} is outside {source} (1..{len(raw) - 1} bytes)")
+        try:
+            cut = len(raw[:val_from].decode("utf-8"))
+        except UnicodeDecodeError:
+            sys.exit(f"error: --val-from {val_from} falls inside a UTF-8 character of {source}; give a character boundary")
     stoi = {c: i for i, c in enumerate(sorted(set(text)))} if tokenizer == "char" else None  # whole text's chars
     train_ids, meta = tokenize(text[:cut], tokenizer, stoi)
     val_ids, _ = tokenize(text[cut:], tokenizer, stoi)
@@ -178,6 +188,7 @@ def main(argv=None):
     p.add_argument("--input", help="a UTF-8 text file (shakespeare_char: instead of downloading; textfile: required)")
     p.add_argument("--tokenizer", choices=["byte", "char", "gpt2"], default="byte", help="textfile only (default byte)")
     p.add_argument("--name", help="textfile only: output folder under data/ (default: the file's stem)")
+    p.add_argument("--val-from", type=int, help="textfile only: byte offset where the val split starts (default: last 10%%)")
     args = p.parse_args(argv)
     if args.dataset == "pystdlib":
         return prepare_pystdlib()
@@ -185,7 +196,8 @@ def main(argv=None):
         return prepare_shakespeare_char(args.input)
     if not args.input:
         p.error("textfile needs --input FILE")
-    return prepare_text(args.name or Path(args.input).stem, read_text(args.input), args.tokenizer, args.input)
+    return prepare_text(args.name or Path(args.input).stem, read_text(args.input), args.tokenizer, args.input,
+                        val_from=args.val_from)
 
 
 if __name__ == "__main__":

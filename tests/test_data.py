@@ -27,6 +27,17 @@ def test_byte_and_char_datasets_round_trip_to_the_text(tmp_path):
     assert meta["vocab_size"] == len(set(TEXT)) and meta["unit"] == "char"
 
 
+def test_val_from_splits_at_the_given_byte_and_refuses_a_split_inside_a_character(tmp_path):
+    text = "caf\u00e9 " * 50 + "VAL" + "x" * 40                # multi-byte characters before the cut
+    at = text.encode().index(b"VAL")
+    meta, (tr, va) = load(prepare.prepare_text("v", text, "byte", "t", root=tmp_path, val_from=at))
+    assert bytes(va.astype(np.uint8)).startswith(b"VAL") and len(tr) == at
+    with pytest.raises(SystemExit, match="inside a UTF-8 character"):
+        prepare.prepare_text("w", text, "byte", "t", root=tmp_path, val_from=4)   # between the two bytes of é
+    with pytest.raises(SystemExit, match="outside"):
+        prepare.prepare_text("w", text, "byte", "t", root=tmp_path, val_from=10 ** 6)
+
+
 @pytest.mark.skipif(not SHARED_TIKTOKEN.is_dir(), reason="../shared/data/tiktoken_cache not present")
 def test_gpt2_dataset_uses_tiktoken_bpe(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
