@@ -42,7 +42,7 @@ The three GEMMs of a Linear (SPEC §6)
 Every operand is quantized along the K of its GEMM, so each GEMM quantizes its operands afresh (X is
 quantized along `in` for fprop but along tokens for wgrad). We simulate ("fake-quant"): quantize and dequantize
 in fp32, then multiply in the activation dtype (bf16, like the baseline); on FP4 hardware the same quantized
-operands would feed a real FP4 GEMM.
+operands feed a real FP4 GEMM (kernels.fp4_gemm, the forward on Blackwell GPUs: see _fprop).
   - nvidia:   per-tensor scale; W with 16x16 tiles so Q(Wᵀ) = Q(W)ᵀ and dgrad reuses the forward weight;
               SR on dY; a fixed random Hadamard transform (RHT) on both wgrad operands.
   - tetrajet: double-block scale; the backward reuses the *dequantized forward* X̂, Ŵ ("aligned" operands),
@@ -72,7 +72,7 @@ stays FP4.
 Speed: every quantizer here is elementwise math plus block reductions, written so that torch.compile fuses
 each into a few loops (path="compiled", ~10x faster than eager on CPU, the same bits); kernels.py holds the
 hand-written Triton twins for GPUs. select_path decides which runs.
-What we leave out: real packed-FP4 GEMMs, swizzled scale layouts, tensor subclasses, TP/FSDP.
+What we leave out: FP4 GEMMs in the backward, swizzled scale layouts, tensor subclasses, TP/FSDP.
 Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
 quantizers return the *padded* width; `fake_quant` crops back.
 Non-finite input: a NaN or Inf makes its amax non-finite, hence its scale NaN, hence every element sharing
