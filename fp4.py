@@ -42,7 +42,7 @@ The three GEMMs of a Linear (SPEC §6)
 Every operand is quantized along the K of its GEMM, so each GEMM quantizes its operands afresh (X is
 quantized along `in` for fprop but along tokens for wgrad). We simulate ("fake-quant"): quantize and dequantize
 in fp32, then multiply in the activation dtype (bf16, like the baseline); on FP4 hardware the same quantized
-operands feed a real FP4 GEMM (kernels.fp4_gemm, the forward on Blackwell GPUs: see _fprop).
+operands feed a real FP4 GEMM (kernels.fp4_gemm, on Blackwell GPUs: see _fp4_tensor_cores).
   - nvidia:   per-tensor scale; W with 16x16 tiles so Q(Wᵀ) = Q(W)ᵀ and dgrad reuses the forward weight;
               SR on dY; a fixed random Hadamard transform (RHT) on both wgrad operands.
   - tetrajet: double-block scale; the backward reuses the *dequantized forward* X̂, Ŵ ("aligned" operands),
@@ -72,7 +72,7 @@ stays FP4.
 Speed: every quantizer here is elementwise math plus block reductions, written so that torch.compile fuses
 each into a few loops (path="compiled", ~10x faster than eager on CPU, the same bits); kernels.py holds the
 hand-written Triton twins for GPUs. select_path decides which runs.
-What we leave out: FP4 GEMMs in the backward, swizzled scale layouts, tensor subclasses, TP/FSDP.
+What we leave out: swizzled scale layouts, tensor subclasses, TP/FSDP.
 Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
 quantizers return the *padded* width; `fake_quant` crops back.
 Non-finite input: a NaN or Inf makes its amax non-finite, hence its scale NaN, hence every element sharing
@@ -322,7 +322,8 @@ def _round_nvfp4(x2, outer, tile, rounding, seed):
     return torch.where(keep, magnitude, 0.0), (v < 0) & keep, block_scale, scale, outer_scale
 
 
-def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, path="reference"):
+def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, path="reference",
+                   rht_signs=None):
     """x (..., K) float -> NVFP4, quantized along the last dim; Kp = K rounded up to 16 (outer="tensor") or
     128 (outer=128), zero-padded. With tile=(16, 16) the leading dims are flattened into rows, padded to 16,
     and amax_16 is taken over 16x16 tiles (with outer=128, amax_128 then over 16x128 tiles).
@@ -336,7 +337,7 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
         q = E2M1(x ⊗ (1 ⊘ (s_o ⊗ s_i)));  x_dq = e2m1(q) ⊗ (s_o ⊗ s_i)
     A block whose E4M3 scale is 0 gets all codes 0. SR (round_e2m1_magnitude) uses
     uniform_noise(draw_seed(generator), (Mp, Kp)). `path`: which implementation runs it (see FP4_PATHS);
-    all give the same bits.
+    all give the same bits. rht_signs: None, or 16 ±1 signs to quantize rht16(x) instead (fused, as fake_quant).
     """
     _check(outer, tile, rounding)
     tile = tuple(tile)
@@ -344,21 +345,23 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
     if path == "triton":
         import kernels                                   # only imported when asked for (it needs triton)
-        codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed)
+        codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
     else:
         fn = _compiled(_quantize_nvfp4_2d) if path == "compiled" else _quantize_nvfp4_2d
-        codes, block_scale, outer_scale = fn(x2, outer, tile, rounding, seed)
+        codes, block_scale, outer_scale = fn(x2, outer, tile, rounding, seed, rht_signs)
         codes, block_scale = codes.to(torch.uint8), block_scale.view(torch.float8_e4m3fn)
     M = x.numel() // x.shape[-1]
     outer_scale = outer_scale if outer == "tensor" else _restore(outer_scale, x, M)
     return NVFP4(_restore(codes, x, M), _restore(block_scale, x, M), outer_scale)
 
 
-def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed):
-    """fp32 (Mp, Kp), padded -> (packed codes (Mp, Kp/2) as int16, block_scale e4m3 bytes as uint8 (Mp, Kp/16),
+def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, signs=None):
+    """fp32 (Mp, Kp), padded (rotated by rht16 first if `signs`) -> (packed codes (Mp, Kp/2) as int16, block_scale e4m3 bytes as uint8 (Mp, Kp/16),
     outer_scale). The packed byte code(2j) + 16·code(2j+1) (= pack_e2m1) is formed in fp32 and returned as
     int16, and the scales as raw bytes, because torch.compile's CPU backend vectorizes those but not fp32 ->
     uint8 conversions or e4m3 outputs (each measured 2-4x slower on 4096x4096)."""
+    if signs is not None:
+        x2 = rht16(x2, signs)
     magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)
     k = _code_values(magnitude, negative).view(x2.shape[0], -1, 2)                    # (Mp, Kp/2, 2)
     return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
@@ -637,7 +640,7 @@ def select_path(requested, device, recipe):
         why_not = _triton_unavailable(device, recipe)
         if why_not is None:
             import kernels
-            gemm = ("fprop GEMM on FP4 tensor cores (kernels.fp4_gemm)" if kernels.fp4_gemm_supported(device)
+            gemm = ("GEMMs on FP4 tensor cores (kernels.fp4_gemm)" if kernels.fp4_gemm_supported(device)
                     else "GEMMs dequantize + matmul: no FP4 tensor cores on this GPU")
             return "triton", f"FP4 path: triton (kernels.py; recipe {recipe.name}, {device}; {gemm})"
         if requested == "triton":
@@ -705,12 +708,35 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, pa
     if gemm in recipe.rht:
         signs = (random_signs(generator, a.device) if recipe.rht_signs == "random"
                  else torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32, device=a.device))
-    a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator, path=path, rht_signs=signs, dtype=dtype)
-    b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, path, rht_signs=signs, dtype=dtype)
+    width = a.shape[1] if signs is None else -(-a.shape[1] // NVFP4_BLOCK) * NVFP4_BLOCK   # RHT: K up to 16
+    if _fp4_tensor_cores(path, a.device):                    # the same draws, then a GEMM from the codes
+        import kernels
+        qa = quantize_nvfp4(a, outer=recipe.outer, rounding=recipe.grad_rounding, generator=generator, path=path,
+                            rht_signs=signs)
+        qb = quantize_nvfp4(b, outer=recipe.outer, tile=b_tile, rounding=recipe.other_rounding, generator=generator,
+                            path=path, rht_signs=signs)
+        out = kernels.fp4_gemm(qa, qb).to(dtype)
+        a_dq = dequantize(qa, width) if stats is not None else None
+    else:
+        a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator, path=path, rht_signs=signs, dtype=dtype)
+        b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, path, rht_signs=signs, dtype=dtype)
+        out = a_dq @ b_dq.t()
     if stats is not None:                                    # against what the quantizer saw: a H
-        a_seen = a if signs is None else rht16(torch.nn.functional.pad(a.float(), (0, a_dq.shape[1] - a.shape[1])), signs)
+        a_seen = a if signs is None else rht16(torch.nn.functional.pad(a.float(), (0, width - a.shape[1])), signs)
         stats[f"sqnr_dy_{gemm}"] = sqnr(a_seen, a_dq)
-    return a_dq @ b_dq.t()
+    return out
+
+
+def _fp4_tensor_cores(path, device):
+    """True when the GEMMs multiply FP4 codes on tensor cores: the triton path on a GPU that has them (Blackwell).
+    Then fprop (_fprop), dgrad and wgrad (_backward_gemm) quantize to codes and call kernels.fp4_gemm; NVIDIA's
+    dgrad, which reuses the forward's dequantized Ŵ, and OutControl layers' fprop stay simulated. Everywhere
+    else every GEMM multiplies the dequantized operands (the simulation)."""
+    if path != "triton":
+        return False
+    import kernels
+    return kernels.fp4_gemm_supported(device)
+
 
 def _fprop(x2, weight, recipe, outliers, path, dtype):
     """GEMM 1 of FP4LinearFunction: x2 (N, in), weight (out, in) -> (Y = X̂ Ŵᵀ (N, out), X̂ (N, in), Ŵ (out, in)),
@@ -718,13 +744,12 @@ def _fprop(x2, weight, recipe, outliers, path, dtype):
     a Blackwell GPU, no OutControl channels) the GEMM multiplies the codes themselves (kernels.fp4_gemm, fp32
     accumulation) and X̂, Ŵ are dequantized for the backward; everywhere else it is fake-quant, then a
     matmul in `dtype` (the simulation: same numbers up to summation order and bf16 rounding of X̂, Ŵ)."""
-    if path == "triton" and outliers is None:
+    if outliers is None and _fp4_tensor_cores(path, x2.device):
         import kernels
-        if kernels.fp4_gemm_supported(x2.device):
-            qx = quantize_nvfp4(x2, outer=recipe.outer, path="triton")
-            qw = quantize_nvfp4(weight, outer=recipe.outer, tile=recipe.weight_tile, path="triton")
-            y = kernels.fp4_gemm(qx, qw).to(dtype)
-            return y, dequantize(qx, x2.shape[1]).to(dtype), dequantize(qw, weight.shape[1]).to(dtype)
+        qx = quantize_nvfp4(x2, outer=recipe.outer, path=path)
+        qw = quantize_nvfp4(weight, outer=recipe.outer, tile=recipe.weight_tile, path=path)
+        y = kernels.fp4_gemm(qx, qw).to(dtype)
+        return y, dequantize(qx, x2.shape[1]).to(dtype), dequantize(qw, weight.shape[1]).to(dtype)
     x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, path, dtype)                # (N, in)
     w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, path, dtype)  # (out, in)
     return x_hat @ w_hat.t(), x_hat, w_hat

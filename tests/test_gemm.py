@@ -70,3 +70,38 @@ def test_fp4_linear_on_fp4_tensor_cores_matches_the_simulated_gemm():
     y_tc = fp4.FP4Linear.from_linear(lin, "tetrajet", path="triton")(x)
     y_sim = fp4.FP4Linear.from_linear(lin, "tetrajet", path="compiled")(x)
     assert fp4.sqnr(y_sim, y_tc) > 40            # bf16 rounding of X̂, Ŵ and summation order only
+
+
+@pytest.mark.parametrize("path", ["reference", "compiled", "triton"])
+def test_quantize_nvfp4_with_rht_signs_equals_rht_then_quantize(path):
+    x = operands(40, 8, 200)[0]
+    signs = fp4.random_signs(torch.Generator().manual_seed(3)).to(DEVICE)
+    rotated = fp4.rht16(torch.nn.functional.pad(x, (0, 8)), signs)               # K 200 -> 208, then rotated
+    for outer in ("tensor", 128):
+        got = fp4.quantize_nvfp4(x, outer=outer, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(1),
+                                 path=path, rht_signs=signs)
+        ref = fp4.quantize_nvfp4(rotated, outer=outer, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(1))
+        assert all(torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
+                               r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r) for g, r in zip(got, ref))
+
+
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia"])
+def test_fp4_linear_through_the_tensor_core_branch_matches_the_simulation(recipe, monkeypatch):
+    """The plumbing around fp4_gemm, on CPU: quantize to codes (RHT fused, the same random draws in the same
+    order), multiply, crop. With the GEMM itself replaced by dequantize-and-multiply (what the interpreter
+    cannot do for NVFP4), the triton path agrees with and without the tensor-core branch up to fp32 summation
+    order (the branch multiplies the zero-padded K); a wrong draw or sign would differ by a quantization step."""
+    lin = torch.nn.Linear(200, 72, bias=False).to(DEVICE)
+    x, dy = operands(48, 72, 200)[0], operands(48, 8, 72, seed=1)[0]
+    full = lambda q: fp4.dequantize(q, 2 * q.codes.shape[-1])                   # noqa: E731 (padded width)
+    monkeypatch.setattr(kernels, "fp4_gemm", lambda a, b: full(a) @ full(b).t())
+    results = []
+    for tensor_cores in (False, True):
+        monkeypatch.setattr(kernels, "fp4_gemm_supported", lambda device, on=tensor_cores: on)
+        layer, xg = fp4.FP4Linear.from_linear(lin, recipe, path="triton"), x.clone().requires_grad_()
+        lin.weight.grad = None
+        y = layer(xg)
+        y.backward(dy)
+        results.append((y.detach(), xg.grad, lin.weight.grad))
+    for simulated, tensor_cores in zip(*results):
+        torch.testing.assert_close(tensor_cores, simulated, rtol=1e-6, atol=1e-6 * simulated.abs().max().item())
