@@ -14,7 +14,8 @@ are skipped, an interrupted run continues from its checkpoint (train.py --resume
 The table (SPEC §9): final val loss mean ± std over seeds; its gap to bf16; the gap closed versus a baseline
 B (default nvidia), (L_B - L_M) / (L_B - L_bf16), computed per seed (same seed = same init and data order)
 and reported as mean ± standard error; tok/s (median over evals after the first, which holds compile time);
-the oscillation ratio at the last eval (FP4 runs).
+the oscillation ratio at the last eval (FP4 runs); and L - L_B, the paired loss difference per seed (mean ±
+s.e.), which stays meaningful when B is barely worse than bf16 and the gap-closed ratio blows up.
 """
 
 import argparse
@@ -118,6 +119,9 @@ def summarize(out, configs, seeds, baseline):
             closed = [(final[baseline][s] - final[c][s]) / (final[baseline][s] - final["bf16"][s]) for s in seeds]
             m, sd = mean_std(closed)
             row["gap_closed"], row["gap_closed_se"] = m, sd / math.sqrt(len(closed))
+            diff = [final[c][s] - final[baseline][s] for s in seeds]       # paired: same seed, same data order
+            m, sd = mean_std(diff)
+            row["vs_baseline"], row["vs_baseline_se"] = m, sd / math.sqrt(len(diff))
         speeds = [statistics.median([r["tok_per_s"] for r in logs[c][s][1:]] or [logs[c][s][-1]["tok_per_s"]])
                   for s in seeds]
         row["tok_per_s"] = statistics.fmean(speeds)
@@ -130,15 +134,24 @@ def summarize(out, configs, seeds, baseline):
 def write_table(out, rows, seeds, baseline, common):
     lines = [f"# FP4 vs bf16: {len(rows)} configurations x {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
              f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`. Gap closed vs `{baseline}`: "
-             f"(L_{baseline} - L) / (L_{baseline} - L_bf16) per seed, mean ± standard error.", "",
-             f"| config | flags | final val_loss (mean ± std) | gap to bf16 | gap closed vs {baseline} | tok/s | oscillating |",
-             "|---|---|---|---|---|---|---|"]
+             f"(L_{baseline} - L) / (L_{baseline} - L_bf16) per seed, mean ± standard error; "
+             f"L - L_{baseline}: the paired loss difference per seed, mean ± standard error.", "",
+             f"| config | flags | final val_loss (mean ± std) | gap to bf16 | gap closed vs {baseline} | "
+             f"L - L_{baseline} | tok/s | oscillating |",
+             "|---|---|---|---|---|---|---|---|"]
     for c, r in rows.items():
         closed = f"{r['gap_closed']:+.1%} ± {r['gap_closed_se']:.1%}" if "gap_closed" in r else ""
         osc = f"{r['oscillating']:.2%}" if r["oscillating"] is not None else ""
         gap = f"{r['gap']:+.4f}" if c != "bf16" else ""
-        lines.append(f"| {c} | `{r['flags']}` | {r['mean']:.4f} ± {r['std']:.4f} | {gap} | {closed} | "
+        diff = f"{r['vs_baseline']:+.4f} ± {r['vs_baseline_se']:.4f}" if "vs_baseline" in r else ""
+        lines.append(f"| {c} | `{r['flags']}` | {r['mean']:.4f} ± {r['std']:.4f} | {gap} | {closed} | {diff} | "
                      f"{r['tok_per_s']:,.0f} | {osc} |")
+    small = [s for s, b, f in zip(seeds, rows.get(baseline, {}).get("final", []), rows["bf16"]["final"])
+             if b - f <= 0.25 * max(rows[baseline]["gap"], 0.0)] if baseline in rows else []
+    if small:                     # a ratio over a near-zero denominator: say so instead of printing noise as signal
+        lines += ["", f"Careful: on seed(s) {', '.join(map(str, small))} the {baseline} run is within a quarter of its "
+                  f"mean gap of bf16 (or below it), so per-seed gap closed divides by ~0 there and is not meaningful; "
+                  f"read L - L_{baseline} instead."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:

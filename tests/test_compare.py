@@ -41,6 +41,7 @@ def test_table_matches_the_runs_logs_and_a_cut_off_sweep_resumes(tmp_path, datas
     bf16, tj, fast = (final_losses(tmp_path, c) for c in ("bf16", "tetrajet", "fast"))
     per_seed = [(tj[i] - fast[i]) / (tj[i] - bf16[i]) for i in range(2)]
     assert rows["fast"]["gap_closed"] == pytest.approx(statistics.fmean(per_seed))
+    assert rows["fast"]["vs_baseline"] == pytest.approx(statistics.fmean([fast[i] - tj[i] for i in range(2)]))
     assert rows["tetrajet"]["oscillating"] is not None and rows["bf16"]["oscillating"] is None
     assert f"{rows['fast']['mean']:.4f} ± {rows['fast']['std']:.4f}" in open(tmp_path / "results.md").read()
 
