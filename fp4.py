@@ -356,10 +356,11 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
 
 
 def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, signs=None):
-    """fp32 (Mp, Kp), padded (rotated by rht16 first if `signs`) -> (packed codes (Mp, Kp/2) as int16, block_scale e4m3 bytes as uint8 (Mp, Kp/16),
-    outer_scale). The packed byte code(2j) + 16·code(2j+1) (= pack_e2m1) is formed in fp32 and returned as
-    int16, and the scales as raw bytes, because torch.compile's CPU backend vectorizes those but not fp32 ->
-    uint8 conversions or e4m3 outputs (each measured 2-4x slower on 4096x4096)."""
+    """fp32 (Mp, Kp), padded (rotated by rht16 first if `signs`) -> (packed codes (Mp, Kp/2) as int16,
+    block_scale e4m3 bytes as uint8 (Mp, Kp/16), outer_scale). The packed byte code(2j) + 16·code(2j+1)
+    (= pack_e2m1) is formed in fp32 and returned as int16, and the scales as raw bytes, because torch.compile's
+    CPU backend vectorizes those but not fp32 -> uint8 conversions or e4m3 outputs (each measured 2-4x slower
+    on 4096x4096)."""
     if signs is not None:
         x2 = rht16(x2, signs)
     magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)

@@ -290,11 +290,10 @@ def _fp4_gemm(a_codes, a_scale, a_outer, b_codes, b_scale, b_outer):
         raise ValueError(f"fp4_gemm: per-128 outer scales need K padded to 128 and shapes (M, K/128), (N, K/128); "
                          f"got K {Kp}, {tuple(a_outer.shape)} and {tuple(b_outer.shape)}")
     c = torch.empty(M, N, device=a_codes.device)
-    dummy = c if outer == 0 else None
+    oa, ob = (c, c) if outer == 0 else (a_outer.contiguous(), b_outer.contiguous())   # (c: unread placeholder)
     grid = (triton.cdiv(M, GEMM_BM), triton.cdiv(N, GEMM_BN))
-    _fp4_gemm_kernel[grid](a_codes.contiguous(), a_scale.contiguous(), dummy if outer == 0 else a_outer.contiguous(),
-                           b_codes.contiguous(), b_scale.contiguous(), dummy if outer == 0 else b_outer.contiguous(),
-                           c, M, N, Kp, GROUP=group, OUTER=outer, BM=GEMM_BM, BN=GEMM_BN, BK=GEMM_BK)
+    _fp4_gemm_kernel[grid](a_codes.contiguous(), a_scale.contiguous(), oa, b_codes.contiguous(), b_scale.contiguous(),
+                           ob, c, M, N, Kp, GROUP=group, OUTER=outer, BM=GEMM_BM, BN=GEMM_BN, BK=GEMM_BK)
     return c
 
 
