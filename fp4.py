@@ -481,11 +481,13 @@ def rht16(x, signs):
     if x.shape[-1] % NVFP4_BLOCK:
         raise ValueError(f"rht16 needs the last dim to be a multiple of 16, got {x.shape[-1]}; zero-pad it first")
     H = hadamard16(signs.to(x.device))
-    c = x.float().reshape(-1, NVFP4_BLOCK)                   # (n, 16) chunks
-    out = c[:, 0:1] * H[0]
+    # (..., K/16, 16), not (n, 16): flattening the rows into the chunk index made inductor guard every scalar
+    # load with a 64-bit modulo (the row count is dynamic), which cost more than the arithmetic (1.4x slower)
+    c = x.float().reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
+    out = c[..., 0:1] * H[0]
     for i in range(1, NVFP4_BLOCK):
-        out = out + c[:, i:i + 1] * H[i]                     # (n, 1) * (16,) -> (n, 16)
-    return out.view(x.shape)
+        out = out + c[..., i:i + 1] * H[i]                   # (..., 1) * (16,) -> (..., 16)
+    return out.reshape(x.shape)
 
 # -----------------------------------------------------------------------------
 # Recipes: which quantizer each operand of each GEMM gets (SPEC §6). Every knob is independent and has an
@@ -610,11 +612,23 @@ def _compiled(fn):
     compiled = torch.compile(fn, fullgraph=True)
 
     def run(x2, *args):
-        x2 = x2.contiguous()         # a transposed operand (wgrad's dYᵀ, Xᵀ): one copy beats strided reads
+        if not x2.is_contiguous():   # a transposed operand (wgrad's dYᵀ, Xᵀ): one copy beats strided reads
+            x2 = _compiled_transpose(x2.t()) if x2.t().is_contiguous() else x2.contiguous()
         torch._dynamo.maybe_mark_dynamic(x2, 0)
         torch._dynamo.mark_static(x2, 1)
         return compiled(x2, *args)
     return run
+
+
+@functools.cache
+def _transpose_graph():
+    return torch.compile(lambda x: x.t().contiguous(), fullgraph=True, dynamic=True)
+
+
+def _compiled_transpose(x):
+    """x (R, C) contiguous -> xᵀ (C, R) contiguous, through inductor's tiled transpose: 4-5x faster than eager's
+    x.t().contiguous() on a CPU (0.12 vs 0.62 ms per 1M bf16 elements), which copies element by element."""
+    return _transpose_graph()(x)
 
 
 # -----------------------------------------------------------------------------
