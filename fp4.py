@@ -348,21 +348,23 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
         codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
     else:
         fn = _compiled(_quantize_nvfp4_2d) if path == "compiled" else _quantize_nvfp4_2d
-        codes, block_scale, outer_scale = fn(x2, outer, tile, rounding, seed, rht_signs)
+        H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None
+        codes, block_scale, outer_scale = fn(x2, outer, tile, rounding, seed, H)
         codes, block_scale = codes.to(torch.uint8), block_scale.view(torch.float8_e4m3fn)
     M = x.numel() // x.shape[-1]
     outer_scale = outer_scale if outer == "tensor" else _restore(outer_scale, x, M)
     return NVFP4(_restore(codes, x, M), _restore(block_scale, x, M), outer_scale)
 
 
-def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, signs=None):
-    """fp32 (Mp, Kp), padded (rotated by rht16 first if `signs`) -> (packed codes (Mp, Kp/2) as int16,
+def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None):
+    """fp32 (Mp, Kp), padded (rotated, x2 ↦ x2 H, first if H = hadamard16(signs) is given) -> (packed codes
+    (Mp, Kp/2) as int16,
     block_scale e4m3 bytes as uint8 (Mp, Kp/16), outer_scale). The packed byte code(2j) + 16·code(2j+1)
     (= pack_e2m1) is formed in fp32 and returned as int16, and the scales as raw bytes, because torch.compile's
     CPU backend vectorizes those but not fp32 -> uint8 conversions or e4m3 outputs (each measured 2-4x slower
     on 4096x4096)."""
-    if signs is not None:
-        x2 = rht16(x2, signs)
+    if H is not None:
+        x2 = _rotate16(x2, H)
     magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)
     k = _code_values(magnitude, negative).view(x2.shape[0], -1, 2)                    # (Mp, Kp/2, 2)
     return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
@@ -460,10 +462,16 @@ def random_signs(generator=None, device=None):
 def hadamard16(signs):
     """16 ±1 signs -> H = ¼ · H₁₆ · diag(signs) (16, 16) fp32, H₁₆ the Sylvester ±1 Hadamard matrix
     (H_2n = [[H, H], [H, -H]]). Every entry is ±¼, so H is orthogonal: H Hᵀ = I."""
-    h = torch.ones(1, 1, device=signs.device)
+    return _sylvester16(signs.device) * signs.float()        # column j scaled by signs[j]
+
+
+@functools.cache
+def _sylvester16(device):
+    """¼ · H₁₆ (16, 16) fp32 on `device`, built once: H_2n = [[H, H], [H, -H]] from H_1 = [1]."""
+    h = torch.ones(1, 1, device=device)
     for _ in range(4):
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return 0.25 * h * signs.float()                          # column j scaled by signs[j]
+    return 0.25 * h
 
 
 def rht16(x, signs):
@@ -480,7 +488,12 @@ def rht16(x, signs):
     on 1M elements fused into the quantizer; a butterfly FWHT measured 3.8 ms, a matmul is not fusable)."""
     if x.shape[-1] % NVFP4_BLOCK:
         raise ValueError(f"rht16 needs the last dim to be a multiple of 16, got {x.shape[-1]}; zero-pad it first")
-    H = hadamard16(signs.to(x.device))
+    return _rotate16(x, hadamard16(signs.to(x.device)))
+
+
+def _rotate16(x, H):
+    """rht16 with H = hadamard16(signs) given: the compiled quantizers take H as an input, so that the graph
+    neither rebuilds it on every call nor re-applies the signs to it for every chunk."""
     # (..., K/16, 16), not (n, 16): flattening the rows into the chunk index made inductor guard every scalar
     # load with a 64-bit modulo (the row count is dynamic), which cost more than the arithmetic (1.4x slower)
     c = x.float().reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
@@ -556,14 +569,15 @@ def dequantize(q, width):
     return x[..., :width]
 
 
-def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, signs=None):
+def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, H=None):
     """(Mp, Kp) padded, any float dtype and strides -> fp32 (Mp, Kp): bit for bit
-    dequantize(quantize(rht16(x2, signs) or x2)), but without building the codes: x_dq = ±magnitude ⊗ scale.
+    dequantize(quantize(x2 H or x2)), H = hadamard16(signs) or None, but without building the codes:
+    x_dq = ±magnitude ⊗ scale.
     The body is elementwise math, the RHT's multiply-adds and block reductions, which torch.compile fuses into
     a few loops (the "compiled" path): no cast or RHT pass of its own."""
     x2 = x2.float()
-    if signs is not None:
-        x2 = rht16(x2, signs)
+    if H is not None:
+        x2 = _rotate16(x2, H)
     if fmt == "mxfp4":
         magnitude, negative, scale = _round_mxfp4(x2, rounding, seed)
         scale = _e8m0_value(scale)                                                    # (Mp, Kp/32)
@@ -591,7 +605,8 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path
         out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
     else:
         fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
-        out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed, rht_signs)
+        H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None
+        out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H)
     # (the cast to `dtype` stays outside the compiled function: inductor's CPU code for an fp32 -> bf16
     # output was measured 6x slower than eager's .to(), 11 ms vs 1.9 ms on 512x2048)
     out = out.to(dtype)
