@@ -1029,6 +1029,10 @@ class FP4Linear(nn.Linear):
         """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (SPEC §7)."""
         return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.outliers, self.path)
 
+    # In a torch.compile'd model (train.py --compile) each FP4 layer runs as an eager island between the compiled
+    # graphs: dynamo cannot trace its generator draws or the dequantized tensors it saves for the backward, and
+    # its quantizers are compiled on their own (path "compiled"), bit-identical with or without --compile.
+    @torch.compiler.disable
     def forward(self, x):
         if self.calibrating:                                 # OutControl: per-channel L2 norm over tokens
             norm = x.detach().reshape(-1, self.in_features).float().norm(dim=0)    # (in,)
