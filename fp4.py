@@ -995,6 +995,13 @@ class OutControl:
 # -----------------------------------------------------------------------------
 # Modules last: FP4Linear and the converter
 
+@functools.cache
+def _eager_island(fn):
+    """torch.compiler.disable(fn), built on first use: the decorator imports dynamo (and with it triton), which
+    would double `import fp4`'s time (1.7 -> 3.2 s) and fix triton's settings before a test sets TRITON_INTERPRET."""
+    return torch.compiler.disable(fn)
+
+
 class FP4Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in simulated FP4 (FP4LinearFunction); the weight stays the fp32
     master. Stochastic rounding and random RHT signs come from this layer's own torch.Generator, seeded with
@@ -1032,11 +1039,13 @@ class FP4Linear(nn.Linear):
         """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (SPEC §7)."""
         return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.outliers, self.path)
 
-    # In a torch.compile'd model (train.py --compile) each FP4 layer runs as an eager island between the compiled
-    # graphs: dynamo cannot trace its generator draws or the dequantized tensors it saves for the backward, and
-    # its quantizers are compiled on their own (path "compiled"), bit-identical with or without --compile.
-    @torch.compiler.disable
     def forward(self, x):
+        # In a torch.compile'd model (train.py --compile) each FP4 layer runs as an eager island between the
+        # compiled graphs: dynamo cannot trace its generator draws or the dequantized tensors it saves for the
+        # backward, and its quantizers are compiled on their own (path "compiled"), the same bits either way.
+        return _eager_island(FP4Linear._forward)(self, x)
+
+    def _forward(self, x):
         if self.calibrating:                                 # OutControl: per-channel L2 norm over tokens
             norm = x.detach().reshape(-1, self.in_features).float().norm(dim=0)    # (in,)
             self.channel_norm = norm if self.channel_norm is None else self.channel_norm + norm
