@@ -357,12 +357,11 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
 
 
 def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None):
-    """fp32 (Mp, Kp), padded (rotated, x2 ↦ x2 H, first if H = hadamard16(signs) is given) -> (packed codes
-    (Mp, Kp/2) as int16,
-    block_scale e4m3 bytes as uint8 (Mp, Kp/16), outer_scale). The packed byte code(2j) + 16·code(2j+1)
-    (= pack_e2m1) is formed in fp32 and returned as int16, and the scales as raw bytes, because torch.compile's
-    CPU backend vectorizes those but not fp32 -> uint8 conversions or e4m3 outputs (each measured 2-4x slower
-    on 4096x4096)."""
+    """fp32 (Mp, Kp), padded (rotated first, x2 ↦ x2 H, if H = hadamard16(signs) is given) -> (packed codes
+    (Mp, Kp/2) as int16, block_scale e4m3 bytes as uint8 (Mp, Kp/16), outer_scale). The packed byte
+    code(2j) + 16·code(2j+1) (= pack_e2m1) is formed in fp32 and returned as int16, and the scales as raw bytes,
+    because torch.compile's CPU backend vectorizes those but not fp32 -> uint8 conversions or e4m3 outputs
+    (each measured 2-4x slower on 4096x4096)."""
     if H is not None:
         x2 = _rotate16(x2, H)
     magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)
@@ -607,8 +606,8 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path
         fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
         H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None
         out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H)
-    # (the cast to `dtype` stays outside the compiled function: inductor's CPU code for an fp32 -> bf16
-    # output was measured 6x slower than eager's .to(), 11 ms vs 1.9 ms on 512x2048)
+    # (the cast to `dtype` stays outside the compiled function: with a bf16 output inductor's CPU code for SR
+    # recomputes each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); LOG.md)
     out = out.to(dtype)
     width = x.shape[-1] if rht_signs is None else -(-x.shape[-1] // NVFP4_BLOCK) * NVFP4_BLOCK
     return _restore(out, x, x.numel() // x.shape[-1])[..., :width]
