@@ -343,6 +343,9 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     tile = tuple(tile)
     x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()  # (Mp, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
+    if path == "cpu":
+        raise ValueError("path 'cpu' (cpu_kernels.c) has the fake quantizer only (fake_quant), not the codes; "
+                         "use path='compiled' for quantize_nvfp4 on a CPU")
     if path == "triton":
         import kernels                                   # only imported when asked for (it needs triton)
         codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
@@ -602,6 +605,14 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path
             raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
         import kernels                                   # only imported when asked for (it needs triton)
         out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
+    elif path == "cpu":
+        if recipe.fmt != "nvfp4":
+            raise ValueError(f"path 'cpu' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
+        import cpu_kernels                               # builds cpu_kernels.c on first use
+        H = hadamard16(rht_signs) if rht_signs is not None else None
+        # it writes bf16 itself (same rounding as .to()), saving the cast's pass over the fp32 result
+        out = cpu_kernels.fake_quant_nvfp4(x2, recipe.outer, tile, seed, H,
+                                           dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
     else:
         fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
         H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None
@@ -649,25 +660,30 @@ def _compiled_transpose(x):
 
 
 # -----------------------------------------------------------------------------
-# Which implementation runs the quantizers (the `path` argument above). Three, all bit-identical:
+# Which implementation runs the quantizers (the `path` argument above). Four, all bit-identical:
 #   reference  the functions in this file, run eagerly: the readable definition and the judge of the others
 #   compiled   the same functions through torch.compile: inductor fuses each quantizer into a few loops
 #              (C++/OpenMP on CPU, Triton on GPUs), ~10x faster than eager on a laptop CPU (bench.py)
+#   cpu        cpu_kernels.c's hand-written NVFP4 fake quantizer (C/OpenMP, built on first use), ~2x faster
+#              than compiled; it is what makes a simulated FP4 step cost < 1.5x a bf16 one on a laptop
 #   triton     kernels.py's hand-written NVFP4 kernels (CUDA; the MXFP4 recipe has none)
 # OutControl's MXFP8 channels always run the reference (10% of the channels).
 
-FP4_PATHS = ("reference", "compiled", "triton")
+FP4_PATHS = ("reference", "compiled", "cpu", "triton")
 
 
 def select_path(requested, device, recipe):
     """The one place that decides which path the FP4 layers use -> (path, a line saying which and why, for the
     caller to print once at start-up).
-    requested: "auto" or one of FP4_PATHS. auto = triton on CUDA for NVFP4 recipes when kernels.py imports,
-    else compiled if torch.compile works here (tried on a small tensor, checked against the reference), else
-    reference with a loud banner. A path asked for by name that cannot run is an error, not a substitution."""
+    requested: "auto" or one of FP4_PATHS. auto = triton on CUDA for NVFP4 recipes when kernels.py imports;
+    cpu on a CPU for NVFP4 recipes when cpu_kernels.c builds and matches the reference on a small tensor;
+    else compiled if torch.compile works here (checked the same way), else reference with a loud banner.
+    Every path auto passes over is named in the line, with why. A path asked for by name that cannot run is
+    an error, not a substitution."""
     recipe, device = get_recipe(recipe), torch.device(device)
     if requested not in ("auto",) + FP4_PATHS:
         raise ValueError(f"unknown FP4 path {requested!r}; choose auto or one of {FP4_PATHS}")
+    skipped = []                                         # (path, why not) for the paths auto passed over
     if requested in ("auto", "triton"):
         why_not = _triton_unavailable(device, recipe)
         if why_not is None:
@@ -677,20 +693,44 @@ def select_path(requested, device, recipe):
             return "triton", f"FP4 path: triton (kernels.py; recipe {recipe.name}, {device}; {gemm})"
         if requested == "triton":
             raise ValueError(f"FP4 path triton is not available: {why_not}; use --fp4-path compiled or reference")
-    if requested in ("auto", "compiled"):
-        x = torch.randn(32, 256, generator=torch.Generator().manual_seed(0)).to(device)
-        try:
-            ok = torch.equal(fake_quant(x, recipe, path="compiled"), fake_quant(x, recipe))
-            why_not = None if ok else "its result differs from the reference"
-        except Exception as e:                           # no C++ compiler, unsupported device, ...
-            why_not = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if device.type == "cuda":
+            skipped.append(("triton", why_not))
+    for path in ("cpu", "compiled"):
+        if requested not in ("auto", path):
+            continue
+        why_not = _probe(path, device, recipe)
         if why_not is None:
-            return "compiled", f"FP4 path: compiled (torch.compile of fp4.py's quantizers; recipe {recipe.name}, {device})"
-        if requested == "compiled":
-            raise ValueError(f"FP4 path compiled is not available: torch.compile failed ({why_not}); use --fp4-path reference")
-        return "reference", ("!" * 100 + f"\n!!! FP4 path: reference (eager, ~10x slower): torch.compile failed "
-                             f"here ({why_not})\n" + "!" * 100)
+            what = "cpu_kernels.c" if path == "cpu" else "torch.compile of fp4.py's quantizers"
+            passed = "".join(f"; not {p}: {why}" for p, why in skipped)
+            return path, f"FP4 path: {path} ({what}; recipe {recipe.name}, {device}{passed})"
+        if requested == path:
+            raise ValueError(f"FP4 path {path} is not available: {why_not}; use --fp4-path "
+                             f"{'compiled' if path == 'cpu' else 'reference'}")
+        skipped.append((path, why_not))
+    if requested == "auto":
+        passed = "; ".join(f"not {p}: {why}" for p, why in skipped)
+        return "reference", ("!" * 100 + f"\n!!! FP4 path: reference (eager, ~10x slower; {passed})\n" + "!" * 100)
     return "reference", f"FP4 path: reference (eager fp4.py; recipe {recipe.name}, {device})"
+
+
+def _probe(path, device, recipe):
+    """-> None if `path` runs this recipe on this device and gives the reference's bits on a small tensor
+    (RTN and SR with RHT, bf16 out), else why not (one phrase)."""
+    if path == "cpu" and device.type != "cpu":
+        return f"its kernels run on the CPU (this run uses {device.type})"
+    if path == "cpu" and recipe.fmt != "nvfp4":
+        return f"cpu_kernels.c has no {recipe.fmt} kernel"
+    g = torch.Generator().manual_seed(0)
+    x, signs = torch.randn(32, 256, generator=g).to(device), random_signs(g).to(device)
+    try:
+        for kw in (dict(), dict(rounding="stochastic", rht_signs=signs, dtype=torch.bfloat16)):
+            same = [fake_quant(x, recipe, generator=torch.Generator(device).manual_seed(1), path=p, **kw)
+                    for p in (path, "reference")]
+            if not torch.equal(*same):
+                return "its result differs from the reference"
+    except Exception as e:                               # no C compiler, unsupported device, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def _triton_unavailable(device, recipe):

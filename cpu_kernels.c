@@ -1,0 +1,279 @@
+/*
+ * cpu_kernels.c: the NVFP4 fake quantizer (quantize, then dequantize) in plain C for CPUs, the `cpu` path of
+ * fp4.py. What it computes is fp4.fake_quant for an NVFP4 recipe, bit for bit (tests/test_cpu_kernels.py):
+ *
+ *     x (M, K), M a multiple of TR (1 or 16 rows per scale tile), K a multiple of G (16, or 128 for outer=128)
+ *     optionally  x <- x H  per 16-chunk of a row (RHT-16, fp4.rht16), H (16, 16) fp32
+ *     amax_16 = max |x| over each TR x 16 tile      (replicated on the TR rows)
+ *     outer = "tensor":  s_b = e4m3(min(amax_16 * (S_enc * fl(1/6)), 448));  scale = s_b * S_dec
+ *     outer = 128:       s_o = amax_128 / 2688 (1 if 0);  s_i = e4m3(min((amax_16 / s_o) / 6, 448)) (2^-9 if
+ *                        amax_16 = 0);  scale = s_o * s_i
+ *     v = x * min(1 / scale, FLT_MAX);  q = E2M1 magnitude of |v| (RTN or SR, fp4.round_e2m1_magnitude)
+ *     out = ±q * scale  (0 for a block whose E4M3 scale is 0), stored as fp32 or bf16 (round to nearest even)
+ *
+ * Why C: torch.compile fuses the same math into one loop, but its code recomputes each block's scales in
+ * scalar code between vector loads, and the SR noise in 64-bit lanes. Here each 16-chunk is one AVX-512
+ * register (or two AVX2 ones), the 8 block scales of a 128-block are computed together, and the noise hash
+ * runs in 32-bit lanes: 2-2.5x faster than the compiled path on a laptop CPU (LOG.md, session 5).
+ *
+ * Exactness: every operation is the reference's fp32 operation in the reference's order. The build flags
+ * (cpu_kernels.py) forbid what would change a bit: -ffp-contract=off (no fused multiply-adds), no
+ * -ffast-math. -fno-trapping-math and -fno-math-errno only let gcc vectorize floorf/rintf; they change no
+ * result. Divisions by a power of two are written as multiplications by its inverse, which is exact.
+ * The per-tensor amax is a separate pass (amax_rows below), as in the reference.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 16                       /* elements per E4M3 block scale */
+#define MAX_GROUP 128                  /* widest column group: one double-block outer block */
+#define MAX_TILE_ROWS 16               /* 16x16 tiles (NVIDIA's weights) */
+#define E2M1_MAX 6.0f
+#define E4M3_MAX 448.0f
+#define E4M3_MIN_NORMAL 0.015625f      /* 2^-6: below it E4M3 is subnormal, in steps of 2^-9 */
+#define AMAX_TO_SCALE 2688.0f          /* 6 * 448 */
+#define ZERO_BLOCK_SCALE 0.001953125f  /* 2^-9: s_i of an all-zero block (double-block) */
+#define NOISE_ULP 5.960464477539063e-08f  /* 2^-24 */
+
+static inline float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t float_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* min(a, b) that keeps a NaN `a`, as torch.clamp(max=b) does (fminf would drop it) */
+static inline float min_keep_nan(float a, float b) { return a > b ? b : a; }
+
+/* fp32 v in [0, 448] (or NaN) -> the nearest E4M3 value, ties to even, as torch's .to(float8_e4m3fn).
+ * Normal range: keep 3 mantissa bits, rounding the 20 dropped ones to nearest even with the integer carry
+ * trick (a carry into the exponent is the correct next binade). Subnormal range: multiples of 2^-9. */
+static inline float round_e4m3(float v) {
+    float sub = rintf(v * 512.0f) * (1.0f / 512.0f);
+    uint32_t u = float_to_bits(v);
+    float normal = bits_to_float((u + 0x7FFFFu + ((u >> 20) & 1u)) & 0xFFF00000u);
+    return v < E4M3_MIN_NORMAL ? sub : normal;
+}
+
+/* fp32 -> bf16 bits, round to nearest even, NaN -> 0x7FC0: what torch's .to(torch.bfloat16) does */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u = float_to_bits(f);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? (uint16_t)0x7FC0 : (uint16_t)rounded;
+}
+
+/* PCG-RXS-M-XS, the hash of fp4.uniform_noise, in native wrapping uint32 arithmetic */
+static inline uint32_t pcg_hash(uint32_t h) {
+    uint32_t state = h * 747796405u + 2891336453u;
+    uint32_t word = ((state >> ((state >> 28) + 4u)) ^ state) * 277803737u;
+    return (word >> 22) ^ word;
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * Loading a (rows, n) block starting at element (r0, c0) into fp32 v[rows][MAX_GROUP]. Either the rows are
+ * contiguous (col_stride 1), or the block is read from a transposed operand (wgrad's dY^T and X^T: row_stride
+ * 1, col_stride = the source's row length), in place instead of copying the transpose first. Then each
+ * column c of the block is `rows` consecutive values in memory, so the block is read column by column:
+ * reading a row of it instead would touch one cache line per element, all at the same 4 KiB-aligned offset,
+ * which thrashes the L1 set (measured 2x slower). */
+static inline float load_one(const void *x, int x_bf16, int64_t i) {
+    return x_bf16 ? bits_to_float((uint32_t)((const uint16_t *)x)[i] << 16) : ((const float *)x)[i];
+}
+
+static void load_block(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t r0, int64_t c0,
+                       int rows, int n, float v[][MAX_GROUP]) {
+    if (col_stride == 1) {
+        for (int r = 0; r < rows; r++) {
+            int64_t start = (r0 + r) * row_stride + c0;
+            if (x_bf16) {
+                const uint16_t *p = (const uint16_t *)x + start;
+                #pragma omp simd
+                for (int e = 0; e < n; e++) v[r][e] = bits_to_float((uint32_t)p[e] << 16);
+            } else {
+                memcpy(v[r], (const float *)x + start, n * sizeof(float));
+            }
+        }
+    } else {
+        for (int c = 0; c < n; c++)
+            for (int r = 0; r < rows; r++)
+                v[r][c] = load_one(x, x_bf16, (r0 + r) * row_stride + (c0 + c) * col_stride);
+    }
+}
+
+/* RHT-16 of n contiguous fp32 values in place, chunk by chunk: out[q] = sum_i c[i] H[i][q] summed in the
+ * order i = 0..15 (fp4._rotate16's order; each product is exact, so the order fixes every bit). */
+static inline void rotate16(float *v, int n, const float *H) {
+    for (int c = 0; c < n; c += BLOCK) {
+        float o[BLOCK], *in = v + c;
+        #pragma omp simd
+        for (int q = 0; q < BLOCK; q++) o[q] = in[0] * H[q];
+        for (int i = 1; i < BLOCK; i++) {
+            float ci = in[i];
+            #pragma omp simd
+            for (int q = 0; q < BLOCK; q++) o[q] = o[q] + ci * H[BLOCK * i + q];
+        }
+        memcpy(in, o, sizeof o);
+    }
+}
+
+/* max |v[e]| over 16 values; NaN if any is NaN (torch.amax propagates NaN) */
+static inline float amax16(const float *v) {
+    float m = 0.0f;
+    int nan = 0;
+    #pragma omp simd reduction(max:m) reduction(|:nan)
+    for (int e = 0; e < BLOCK; e++) {
+        float a = fabsf(v[e]);
+        m = m > a ? m : a;
+        nan |= a != a;
+    }
+    return nan ? NAN : m;
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * One 16-chunk: v (16 fp32) -> out (16, fp32 or bf16), given the chunk's encode factor, decode scale and
+ * whether its E4M3 scale is non-zero. `noise_index` is the flat index of v[0] in the (M, K) view; SR draws
+ * u = (pcg(pcg(i ^ s0) ^ s1) >> 8) * 2^-24 for element i (fp4.uniform_noise). Two copies, RTN and SR, so
+ * that each is one branch-free vector loop. */
+#define E2M1_STEP(a) ((a) >= 4.0f ? 2.0f : ((a) >= 2.0f ? 1.0f : 0.5f))   /* grid spacing 2^(e-1) */
+
+static inline void store16(const float *d, void *out, int out_bf16) {
+    if (out_bf16) {
+        uint16_t *o = (uint16_t *)out;
+        #pragma omp simd
+        for (int e = 0; e < BLOCK; e++) o[e] = float_to_bf16(d[e]);
+    } else {
+        memcpy(out, d, BLOCK * sizeof(float));
+    }
+}
+
+static inline void chunk_rtn(const float *v, float encode, float scale, int keep, void *out, int out_bf16) {
+    float kept = keep ? 1.0f : 0.0f, res[BLOCK];
+    #pragma omp simd
+    for (int e = 0; e < BLOCK; e++) {
+        float val = v[e] * encode;
+        float a = min_keep_nan(fabsf(val), E2M1_MAX);
+        float step = E2M1_STEP(a);
+        float q = rintf(a * (1.0f / step)) * step;              /* ties to even, as torch.round */
+        float d = (q * kept) * scale;
+        res[e] = ((val < 0.0f) & keep) ? -d : d;
+    }
+    store16(res, out, out_bf16);
+}
+
+static inline void chunk_sr(const float *v, float encode, float scale, int keep, void *out, int out_bf16,
+                            uint32_t noise_index, uint32_t s0, uint32_t s1) {
+    float kept = keep ? 1.0f : 0.0f, res[BLOCK];
+    #pragma omp simd
+    for (int e = 0; e < BLOCK; e++) {
+        float val = v[e] * encode;
+        float a = min_keep_nan(fabsf(val), E2M1_MAX);
+        float step = E2M1_STEP(a);
+        float x = a * (1.0f / step);
+        float u = (float)(int32_t)(pcg_hash(pcg_hash((noise_index + (uint32_t)e) ^ s0) ^ s1) >> 8) * NOISE_ULP;
+        float t = floorf(x);
+        float q = (t + (u < x - t ? 1.0f : 0.0f)) * step;       /* up with probability x - floor(x) */
+        float d = (q * kept) * scale;
+        res[e] = ((val < 0.0f) & keep) ? -d : d;
+    }
+    store16(res, out, out_bf16);
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * One scale tile: rows v[0..tile_rows) of a loaded block, n columns starting at column c0 of row r0 ->
+ * the scales of its n/16 chunks (from the tile's amax), then every row's chunks quantized into out. */
+static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0, int64_t c0, int64_t K,
+                          void *out, int out_bf16, int outer128, float enc_sixth, float s_dec,
+                          int sr, uint32_t s0, uint32_t s1) {
+    const int nb = n / BLOCK;
+    float tile_amax[MAX_GROUP / BLOCK], encode[MAX_GROUP / BLOCK], scale[MAX_GROUP / BLOCK];
+    int keep[MAX_GROUP / BLOCK];
+    for (int b = 0; b < nb; b++) {
+        float m = 0.0f;
+        for (int r = 0; r < tile_rows; r++) {
+            float a = amax16(v[r] + BLOCK * b);
+            m = (a > m || a != a) ? a : m;
+        }
+        tile_amax[b] = m;
+    }
+    if (outer128) {
+        float a128 = 0.0f;
+        for (int b = 0; b < nb; b++) a128 = (tile_amax[b] > a128 || tile_amax[b] != tile_amax[b]) ? tile_amax[b] : a128;
+        float s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
+        #pragma omp simd
+        for (int b = 0; b < nb; b++) {
+            float s_i = tile_amax[b] == 0.0f ? ZERO_BLOCK_SCALE
+                        : round_e4m3(min_keep_nan((tile_amax[b] / s_o) / E2M1_MAX, E4M3_MAX));
+            scale[b] = s_o * s_i;
+            keep[b] = s_i != 0.0f;
+        }
+    } else {
+        #pragma omp simd
+        for (int b = 0; b < nb; b++) {
+            float s_b = round_e4m3(min_keep_nan(tile_amax[b] * enc_sixth, E4M3_MAX));
+            scale[b] = s_b * s_dec;
+            keep[b] = s_b != 0.0f;
+        }
+    }
+    #pragma omp simd
+    for (int b = 0; b < nb; b++) encode[b] = min_keep_nan(1.0f / scale[b], FLT_MAX);
+    const size_t out_size = out_bf16 ? 2 : 4;
+    for (int r = 0; r < tile_rows; r++) {
+        for (int b = 0; b < nb; b++) {
+            int64_t i = (r0 + r) * K + c0 + BLOCK * b;           /* flat index in the (M, K) view */
+            char *o = (char *)out + i * out_size;
+            if (sr)
+                chunk_sr(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16, (uint32_t)i, s0, s1);
+            else
+                chunk_rtn(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * The kernel. Arguments:
+ *   x, x_bf16, row_stride, col_stride   input (M, K): element (r, c) at x[r*row_stride + c*col_stride]
+ *   out, out_bf16                       output (M, K), contiguous
+ *   tile_rows                           1 or 16 (TR above)
+ *   outer128                            1: double-block (s_o per 1x128 / 16x128); 0: per-tensor
+ *   enc_sixth, s_dec                    per-tensor only: fp32 S_enc * fl(1/6) and S_dec (fp4.tensor_scales)
+ *   sr, s0, s1                          stochastic rounding and its two uint32 seeds
+ *   H                                   NULL, or the 16x16 RHT matrix (fp4.hadamard16), row-major
+ * The work is blocks of `rows` x G elements (16 rows for 16x16 tiles and for transposed inputs, else 1), one
+ * OpenMP thread per contiguous range of row blocks. */
+void fake_quant_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
+                      int64_t M, int64_t K, int tile_rows, int outer128, float enc_sixth, float s_dec,
+                      int sr, uint32_t s0, uint32_t s1, const float *H) {
+    const int G = outer128 ? MAX_GROUP : (K % MAX_GROUP == 0 ? MAX_GROUP : BLOCK);  /* columns per step */
+    const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+        float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
+        for (int64_t c0 = 0; c0 < K; c0 += G) {
+            load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
+            if (H)
+                for (int r = 0; r < rows; r++) rotate16(v[r], G, H);
+            for (int t = 0; t < rows; t += tile_rows)
+                quantize_tile(v + t, tile_rows, G, r0 + t, c0, K, out, out_bf16, outer128, enc_sixth, s_dec,
+                              sr, s0, s1);
+        }
+    }
+}
+
+/* Per-row amax of |x H| (or |x|): out_amax (M,) fp32, NaN if the row has one. The per-tensor recipe's
+ * first pass; the caller reduces the rows (torch.amax) and derives S_enc, S_dec as fp4.tensor_scales. */
+void amax_rows(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t M, int64_t K,
+               const float *H, float *out_amax) {
+    const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+        float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
+        float m[MAX_TILE_ROWS] = {0.0f};
+        for (int64_t c0 = 0; c0 < K; c0 += BLOCK) {
+            load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, BLOCK, v);
+            for (int r = 0; r < rows; r++) {
+                if (H) rotate16(v[r], BLOCK, H);
+                float a = amax16(v[r]);
+                m[r] = (a > m[r] || a != a) ? a : m[r];
+            }
+        }
+        for (int r = 0; r < rows; r++) out_amax[r0 + r] = m[r];
+    }
+}

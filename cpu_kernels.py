@@ -1,0 +1,101 @@
+"""
+cpu_kernels.py: builds cpu_kernels.c with the system C compiler on first use and calls it through ctypes. This is
+the `cpu` path of fp4.py (see FP4_PATHS there): NVFP4 fake quantization, bit for bit fp4.fake_quant, 2-2.5x
+faster than the torch.compile'd reference on a laptop CPU (LOG.md, session 5).
+
+    lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4
+    out = cpu_kernels.fake_quant_nvfp4(x2, outer=128, tile=(1, 16), seed=None, H=None, dtype=torch.bfloat16)
+
+Needs gcc (or a cc that takes gcc's flags) with OpenMP; library() raises RuntimeError with the compiler's
+message otherwise, and fp4.select_path then picks the compiled path and says why. The library links the
+OpenMP runtime torch already loaded (same soname), so its threads are torch's threads, not a second pool.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -march=native: the library is built on the machine that runs it. -ffp-contract=off: no fused multiply-add,
+# whose single rounding would change bits. -fno-math-errno/-fno-trapping-math: let gcc vectorize rintf/floorf
+# (no value changes). Never -ffast-math (it would reorder and flush subnormals).
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+          "-shared", "-fPIC")
+CACHE_DIR = Path.home() / ".cache" / "nanofp4"
+
+
+def _compiler():
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (gcc or cc on PATH)")
+    return cc
+
+
+@functools.cache
+def library():
+    """-> the loaded ctypes library, compiled if this source, compiler and machine have no cached build yet.
+    The build writes to a temporary file and renames it into place, so concurrent runs (torchrun) never load
+    a half-written library."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), version, platform.machine(),
+                                    platform.node()]).encode()).hexdigest()[:16]
+    path = CACHE_DIR / f"cpu_kernels-{key}.so"
+    if not path.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE_DIR)
+        os.close(fd)
+        build = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if build.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {build.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, path)
+    lib = ctypes.CDLL(str(path))
+    p, i, i64, f, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
+    lib.fake_quant_nvfp4.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, f, f, i, u32, u32, p]
+    lib.fake_quant_nvfp4.restype = None
+    lib.amax_rows.argtypes = [p, i, i64, i64, i64, i64, p, p]
+    lib.amax_rows.restype = None
+    return lib
+
+
+def fake_quant_nvfp4(x2, outer, tile, seed, H=None, dtype=torch.float32):
+    """x2 (Mp, Kp) fp32 or bf16 on the CPU, padded as fp4.fake_quant pads it (rows to tile[0], K to 16 or 128),
+    any strides -> (Mp, Kp) contiguous in `dtype` (fp32 or bf16) = fp4._fake_quant_2d(x2, "nvfp4", outer, tile,
+    rounding, seed, H).to(dtype), bit for bit. seed: None (round to nearest) or fp4.draw_seed's int64 (2,)
+    (stochastic rounding with fp4.uniform_noise). H: None or fp4.hadamard16(signs) (RHT-16 first)."""
+    import fp4                                           # (fp4 imports this module lazily; no cycle at import)
+    Mp, Kp = x2.shape
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()                                  # fp16/fp64: the reference upcasts/rounds to fp32 too
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the cpu path writes fp32 or bf16, got {dtype}; use --fp4-path compiled for others")
+    if x2.device.type != "cpu":
+        raise ValueError(f"the cpu path runs on the CPU; got a tensor on {x2.device}")
+    row_stride, col_stride = x2.stride()
+    if Mp % tile[0] or Kp % (fp4.OUTER_BLOCK if outer == fp4.OUTER_BLOCK else fp4.NVFP4_BLOCK):
+        raise ValueError(f"shape {tuple(x2.shape)} is not padded to whole {tile[0]}-row tiles and blocks")
+    H = None if H is None else H.float().contiguous()
+    lib = library()
+    x_bf16 = int(x2.dtype == torch.bfloat16)
+    enc_sixth = s_dec = 0.0
+    if outer == "tensor":                                # pass 1: the per-tensor amax of x (or x H)
+        row_amax = torch.empty(Mp, dtype=torch.float32)
+        lib.amax_rows(x2.data_ptr(), x_bf16, row_stride, col_stride, Mp, Kp,
+                      None if H is None else H.data_ptr(), row_amax.data_ptr())
+        S_enc, S_dec = fp4.tensor_scales(row_amax.amax())
+        enc_sixth, s_dec = (S_enc * fp4.FP32_ONE_SIXTH).item(), S_dec.item()
+    s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
+    out = torch.empty(Mp, Kp, dtype=dtype)
+    lib.fake_quant_nvfp4(x2.data_ptr(), x_bf16, row_stride, col_stride, out.data_ptr(), int(dtype == torch.bfloat16),
+                         Mp, Kp, tile[0], int(outer == fp4.OUTER_BLOCK), enc_sixth, s_dec, int(seed is not None),
+                         s0, s1, None if H is None else H.data_ptr())
+    return out
