@@ -20,7 +20,7 @@
  * (cpu_kernels.py) forbid what would change a bit: -ffp-contract=off (no fused multiply-adds), no
  * -ffast-math. -fno-trapping-math and -fno-math-errno only let gcc vectorize floorf/rintf; they change no
  * result. Divisions by a power of two are written as multiplications by its inverse, which is exact.
- * The per-tensor amax is a separate pass (amax_rows below), as in the reference.
+ * The per-tensor amax is a first pass over the tensor (tensor_amax), as in the reference.
  */
 #include <float.h>
 #include <math.h>
@@ -35,6 +35,7 @@
 #define E4M3_MIN_NORMAL 0.015625f      /* 2^-6: below it E4M3 is subnormal, in steps of 2^-9 */
 #define AMAX_TO_SCALE 2688.0f          /* 6 * 448 */
 #define ZERO_BLOCK_SCALE 0.001953125f  /* 2^-9: s_i of an all-zero block (double-block) */
+#define ONE_SIXTH 0.1666666716337204f   /* fl32(1/6), multiplied into S_enc first as in TE (SPEC §2) */
 #define NOISE_ULP 5.960464477539063e-08f  /* 2^-24 */
 
 static inline float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -227,20 +228,48 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
     }
 }
 
+/* Pass 1 of the per-tensor recipe: A = max |x H| (or |x|) over the whole tensor, NaN if any element is. */
+static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t M, int64_t K,
+                         const float *H) {
+    const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
+    float A = 0.0f;
+    int nan = 0;
+    #pragma omp parallel for schedule(static) reduction(max:A) reduction(|:nan)
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+        float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
+        for (int64_t c0 = 0; c0 < K; c0 += BLOCK) {
+            load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, BLOCK, v);
+            for (int r = 0; r < rows; r++) {
+                if (H) rotate16(v[r], BLOCK, H);
+                float a = amax16(v[r]);
+                nan |= a != a;
+                A = A > a ? A : a;
+            }
+        }
+    }
+    return nan ? NAN : A;
+}
+
 /* ------------------------------------------------------------------------------------------------------
  * The kernel. Arguments:
  *   x, x_bf16, row_stride, col_stride   input (M, K): element (r, c) at x[r*row_stride + c*col_stride]
  *   out, out_bf16                       output (M, K), contiguous
  *   tile_rows                           1 or 16 (TR above)
  *   outer128                            1: double-block (s_o per 1x128 / 16x128); 0: per-tensor
- *   enc_sixth, s_dec                    per-tensor only: fp32 S_enc * fl(1/6) and S_dec (fp4.tensor_scales)
  *   sr, s0, s1                          stochastic rounding and its two uint32 seeds
  *   H                                   NULL, or the 16x16 RHT matrix (fp4.hadamard16), row-major
  * The work is blocks of `rows` x G elements (16 rows for 16x16 tiles and for transposed inputs, else 1), one
  * OpenMP thread per contiguous range of row blocks. */
 void fake_quant_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
-                      int64_t M, int64_t K, int tile_rows, int outer128, float enc_sixth, float s_dec,
-                      int sr, uint32_t s0, uint32_t s1, const float *H) {
+                      int64_t M, int64_t K, int tile_rows, int outer128, int sr, uint32_t s0, uint32_t s1,
+                      const float *H) {
+    float enc_sixth = 0.0f, s_dec = 0.0f;
+    if (!outer128) {       /* fp4.tensor_scales: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc */
+        float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H);
+        float S_enc = A == 0.0f ? 1.0f : min_keep_nan(AMAX_TO_SCALE / A, FLT_MAX);
+        s_dec = 1.0f / S_enc;
+        enc_sixth = S_enc * ONE_SIXTH;
+    }
     const int G = outer128 ? MAX_GROUP : (K % MAX_GROUP == 0 ? MAX_GROUP : BLOCK);  /* columns per step */
     const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
     #pragma omp parallel for schedule(static)
@@ -254,26 +283,5 @@ void fake_quant_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col
                 quantize_tile(v + t, tile_rows, G, r0 + t, c0, K, out, out_bf16, outer128, enc_sixth, s_dec,
                               sr, s0, s1);
         }
-    }
-}
-
-/* Per-row amax of |x H| (or |x|): out_amax (M,) fp32, NaN if the row has one. The per-tensor recipe's
- * first pass; the caller reduces the rows (torch.amax) and derives S_enc, S_dec as fp4.tensor_scales. */
-void amax_rows(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t M, int64_t K,
-               const float *H, float *out_amax) {
-    const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
-    #pragma omp parallel for schedule(static)
-    for (int64_t r0 = 0; r0 < M; r0 += rows) {
-        float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
-        float m[MAX_TILE_ROWS] = {0.0f};
-        for (int64_t c0 = 0; c0 < K; c0 += BLOCK) {
-            load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, BLOCK, v);
-            for (int r = 0; r < rows; r++) {
-                if (H) rotate16(v[r], BLOCK, H);
-                float a = amax16(v[r]);
-                m[r] = (a > m[r] || a != a) ? a : m[r];
-            }
-        }
-        for (int r = 0; r < rows; r++) out_amax[r0 + r] = m[r];
     }
 }

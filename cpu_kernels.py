@@ -59,11 +59,9 @@ def library():
             raise RuntimeError(f"{cc} could not build {SOURCE.name}: {build.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
-    p, i, i64, f, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
-    lib.fake_quant_nvfp4.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, f, f, i, u32, u32, p]
+    p, i, i64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32
+    lib.fake_quant_nvfp4.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, i, u32, u32, p]
     lib.fake_quant_nvfp4.restype = None
-    lib.amax_rows.argtypes = [p, i, i64, i64, i64, i64, p, p]
-    lib.amax_rows.restype = None
     return lib
 
 
@@ -86,16 +84,9 @@ def fake_quant_nvfp4(x2, outer, tile, seed, H=None, dtype=torch.float32):
     H = None if H is None else H.float().contiguous()
     lib = library()
     x_bf16 = int(x2.dtype == torch.bfloat16)
-    enc_sixth = s_dec = 0.0
-    if outer == "tensor":                                # pass 1: the per-tensor amax of x (or x H)
-        row_amax = torch.empty(Mp, dtype=torch.float32)
-        lib.amax_rows(x2.data_ptr(), x_bf16, row_stride, col_stride, Mp, Kp,
-                      None if H is None else H.data_ptr(), row_amax.data_ptr())
-        S_enc, S_dec = fp4.tensor_scales(row_amax.amax())
-        enc_sixth, s_dec = (S_enc * fp4.FP32_ONE_SIXTH).item(), S_dec.item()
     s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
     out = torch.empty(Mp, Kp, dtype=dtype)
     lib.fake_quant_nvfp4(x2.data_ptr(), x_bf16, row_stride, col_stride, out.data_ptr(), int(dtype == torch.bfloat16),
-                         Mp, Kp, tile[0], int(outer == fp4.OUTER_BLOCK), enc_sixth, s_dec, int(seed is not None),
-                         s0, s1, None if H is None else H.data_ptr())
+                         Mp, Kp, tile[0], int(outer == fp4.OUTER_BLOCK), int(seed is not None), s0, s1,
+                         None if H is None else H.data_ptr())
     return out

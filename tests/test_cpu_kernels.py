@@ -49,6 +49,13 @@ def test_cpu_fake_quant_reads_transposed_operands_in_place(outer):
         assert equal_with_nan(got, ref)
 
 
+def test_cpu_all_zero_tensor_quantizes_to_zeros():
+    # per-tensor A = 0 takes S_enc = 1 (fp4.tensor_scales); double-block's zero blocks get s_i = 2^-9
+    for recipe in NVFP4_RECIPES.values():
+        got = fp4.fake_quant(torch.zeros(32, 128), recipe, "stochastic", path="cpu")
+        assert torch.equal(got.view(torch.int32), torch.zeros(32, 128, dtype=torch.int32))
+
+
 def test_cpu_bf16_output_rounds_like_torch():
     # the kernel writes bf16 itself: ties to even and NaN exactly as torch's .to(torch.bfloat16)
     x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 1e3
