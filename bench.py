@@ -45,8 +45,11 @@ def timeit(fn, device, repeat, warmup=2):
 
 def paths_here(device, recipe):
     """The FP4 paths that can run on this device for this recipe (reference and compiled everywhere torch
-    runs, triton where select_path would allow it)."""
-    return [p for p in fp4.FP4_PATHS if p != "triton" or fp4._triton_unavailable(device, fp4.get_recipe(recipe)) is None]
+    runs; cpu and triton where select_path would allow them)."""
+    recipe = fp4.get_recipe(recipe)
+    can = {"triton": lambda: fp4._triton_unavailable(device, recipe) is None,
+           "cpu": lambda: fp4._probe("cpu", device, recipe) is None}
+    return [p for p in fp4.FP4_PATHS if p not in can or can[p]()]
 
 
 def bench_quant(device, repeat):
@@ -65,7 +68,7 @@ def bench_quant(device, repeat):
                 ("double-block RTN", dict(outer=128)), ("per-tensor SR", dict(rounding="stochastic")),
                 ("double-block SR", dict(outer=128, rounding="stochastic")))
     for path in paths_here(device, "nvidia"):
-        for name, kw in variants:
+        for name, kw in variants if path != "cpu" else ():     # (the cpu path has no codes kernel)
             rows.append((f"quantize_nvfp4 {name} [{path}]", timeit(
                 lambda: fp4.quantize_nvfp4(x, **kw, generator=gen, path=path), device, repeat), nvfp4_bytes))
         for recipe, rounding in (("tetrajet", "nearest"), ("tetrajet", "stochastic"), ("mxfp4", "nearest")):
