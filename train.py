@@ -52,7 +52,7 @@ class TrainConfig:
     # FP4
     fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = bf16 baseline)
     fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES)
-    fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, triton (same bits; fp4.select_path)
+    fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, cpu, triton (same bits; fp4.select_path)
     bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
     bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
     osci_reset: bool = False      # OsciReset: snap oscillating FP4 weights to their bin centre (TetraJet-v2 §4)
