@@ -131,8 +131,8 @@ static inline float amax16(const float *v) {
 /* ------------------------------------------------------------------------------------------------------
  * One 16-chunk: v (16 fp32) -> out (16, fp32 or bf16), given the chunk's encode factor, decode scale and
  * whether its E4M3 scale is non-zero. `noise_index` is the flat index of v[0] in the (M, K) view; SR draws
- * u = (pcg(pcg(i ^ s0) ^ s1) >> 8) * 2^-24 for element i (fp4.uniform_noise). Two copies, RTN and SR, so
- * that each is one branch-free vector loop. */
+ * u = (pcg(pcg(i ^ s0) ^ s1) >> 8) * 2^-24 for element i (fp4.uniform_noise). Inlined with `sr` a
+ * constant, so that RTN and SR each become one branch-free vector loop. */
 #define E2M1_STEP(a) ((a) >= 4.0f ? 2.0f : ((a) >= 2.0f ? 1.0f : 0.5f))   /* grid spacing 2^(e-1) */
 
 static inline void store16(const float *d, void *out, int out_bf16) {
@@ -145,32 +145,23 @@ static inline void store16(const float *d, void *out, int out_bf16) {
     }
 }
 
-static inline void chunk_rtn(const float *v, float encode, float scale, int keep, void *out, int out_bf16) {
+static inline __attribute__((always_inline)) void quantize_chunk(
+        const float *v, float encode, float scale, int keep, void *out, int out_bf16,
+        const int sr, uint32_t noise_index, uint32_t s0, uint32_t s1) {
     float kept = keep ? 1.0f : 0.0f, res[BLOCK];
     #pragma omp simd
     for (int e = 0; e < BLOCK; e++) {
         float val = v[e] * encode;
         float a = min_keep_nan(fabsf(val), E2M1_MAX);
         float step = E2M1_STEP(a);
-        float q = rintf(a * (1.0f / step)) * step;              /* ties to even, as torch.round */
-        float d = (q * kept) * scale;
-        res[e] = ((val < 0.0f) & keep) ? -d : d;
-    }
-    store16(res, out, out_bf16);
-}
-
-static inline void chunk_sr(const float *v, float encode, float scale, int keep, void *out, int out_bf16,
-                            uint32_t noise_index, uint32_t s0, uint32_t s1) {
-    float kept = keep ? 1.0f : 0.0f, res[BLOCK];
-    #pragma omp simd
-    for (int e = 0; e < BLOCK; e++) {
-        float val = v[e] * encode;
-        float a = min_keep_nan(fabsf(val), E2M1_MAX);
-        float step = E2M1_STEP(a);
-        float x = a * (1.0f / step);
-        float u = (float)(int32_t)(pcg_hash(pcg_hash((noise_index + (uint32_t)e) ^ s0) ^ s1) >> 8) * NOISE_ULP;
-        float t = floorf(x);
-        float q = (t + (u < x - t ? 1.0f : 0.0f)) * step;       /* up with probability x - floor(x) */
+        float x = a * (1.0f / step), q;
+        if (sr) {                       /* a constant at each call site: the compiler keeps one branch */
+            float u = (float)(int32_t)(pcg_hash(pcg_hash((noise_index + (uint32_t)e) ^ s0) ^ s1) >> 8) * NOISE_ULP;
+            float t = floorf(x);
+            q = (t + (u < x - t ? 1.0f : 0.0f)) * step;         /* up with probability x - floor(x) */
+        } else {
+            q = rintf(x) * step;                                 /* ties to even, as torch.round */
+        }
         float d = (q * kept) * scale;
         res[e] = ((val < 0.0f) & keep) ? -d : d;
     }
@@ -221,9 +212,9 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             int64_t i = (r0 + r) * K + c0 + BLOCK * b;           /* flat index in the (M, K) view */
             char *o = (char *)out + i * out_size;
             if (sr)
-                chunk_sr(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16, (uint32_t)i, s0, s1);
+                quantize_chunk(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16, 1, (uint32_t)i, s0, s1);
             else
-                chunk_rtn(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16);
+                quantize_chunk(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16, 0, 0, 0, 0);
         }
     }
 }
