@@ -27,10 +27,13 @@
 #include <stdint.h>
 #include <string.h>
 
-#define BLOCK 16                       /* elements per E4M3 block scale */
+#define BLOCK 16                       /* elements per E4M3 block scale; every loop works in 16-chunks */
+enum { NVFP4_TENSOR = 0, NVFP4_OUTER128 = 1, MXFP4 = 2 };   /* fake_quant's fmt: the recipe's format */
+#define MX_BLOCK 32                    /* elements per E8M0 scale (MXFP4) */
 #define MAX_GROUP 128                  /* widest column group: one double-block outer block */
 #define MAX_TILE_ROWS 16               /* 16x16 tiles (NVIDIA's weights) */
 #define E2M1_MAX 6.0f
+#define E2M1_MAX_POW2 2                /* floor(log2 6): MXFP4's X = 2^(floor(log2 amax) - 2) */
 #define E4M3_MAX 448.0f
 #define E4M3_MIN_NORMAL 0.015625f      /* 2^-6: below it E4M3 is subnormal, in steps of 2^-9 */
 #define AMAX_TO_SCALE 2688.0f          /* 6 * 448 */
@@ -43,6 +46,8 @@ static inline uint32_t float_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); r
 
 /* min(a, b) that keeps a NaN `a`, as torch.clamp(max=b) does (fminf would drop it) */
 static inline float min_keep_nan(float a, float b) { return a > b ? b : a; }
+/* max(m, a) where a NaN on either side wins, as torch.amax */
+static inline float max_keep_nan(float m, float a) { return (a > m || a != a) ? a : m; }
 
 /* fp32 v in [0, 448] (or NaN) -> the nearest E4M3 value, ties to even, as torch's .to(float8_e4m3fn).
  * Normal range: keep 3 mantissa bits, rounding the 20 dropped ones to nearest even with the integer carry
@@ -172,7 +177,7 @@ static inline __attribute__((always_inline)) void quantize_chunk(
  * One scale tile: rows v[0..tile_rows) of a loaded block, n columns starting at column c0 of row r0 ->
  * the scales of its n/16 chunks (from the tile's amax), then every row's chunks quantized into out. */
 static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0, int64_t c0, int64_t K,
-                          void *out, int out_bf16, int outer128, float enc_sixth, float s_dec,
+                          void *out, int out_bf16, int fmt, float enc_sixth, float s_dec,
                           int sr, uint32_t s0, uint32_t s1) {
     const int nb = n / BLOCK;
     float tile_amax[MAX_GROUP / BLOCK], encode[MAX_GROUP / BLOCK], scale[MAX_GROUP / BLOCK];
@@ -181,13 +186,13 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
         float m = 0.0f;
         for (int r = 0; r < tile_rows; r++) {
             float a = amax16(v[r] + BLOCK * b);
-            m = (a > m || a != a) ? a : m;
+            m = max_keep_nan(m, a);
         }
         tile_amax[b] = m;
     }
-    if (outer128) {
+    if (fmt == NVFP4_OUTER128) {
         float a128 = 0.0f;
-        for (int b = 0; b < nb; b++) a128 = (tile_amax[b] > a128 || tile_amax[b] != tile_amax[b]) ? tile_amax[b] : a128;
+        for (int b = 0; b < nb; b++) a128 = max_keep_nan(a128, tile_amax[b]);
         float s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
         #pragma omp simd
         for (int b = 0; b < nb; b++) {
@@ -195,6 +200,17 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
                         : round_e4m3(min_keep_nan((tile_amax[b] / s_o) / E2M1_MAX, E4M3_MAX));
             scale[b] = s_o * s_i;
             keep[b] = s_i != 0.0f;
+        }
+    } else if (fmt == MXFP4) {      /* fp4._round_mxfp4: X = 2^(floor(log2 amax_32) - 2), an E8M0 byte */
+        for (int b = 0; b < nb; b += MX_BLOCK / BLOCK) {
+            float a32 = max_keep_nan(tile_amax[b], tile_amax[b + 1]);
+            int32_t e = (int32_t)((float_to_bits(a32) >> 23) & 0xFF) - 127 - E2M1_MAX_POW2;
+            int32_t byte = (e < -127 ? -127 : e > 127 ? 127 : e) + 127;
+            float X = !isfinite(a32) ? NAN : byte == 0 ? bits_to_float(0x00400000u) : bits_to_float((uint32_t)byte << 23);
+            for (int k = b; k < b + MX_BLOCK / BLOCK; k++) {
+                scale[k] = X;
+                keep[k] = 1;
+            }
         }
     } else {
         #pragma omp simd
@@ -204,6 +220,7 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             keep[b] = s_b != 0.0f;
         }
     }
+    /* (MXFP4's x / X is exactly x * (1/X): X and 1/X are powers of two, 2^-127 and 2^127 included) */
     #pragma omp simd
     for (int b = 0; b < nb; b++) encode[b] = min_keep_nan(1.0f / scale[b], FLT_MAX);
     const size_t out_size = out_bf16 ? 2 : 4;
@@ -246,22 +263,21 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
  *   x, x_bf16, row_stride, col_stride   input (M, K): element (r, c) at x[r*row_stride + c*col_stride]
  *   out, out_bf16                       output (M, K), contiguous
  *   tile_rows                           1 or 16 (TR above)
- *   outer128                            1: double-block (s_o per 1x128 / 16x128); 0: per-tensor
+ *   fmt                                 NVFP4_TENSOR, NVFP4_OUTER128 (s_o per 1x128 / 16x128) or MXFP4
  *   sr, s0, s1                          stochastic rounding and its two uint32 seeds
  *   H                                   NULL, or the 16x16 RHT matrix (fp4.hadamard16), row-major
  * The work is blocks of `rows` x G elements (16 rows for 16x16 tiles and for transposed inputs, else 1), one
  * OpenMP thread per contiguous range of row blocks. */
-void fake_quant_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
-                      int64_t M, int64_t K, int tile_rows, int outer128, int sr, uint32_t s0, uint32_t s1,
-                      const float *H) {
+void fake_quant(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
+                int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1, const float *H) {
     float enc_sixth = 0.0f, s_dec = 0.0f;
-    if (!outer128) {       /* fp4.tensor_scales: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc */
+    if (fmt == NVFP4_TENSOR) {       /* fp4.tensor_scales: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc */
         float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H);
         float S_enc = A == 0.0f ? 1.0f : min_keep_nan(AMAX_TO_SCALE / A, FLT_MAX);
         s_dec = 1.0f / S_enc;
         enc_sixth = S_enc * ONE_SIXTH;
     }
-    const int G = outer128 ? MAX_GROUP : (K % MAX_GROUP == 0 ? MAX_GROUP : BLOCK);  /* columns per step */
+    const int G = K % MAX_GROUP == 0 ? MAX_GROUP : fmt == MXFP4 ? MX_BLOCK : BLOCK;  /* columns per step */
     const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
     #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
@@ -271,7 +287,7 @@ void fake_quant_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col
             if (H)
                 for (int r = 0; r < rows; r++) rotate16(v[r], G, H);
             for (int t = 0; t < rows; t += tile_rows)
-                quantize_tile(v + t, tile_rows, G, r0 + t, c0, K, out, out_bf16, outer128, enc_sixth, s_dec,
+                quantize_tile(v + t, tile_rows, G, r0 + t, c0, K, out, out_bf16, fmt, enc_sixth, s_dec,
                               sr, s0, s1);
         }
     }

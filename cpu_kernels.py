@@ -1,10 +1,10 @@
 """
 cpu_kernels.py: builds cpu_kernels.c with the system C compiler on first use and calls it through ctypes. This is
-the `cpu` path of fp4.py (see FP4_PATHS there): NVFP4 fake quantization, bit for bit fp4.fake_quant, 2-2.5x
-faster than the torch.compile'd reference on a laptop CPU (LOG.md, session 5).
+the `cpu` path of fp4.py (see FP4_PATHS there): NVFP4 and MXFP4 fake quantization, bit for bit fp4.fake_quant,
+~2x faster than the torch.compile'd reference on a laptop CPU (LOG.md, session 5).
 
     lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4
-    out = cpu_kernels.fake_quant_nvfp4(x2, outer=128, tile=(1, 16), seed=None, H=None, dtype=torch.bfloat16)
+    out = cpu_kernels.fake_quant(x2, "nvfp4", outer=128, tile=(1, 16), seed=None, H=None, dtype=torch.bfloat16)
 
 Needs gcc (or a cc that takes gcc's flags) with OpenMP; library() raises RuntimeError with the compiler's
 message otherwise, and fp4.select_path then picks the compiled path and says why. The library links the
@@ -60,33 +60,37 @@ def library():
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
     p, i, i64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32
-    lib.fake_quant_nvfp4.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, i, u32, u32, p]
-    lib.fake_quant_nvfp4.restype = None
+    lib.fake_quant.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, i, u32, u32, p]
+    lib.fake_quant.restype = None
     return lib
 
 
-def fake_quant_nvfp4(x2, outer, tile, seed, H=None, dtype=torch.float32):
-    """x2 (Mp, Kp) fp32 or bf16 on the CPU, padded as fp4.fake_quant pads it (rows to tile[0], K to 16 or 128),
-    any strides -> (Mp, Kp) contiguous in `dtype` (fp32 or bf16) = fp4._fake_quant_2d(x2, "nvfp4", outer, tile,
-    rounding, seed, H).to(dtype), bit for bit. seed: None (round to nearest) or fp4.draw_seed's int64 (2,)
-    (stochastic rounding with fp4.uniform_noise). H: None or fp4.hadamard16(signs) (RHT-16 first)."""
-    import fp4                                           # (fp4 imports this module lazily; no cycle at import)
+FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2}   # cpu_kernels.c's fmt
+
+
+def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32):
+    """x2 (Mp, Kp) fp32 or bf16 on the CPU, padded as fp4.fake_quant pads it (rows to tile[0], K to 16, 32 or
+    128), any strides -> (Mp, Kp) contiguous in `dtype` (fp32 or bf16) = fp4._fake_quant_2d(x2, fmt, outer, tile,
+    rounding, seed, H).to(dtype), bit for bit. fmt "nvfp4" (outer "tensor" or 128) or "mxfp4" (outer "tensor",
+    tile (1, 16)). seed: None (round to nearest) or fp4.draw_seed's int64 (2,) (stochastic rounding with
+    fp4.uniform_noise). H: None or fp4.hadamard16(signs) (RHT-16 first)."""
     Mp, Kp = x2.shape
+    if (fmt, outer) not in FORMATS or (fmt == "mxfp4" and tuple(tile) != (1, 16)):
+        raise ValueError(f"cpu_kernels.c has no {fmt} kernel with outer={outer!r}, tile={tile}")
     if x2.dtype not in (torch.float32, torch.bfloat16):
         x2 = x2.float()                                  # fp16/fp64: the reference upcasts/rounds to fp32 too
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the cpu path writes fp32 or bf16, got {dtype}; use --fp4-path compiled for others")
     if x2.device.type != "cpu":
         raise ValueError(f"the cpu path runs on the CPU; got a tensor on {x2.device}")
-    row_stride, col_stride = x2.stride()
-    if Mp % tile[0] or Kp % (fp4.OUTER_BLOCK if outer == fp4.OUTER_BLOCK else fp4.NVFP4_BLOCK):
-        raise ValueError(f"shape {tuple(x2.shape)} is not padded to whole {tile[0]}-row tiles and blocks")
+    block = 32 if fmt == "mxfp4" else 128 if outer == 128 else 16
+    if Mp % tile[0] or Kp % block:
+        raise ValueError(f"shape {tuple(x2.shape)} is not padded to whole {tile[0]}-row tiles and {block}-blocks")
     H = None if H is None else H.float().contiguous()
     lib = library()
-    x_bf16 = int(x2.dtype == torch.bfloat16)
     s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
     out = torch.empty(Mp, Kp, dtype=dtype)
-    lib.fake_quant_nvfp4(x2.data_ptr(), x_bf16, row_stride, col_stride, out.data_ptr(), int(dtype == torch.bfloat16),
-                         Mp, Kp, tile[0], int(outer == fp4.OUTER_BLOCK), int(seed is not None), s0, s1,
-                         None if H is None else H.data_ptr())
+    lib.fake_quant(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), x2.stride(1), out.data_ptr(),
+                   int(dtype == torch.bfloat16), Mp, Kp, tile[0], FORMATS[fmt, outer], int(seed is not None), s0, s1,
+                   None if H is None else H.data_ptr())
     return out

@@ -606,13 +606,11 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path
         import kernels                                   # only imported when asked for (it needs triton)
         out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
     elif path == "cpu":
-        if recipe.fmt != "nvfp4":
-            raise ValueError(f"path 'cpu' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
         import cpu_kernels                               # builds cpu_kernels.c on first use
         H = hadamard16(rht_signs) if rht_signs is not None else None
         # it writes bf16 itself (same rounding as .to()), saving the cast's pass over the fp32 result
-        out = cpu_kernels.fake_quant_nvfp4(x2, recipe.outer, tile, seed, H,
-                                           dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        out = cpu_kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, H,
+                                     dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
     else:
         fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
         H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None
@@ -664,7 +662,7 @@ def _compiled_transpose(x):
 #   reference  the functions in this file, run eagerly: the readable definition and the judge of the others
 #   compiled   the same functions through torch.compile: inductor fuses each quantizer into a few loops
 #              (C++/OpenMP on CPU, Triton on GPUs), ~10x faster than eager on a laptop CPU (bench.py)
-#   cpu        cpu_kernels.c's hand-written NVFP4 fake quantizer (C/OpenMP, built on first use), ~2x faster
+#   cpu        cpu_kernels.c's hand-written fake quantizers (C/OpenMP, built on first use), ~2x faster
 #              than compiled; it is what makes a simulated FP4 step cost < 1.5x a bf16 one on a laptop
 #   triton     kernels.py's hand-written NVFP4 kernels (CUDA; the MXFP4 recipe has none)
 # OutControl's MXFP8 channels always run the reference (10% of the channels).
@@ -676,7 +674,7 @@ def select_path(requested, device, recipe):
     """The one place that decides which path the FP4 layers use -> (path, a line saying which and why, for the
     caller to print once at start-up).
     requested: "auto" or one of FP4_PATHS. auto = triton on CUDA for NVFP4 recipes when kernels.py imports;
-    cpu on a CPU for NVFP4 recipes when cpu_kernels.c builds and matches the reference on a small tensor;
+    cpu on a CPU when cpu_kernels.c builds and matches the reference on a small tensor;
     else compiled if torch.compile works here (checked the same way), else reference with a loud banner.
     Every path auto passes over is named in the line, with why. A path asked for by name that cannot run is
     an error, not a substitution."""
@@ -718,8 +716,6 @@ def _probe(path, device, recipe):
     (RTN and SR with RHT, bf16 out), else why not (one phrase)."""
     if path == "cpu" and device.type != "cpu":
         return f"its kernels run on the CPU (this run uses {device.type})"
-    if path == "cpu" and recipe.fmt != "nvfp4":
-        return f"cpu_kernels.c has no {recipe.fmt} kernel"
     g = torch.Generator().manual_seed(0)
     x, signs = torch.randn(32, 256, generator=g).to(device), random_signs(g).to(device)
     try:
