@@ -70,8 +70,9 @@ Y = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ in fprop and the O c
 stays FP4.
 
 Speed: every quantizer here is elementwise math plus block reductions, written so that torch.compile fuses
-each into a few loops (path="compiled", ~10x faster than eager on CPU, the same bits); kernels.py holds the
-hand-written Triton twins for GPUs. select_path decides which runs.
+each into a few loops (path="compiled", ~10x faster than eager on CPU, the same bits); cpu_kernels.c holds
+hand-written C twins of the fake quantizers for CPUs (~2x more), kernels.py Triton twins for GPUs.
+select_path decides which runs.
 What we leave out: swizzled scale layouts, tensor subclasses, TP/FSDP.
 Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
 quantizers return the *padded* width; `fake_quant` crops back.
