@@ -43,7 +43,14 @@ def _compiler():
 def library():
     """-> the loaded ctypes library, compiled if this source, compiler and machine have no cached build yet.
     The build writes to a temporary file and renames it into place, so concurrent runs (torchrun) never load
-    a half-written library."""
+    a half-written library. RuntimeError, saying why, if it cannot be built or loaded."""
+    try:
+        return _build_and_load()
+    except OSError as e:                                 # unwritable cache, a library the loader refuses, ...
+        raise RuntimeError(f"cannot build or load {SOURCE.name}: {e}") from e
+
+
+def _build_and_load():
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), version, platform.machine(),
@@ -56,7 +63,8 @@ def library():
         build = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if build.returncode != 0:
             os.unlink(tmp)
-            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {build.stderr.strip().splitlines()[-1:]}")
+            last = (build.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {last}")
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
     p, i, i64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32

@@ -97,3 +97,18 @@ def test_cpu_path_refuses_what_it_does_not_do():
         fp4.quantize_nvfp4(x, path="cpu")
     with pytest.raises(ValueError, match="writes fp32 or bf16"):
         cpu_kernels.fake_quant(x, "nvfp4", "tensor", (1, 16), None, dtype=torch.float16)
+
+
+def test_a_failed_build_is_one_clear_error_and_auto_says_why_it_passed_over_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", cpu_kernels.CFLAGS + ("-fno-such-flag",))
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="could not build cpu_kernels.c: .*no-such-flag"):
+            cpu_kernels.library()
+        path, line = fp4.select_path("auto", "cpu", "tetrajet")
+        assert path == "compiled" and "not cpu: RuntimeError" in line
+        with pytest.raises(ValueError, match="FP4 path cpu is not available"):
+            fp4.select_path("cpu", "cpu", "tetrajet")
+    finally:
+        cpu_kernels.library.cache_clear()               # the next caller loads the real build again
