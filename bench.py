@@ -68,7 +68,7 @@ def bench_quant(device, repeat):
                 ("double-block RTN", dict(outer=128)), ("per-tensor SR", dict(rounding="stochastic")),
                 ("double-block SR", dict(outer=128, rounding="stochastic")))
     for path in paths_here(device, "nvidia"):
-        for name, kw in variants if path != "cpu" else ():     # (the cpu path has no codes kernel)
+        for name, kw in variants:
             rows.append((f"quantize_nvfp4 {name} [{path}]", timeit(
                 lambda: fp4.quantize_nvfp4(x, **kw, generator=gen, path=path), device, repeat), nvfp4_bytes))
         for recipe, rounding in (("tetrajet", "nearest"), ("tetrajet", "stochastic"), ("mxfp4", "nearest")):

@@ -29,6 +29,12 @@
 
 #define BLOCK 16                       /* elements per E4M3 block scale; every loop works in 16-chunks */
 enum { NVFP4_TENSOR = 0, NVFP4_OUTER128 = 1, MXFP4 = 2 };   /* fake_quant's fmt: the recipe's format */
+typedef struct {                       /* quantize_nvfp4's outputs, row-major over the (M, K) view */
+    uint8_t *codes;                    /* (M, K/2) packed E2M1 codes */
+    uint8_t *scales;                   /* (M, K/16) E4M3 block-scale bytes */
+    float *outer;                      /* per-tensor: (1,) S_dec; double-block: (M, K/128) s_o */
+} CodesOut;
+#define OUTER 128                      /* elements per fp32 outer scale (double-block) */
 #define MX_BLOCK 32                    /* elements per E8M0 scale (MXFP4) */
 #define MAX_GROUP 128                  /* widest column group: one double-block outer block */
 #define MAX_TILE_ROWS 16               /* 16x16 tiles (NVIDIA's weights) */
@@ -134,31 +140,39 @@ static inline float amax16(const float *v) {
 }
 
 /* ------------------------------------------------------------------------------------------------------
- * One row of a tile: v (n fp32) -> out (n, fp32 or bf16), given each element's encode factor, decode scale
- * and keep flag (its 16-chunk's, expanded per element so that the whole row is one vector loop: 5-7% faster
- * than a loop per chunk). `noise_index` is the flat index of v[0] in the (M, K) view; SR draws
- * u = (pcg(pcg(i ^ s0) ^ s1) >> 8) * 2^-24 for element i (fp4.uniform_noise). Inlined with `sr` a
- * constant, so that RTN and SR each become one branch-free vector loop. */
+ * One row of a tile, n values v, given each element's encode factor, decode scale and keep flag (its
+ * 16-chunk's, expanded per element so that the whole row is one vector loop: 5-9% faster than a loop per
+ * chunk). `noise_index` is the flat index of v[0] in the (M, K) view; SR draws u = (pcg(pcg(i ^ s0) ^ s1) >> 8)
+ * * 2^-24 for element i (fp4.uniform_noise). Inlined with `sr` a constant, so that RTN and SR each become
+ * one branch-free vector loop. Two outputs: the dequantized values (fake quantization, fp32 or bf16) or the
+ * packed E2M1 codes (quantize_nvfp4). */
 #define E2M1_STEP(a) ((a) >= 4.0f ? 2.0f : ((a) >= 2.0f ? 1.0f : 0.5f))   /* grid spacing 2^(e-1) */
 
-static inline __attribute__((always_inline)) void quantize_row(
+/* fp4.round_e2m1_magnitude of a = min(|v|, 6): the E2M1 grid magnitude, RTN or SR with uniform u */
+static inline float round_e2m1(float a, float u, const int sr) {
+    float step = E2M1_STEP(a);
+    float x = a * (1.0f / step);
+    if (sr) {
+        float t = floorf(x);
+        return (t + (u < x - t ? 1.0f : 0.0f)) * step;          /* up with probability x - floor(x) */
+    }
+    return rintf(x) * step;                                      /* ties to even, as torch.round */
+}
+
+static inline float noise(uint32_t i, uint32_t s0, uint32_t s1) {
+    return (float)(int32_t)(pcg_hash(pcg_hash(i ^ s0) ^ s1) >> 8) * NOISE_ULP;
+}
+
+static inline __attribute__((always_inline)) void dequantize_row(
         const float *v, int n, const float *encE, const float *scaleE, const float *keptE, void *out, int out_bf16,
         const int sr, uint32_t noise_index, uint32_t s0, uint32_t s1) {
     float res[MAX_GROUP];
     #pragma omp simd
     for (int e = 0; e < n; e++) {
         float val = v[e] * encE[e];
-        float a = min_keep_nan(fabsf(val), E2M1_MAX);
-        float step = E2M1_STEP(a);
-        float x = a * (1.0f / step), q;
-        if (sr) {                       /* a constant at each call site: the compiler keeps one branch */
-            float u = (float)(int32_t)(pcg_hash(pcg_hash((noise_index + (uint32_t)e) ^ s0) ^ s1) >> 8) * NOISE_ULP;
-            float t = floorf(x);
-            q = (t + (u < x - t ? 1.0f : 0.0f)) * step;         /* up with probability x - floor(x) */
-        } else {
-            q = rintf(x) * step;                                 /* ties to even, as torch.round */
-        }
-        float d = (q * keptE[e]) * scaleE[e];
+        float u = sr ? noise(noise_index + (uint32_t)e, s0, s1) : 0.0f;
+        float q = round_e2m1(min_keep_nan(fabsf(val), E2M1_MAX), u, sr);
+        float d = (q * keptE[e]) * scaleE[e];                    /* x_dq = ±q * scale, 0 if the scale is 0 */
         res[e] = ((val < 0.0f) & (keptE[e] != 0.0f)) ? -d : d;
     }
     if (out_bf16) {
@@ -170,14 +184,42 @@ static inline __attribute__((always_inline)) void quantize_row(
     }
 }
 
+/* codes as fp4._code_values: k = 2q for q <= 2, else min(q + 2, 7), 0 for NaN; + 8 if negative (and kept);
+ * packed two to a byte, element 2j in the low nibble (fp4.pack_e2m1) */
+static inline __attribute__((always_inline)) void encode_row(
+        const float *v, int n, const float *encE, const float *keptE, uint8_t *codes,
+        const int sr, uint32_t noise_index, uint32_t s0, uint32_t s1) {
+    uint8_t k[MAX_GROUP];
+    #pragma omp simd
+    for (int e = 0; e < n; e++) {
+        float val = v[e] * encE[e];
+        float u = sr ? noise(noise_index + (uint32_t)e, s0, s1) : 0.0f;
+        float q = round_e2m1(min_keep_nan(fabsf(val), E2M1_MAX), u, sr) * keptE[e];
+        float code = q <= 2.0f ? q * 2.0f : min_keep_nan(q + 2.0f, 7.0f);
+        code = code != code ? 0.0f : code;
+        k[e] = (uint8_t)code + (((val < 0.0f) & (keptE[e] != 0.0f)) ? 8 : 0);
+    }
+    #pragma omp simd
+    for (int j = 0; j < n / 2; j++) codes[j] = (uint8_t)(k[2 * j] | (k[2 * j + 1] << 4));
+}
+
+/* E4M3 value (on the grid, >= 0, or NaN) -> its byte, as torch's float8_e4m3fn: NaN -> 0x7F with the sign */
+static inline uint8_t e4m3_byte(float s) {
+    uint32_t u = float_to_bits(s);
+    if (s != s) return (uint8_t)(0x7F | ((u >> 24) & 0x80));
+    if (s < E4M3_MIN_NORMAL) return (uint8_t)(s * 512.0f);        /* subnormal: s = m * 2^-9, m = 0..7 */
+    return (uint8_t)(((((u >> 23) & 0xFF) - 127 + 7) << 3) | ((u >> 20) & 7));
+}
+
 /* ------------------------------------------------------------------------------------------------------
  * One scale tile: rows v[0..tile_rows) of a loaded block, n columns starting at column c0 of row r0 ->
  * the scales of its n/16 chunks (from the tile's amax), then every row's chunks quantized into out. */
 static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0, int64_t c0, int64_t K,
-                          void *out, int out_bf16, int fmt, float enc_sixth, float s_dec,
+                          void *out, int out_bf16, const CodesOut *co, int fmt, float enc_sixth, float s_dec,
                           int sr, uint32_t s0, uint32_t s1) {
     const int nb = n / BLOCK;
     float tile_amax[MAX_GROUP / BLOCK], encode[MAX_GROUP / BLOCK], scale[MAX_GROUP / BLOCK];
+    float block_scale[MAX_GROUP / BLOCK], s_o = 1.0f;               /* the E4M3 scales, the outer scale */
     int keep[MAX_GROUP / BLOCK];
     for (int b = 0; b < nb; b++) {
         float m = 0.0f;
@@ -190,11 +232,12 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
     if (fmt == NVFP4_OUTER128) {
         float a128 = 0.0f;
         for (int b = 0; b < nb; b++) a128 = max_keep_nan(a128, tile_amax[b]);
-        float s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
+        s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
         #pragma omp simd
         for (int b = 0; b < nb; b++) {
             float s_i = tile_amax[b] == 0.0f ? ZERO_BLOCK_SCALE
                         : round_e4m3(min_keep_nan((tile_amax[b] / s_o) / E2M1_MAX, E4M3_MAX));
+            block_scale[b] = s_i;
             scale[b] = s_o * s_i;
             keep[b] = s_i != 0.0f;
         }
@@ -213,6 +256,7 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
         #pragma omp simd
         for (int b = 0; b < nb; b++) {
             float s_b = round_e4m3(min_keep_nan(tile_amax[b] * enc_sixth, E4M3_MAX));
+            block_scale[b] = s_b;
             scale[b] = s_b * s_dec;
             keep[b] = s_b != 0.0f;
         }
@@ -230,11 +274,17 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
         }
     for (int r = 0; r < tile_rows; r++) {
         int64_t i = (r0 + r) * K + c0;
-        char *o = (char *)out + i * out_size;
-        if (sr)
-            quantize_row(v[r], n, encE, scaleE, keptE, o, out_bf16, 1, (uint32_t)i, s0, s1);
-        else
-            quantize_row(v[r], n, encE, scaleE, keptE, o, out_bf16, 0, 0, 0, 0);
+        if (co) {                                                   /* codes, scale bytes, outer scale */
+            uint8_t *codes = co->codes + i / 2;
+            if (sr) encode_row(v[r], n, encE, keptE, codes, 1, (uint32_t)i, s0, s1);
+            else encode_row(v[r], n, encE, keptE, codes, 0, 0, 0, 0);
+            for (int b = 0; b < nb; b++) co->scales[i / BLOCK + b] = e4m3_byte(block_scale[b]);
+            if (fmt == NVFP4_OUTER128) co->outer[i / OUTER] = s_o;
+        } else {
+            char *o = (char *)out + i * out_size;
+            if (sr) dequantize_row(v[r], n, encE, scaleE, keptE, o, out_bf16, 1, (uint32_t)i, s0, s1);
+            else dequantize_row(v[r], n, encE, scaleE, keptE, o, out_bf16, 0, 0, 0, 0);
+        }
     }
 }
 
@@ -261,23 +311,26 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
 }
 
 /* ------------------------------------------------------------------------------------------------------
- * The kernel. Arguments:
+ * The kernels. Arguments:
  *   x, x_bf16, row_stride, col_stride   input (M, K): element (r, c) at x[r*row_stride + c*col_stride]
- *   out, out_bf16                       output (M, K), contiguous
+ *   out, out_bf16                       fake_quant's output (M, K), contiguous
+ *   codes, scales, outer                quantize_nvfp4's outputs (CodesOut above), contiguous
  *   tile_rows                           1 or 16 (TR above)
  *   fmt                                 NVFP4_TENSOR, NVFP4_OUTER128 (s_o per 1x128 / 16x128) or MXFP4
  *   sr, s0, s1                          stochastic rounding and its two uint32 seeds
  *   H                                   NULL, or the 16x16 RHT matrix (fp4.hadamard16), row-major
  * The work is blocks of `rows` x G elements (16 rows for 16x16 tiles and for transposed inputs, else 1), one
  * OpenMP thread per contiguous range of row blocks. */
-void fake_quant(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
-                int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1, const float *H) {
+static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
+                const CodesOut *co, int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1,
+                const float *H) {
     float enc_sixth = 0.0f, s_dec = 0.0f;
     if (fmt == NVFP4_TENSOR) {       /* fp4.tensor_scales: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc */
         float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H);
         float S_enc = A == 0.0f ? 1.0f : min_keep_nan(AMAX_TO_SCALE / A, FLT_MAX);
         s_dec = 1.0f / S_enc;
         enc_sixth = S_enc * ONE_SIXTH;
+        if (co) co->outer[0] = s_dec;
     }
     const int G = K % MAX_GROUP == 0 ? MAX_GROUP : fmt == MXFP4 ? MX_BLOCK : BLOCK;  /* columns per step */
     const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
@@ -289,8 +342,20 @@ void fake_quant(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
             if (H)
                 for (int r = 0; r < rows; r++) rotate16(v[r], G, H);
             for (int t = 0; t < rows; t += tile_rows)
-                quantize_tile(v + t, tile_rows, G, r0 + t, c0, K, out, out_bf16, fmt, enc_sixth, s_dec,
+                quantize_tile(v + t, tile_rows, G, r0 + t, c0, K, out, out_bf16, co, fmt, enc_sixth, s_dec,
                               sr, s0, s1);
         }
     }
+}
+
+void fake_quant(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
+                int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1, const float *H) {
+    run(x, x_bf16, row_stride, col_stride, out, out_bf16, NULL, M, K, tile_rows, fmt, sr, s0, s1, H);
+}
+
+void quantize_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, uint8_t *codes,
+                    uint8_t *scales, float *outer, int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0,
+                    uint32_t s1, const float *H) {
+    CodesOut co = {codes, scales, outer};
+    run(x, x_bf16, row_stride, col_stride, NULL, 0, &co, M, K, tile_rows, fmt, sr, s0, s1, H);
 }

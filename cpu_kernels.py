@@ -1,7 +1,8 @@
 """
 cpu_kernels.py: builds cpu_kernels.c with the system C compiler on first use and calls it through ctypes. This is
-the `cpu` path of fp4.py (see FP4_PATHS there): NVFP4 and MXFP4 fake quantization, bit for bit fp4.fake_quant,
-~2x faster than the torch.compile'd reference on a laptop CPU (LOG.md, session 5).
+the `cpu` path of fp4.py (see FP4_PATHS there): NVFP4 and MXFP4 fake quantization (bit for bit fp4.fake_quant)
+and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), ~2x faster than the torch.compile'd
+reference on a laptop CPU (LOG.md, session 5).
 
     lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4
     out = cpu_kernels.fake_quant(x2, "nvfp4", outer=128, tile=(1, 16), seed=None, H=None, dtype=torch.bfloat16)
@@ -70,10 +71,26 @@ def _build_and_load():
     p, i, i64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32
     lib.fake_quant.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, i, u32, u32, p]
     lib.fake_quant.restype = None
+    lib.quantize_nvfp4.argtypes = [p, i, i64, i64, p, p, p, i64, i64, i, i, i, u32, u32, p]
+    lib.quantize_nvfp4.restype = None
     return lib
 
 
 FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2}   # cpu_kernels.c's fmt
+
+
+def _check(x2, fmt, outer, tile, dtype):
+    """-> x2 as fp32 or bf16, after the checks both kernels need; one clear error otherwise."""
+    if (fmt, outer) not in FORMATS or (fmt == "mxfp4" and tuple(tile) != (1, 16)):
+        raise ValueError(f"cpu_kernels.c has no {fmt} kernel with outer={outer!r}, tile={tile}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the cpu path writes fp32 or bf16, got {dtype}; use --fp4-path compiled for others")
+    if x2.device.type != "cpu":
+        raise ValueError(f"the cpu path runs on the CPU; got a tensor on {x2.device}")
+    block = 32 if fmt == "mxfp4" else 128 if outer == 128 else 16
+    if x2.shape[0] % tile[0] or x2.shape[1] % block:
+        raise ValueError(f"shape {tuple(x2.shape)} is not padded to whole {tile[0]}-row tiles and {block}-blocks")
+    return x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()   # fp16/fp64: as the reference
 
 
 def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32):
@@ -82,23 +99,28 @@ def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32):
     rounding, seed, H).to(dtype), bit for bit. fmt "nvfp4" (outer "tensor" or 128) or "mxfp4" (outer "tensor",
     tile (1, 16)). seed: None (round to nearest) or fp4.draw_seed's int64 (2,) (stochastic rounding with
     fp4.uniform_noise). H: None or fp4.hadamard16(signs) (RHT-16 first)."""
-    Mp, Kp = x2.shape
-    if (fmt, outer) not in FORMATS or (fmt == "mxfp4" and tuple(tile) != (1, 16)):
-        raise ValueError(f"cpu_kernels.c has no {fmt} kernel with outer={outer!r}, tile={tile}")
-    if x2.dtype not in (torch.float32, torch.bfloat16):
-        x2 = x2.float()                                  # fp16/fp64: the reference upcasts/rounds to fp32 too
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the cpu path writes fp32 or bf16, got {dtype}; use --fp4-path compiled for others")
-    if x2.device.type != "cpu":
-        raise ValueError(f"the cpu path runs on the CPU; got a tensor on {x2.device}")
-    block = 32 if fmt == "mxfp4" else 128 if outer == 128 else 16
-    if Mp % tile[0] or Kp % block:
-        raise ValueError(f"shape {tuple(x2.shape)} is not padded to whole {tile[0]}-row tiles and {block}-blocks")
+    x2 = _check(x2, fmt, outer, tile, dtype)
     H = None if H is None else H.float().contiguous()
-    lib = library()
     s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
-    out = torch.empty(Mp, Kp, dtype=dtype)
-    lib.fake_quant(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), x2.stride(1), out.data_ptr(),
-                   int(dtype == torch.bfloat16), Mp, Kp, tile[0], FORMATS[fmt, outer], int(seed is not None), s0, s1,
-                   None if H is None else H.data_ptr())
+    out = torch.empty(x2.shape, dtype=dtype)
+    library().fake_quant(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), x2.stride(1), out.data_ptr(),
+                         int(dtype == torch.bfloat16), *x2.shape, tile[0], FORMATS[fmt, outer], int(seed is not None),
+                         s0, s1, None if H is None else H.data_ptr())
     return out
+
+
+def quantize_nvfp4(x2, outer, tile, seed, H=None):
+    """x2 (Mp, Kp) as fake_quant -> (codes uint8 (Mp, Kp/2) packed, block_scale float8_e4m3fn (Mp, Kp/16),
+    outer_scale: S_dec fp32 () or s_o fp32 (Mp, Kp/128)) = fp4.quantize_nvfp4's, bit for bit, before it crops
+    the padded rows."""
+    x2 = _check(x2, "nvfp4", outer, tile, torch.float32)
+    H = None if H is None else H.float().contiguous()
+    s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
+    Mp, Kp = x2.shape
+    codes = torch.empty(Mp, Kp // 2, dtype=torch.uint8)
+    block_scale = torch.empty(Mp, Kp // 16, dtype=torch.uint8)
+    outer_scale = torch.empty(() if outer == "tensor" else (Mp, Kp // 128), dtype=torch.float32)
+    library().quantize_nvfp4(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), x2.stride(1),
+                             codes.data_ptr(), block_scale.data_ptr(), outer_scale.data_ptr(), Mp, Kp, tile[0],
+                             FORMATS["nvfp4", outer], int(seed is not None), s0, s1, None if H is None else H.data_ptr())
+    return codes, block_scale.view(torch.float8_e4m3fn), outer_scale

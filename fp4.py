@@ -344,12 +344,13 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     tile = tuple(tile)
     x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()  # (Mp, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
-    if path == "cpu":
-        raise ValueError("path 'cpu' (cpu_kernels.c) has the fake quantizer only (fake_quant), not the codes; "
-                         "use path='compiled' for quantize_nvfp4 on a CPU")
     if path == "triton":
         import kernels                                   # only imported when asked for (it needs triton)
         codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
+    elif path == "cpu":
+        import cpu_kernels                               # builds cpu_kernels.c on first use
+        H = hadamard16(rht_signs) if rht_signs is not None else None
+        codes, block_scale, outer_scale = cpu_kernels.quantize_nvfp4(x2, outer, tile, seed, H)
     else:
         fn = _compiled(_quantize_nvfp4_2d) if path == "compiled" else _quantize_nvfp4_2d
         H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None

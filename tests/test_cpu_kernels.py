@@ -1,15 +1,16 @@
-"""The `cpu` path (cpu_kernels.c through cpu_kernels.py) equals the reference bit for bit: every NVFP4 variant
-(per-tensor and double-block, 1x16 and 16x16 tiles, RTN and SR, with and without RHT) and MXFP4, fp32 and bf16
-in and out, contiguous and transposed inputs, NaN blocks, and a whole FP4 layer's forward and backward. SR is compared
-exactly: the C hash draws the same counter-based noise as fp4.uniform_noise. Skipped where no C compiler with
-OpenMP can build the library. Run: python -m pytest tests/test_cpu_kernels.py -q"""
+"""The `cpu` path (cpu_kernels.c through cpu_kernels.py) equals the reference bit for bit, fake quantization and
+codes: every NVFP4 variant (per-tensor and double-block, 1x16 and 16x16 tiles, RTN and SR, with and without
+RHT) and MXFP4, fp32 and bf16 in and out, contiguous and transposed inputs, NaN and Inf blocks, and a whole
+FP4 layer's forward and backward. SR is compared exactly: the C hash draws the same counter-based noise as
+fp4.uniform_noise. Skipped where no C compiler with OpenMP can build the library.
+Run: python -m pytest tests/test_cpu_kernels.py -q"""
 
 import pytest
 import torch
 
 import cpu_kernels
 import fp4
-from test_kernels import awkward, equal_with_nan
+from test_kernels import NVFP4_CASES, awkward, equal_with_nan
 
 try:
     cpu_kernels.library()
@@ -34,6 +35,22 @@ def test_cpu_fake_quant_equals_reference_bit_for_bit(recipe, tile, rounding):
                                            torch.Generator().manual_seed(3), path, rht_signs=rht_signs, dtype=dtype)
                             for path in ("cpu", "reference")]
                 assert got.dtype == dtype and equal_with_nan(got, ref), (rht_signs is not None, in_dtype, dtype)
+
+
+@pytest.mark.parametrize("outer,tile,rounding", NVFP4_CASES)
+def test_cpu_quantize_nvfp4_equals_reference_bit_for_bit(outer, tile, rounding):
+    # codes, E4M3 scale bytes (a NaN scale's byte included) and outer scales
+    x = awkward(cols=200)
+    x[11, 7], x[30, 150] = float("nan"), float("inf")
+    signs = fp4.random_signs(torch.Generator().manual_seed(5))
+    for rht_signs in (None, signs):
+        for in_dtype in (torch.float32, torch.bfloat16):
+            got, ref = [fp4.quantize_nvfp4(x.to(in_dtype), outer=outer, tile=tile, rounding=rounding, path=path,
+                                           generator=torch.Generator().manual_seed(3), rht_signs=rht_signs)
+                        for path in ("cpu", "reference")]
+            assert torch.equal(got.codes, ref.codes)
+            assert torch.equal(got.block_scale.view(torch.uint8), ref.block_scale.view(torch.uint8))
+            assert equal_with_nan(got.outer_scale, ref.outer_scale)
 
 
 @pytest.mark.parametrize("recipe", ["nvidia", "tetrajet", "mxfp4"])
@@ -93,8 +110,8 @@ def test_fp4_layer_on_the_cpu_path_has_the_reference_output_and_grads(recipe):
 
 def test_cpu_path_refuses_what_it_does_not_do():
     x = torch.randn(16, 64)
-    with pytest.raises(ValueError, match="fake quantizer only"):
-        fp4.quantize_nvfp4(x, path="cpu")
+    with pytest.raises(ValueError, match="no mxfp4 kernel with outer='tensor', tile=.16, 16."):
+        cpu_kernels.fake_quant(torch.randn(16, 64), "mxfp4", "tensor", (16, 16), None)
     with pytest.raises(ValueError, match="writes fp32 or bf16"):
         cpu_kernels.fake_quant(x, "nvfp4", "tensor", (1, 16), None, dtype=torch.float16)
 
