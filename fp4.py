@@ -71,7 +71,7 @@ stays FP4.
 
 Speed: every quantizer here is elementwise math plus block reductions, written so that torch.compile fuses
 each into a few loops (path="compiled", ~10x faster than eager on CPU, the same bits); cpu_kernels.c holds
-hand-written C twins of the fake quantizers for CPUs (~2x more), kernels.py Triton twins for GPUs.
+hand-written C twins of the quantizers for CPUs (~2x more), kernels.py Triton twins for GPUs.
 select_path decides which runs.
 What we leave out: swizzled scale layouts, tensor subclasses, TP/FSDP.
 Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
@@ -664,7 +664,7 @@ def _compiled_transpose(x):
 #   reference  the functions in this file, run eagerly: the readable definition and the judge of the others
 #   compiled   the same functions through torch.compile: inductor fuses each quantizer into a few loops
 #              (C++/OpenMP on CPU, Triton on GPUs), ~10x faster than eager on a laptop CPU (bench.py)
-#   cpu        cpu_kernels.c's hand-written fake quantizers (C/OpenMP, built on first use), ~2x faster
+#   cpu        cpu_kernels.c's hand-written quantizers (C/OpenMP, built on first use), ~2x faster
 #              than compiled; it is what makes a simulated FP4 step cost < 1.5x a bf16 one on a laptop
 #   triton     kernels.py's hand-written NVFP4 kernels (CUDA; the MXFP4 recipe has none)
 # OutControl's MXFP8 channels always run the reference (10% of the channels).
