@@ -25,6 +25,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 16                       /* elements per E4M3 block scale; every loop works in 16-chunks */
@@ -288,9 +289,10 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
     }
 }
 
-/* Pass 1 of the per-tensor recipe: A = max |x H| (or |x|) over the whole tensor, NaN if any element is. */
+/* Pass 1 of the per-tensor recipe: A = max |x H| (or |x|) over the whole tensor, NaN if any element is.
+ * `rotated`: NULL, or an (M, K) fp32 buffer that receives x H, so that pass 2 need not rotate again. */
 static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t M, int64_t K,
-                         const float *H) {
+                         const float *H, float *rotated) {
     const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
     float A = 0.0f;
     int nan = 0;
@@ -301,6 +303,7 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
             load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, BLOCK, v);
             for (int r = 0; r < rows; r++) {
                 if (H) rotate16(v[r], BLOCK, H);
+                if (rotated) memcpy(rotated + (r0 + r) * K + c0, v[r], BLOCK * sizeof(float));
                 float a = amax16(v[r]);
                 nan |= a != a;
                 A = A > a ? A : a;
@@ -324,9 +327,13 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
 static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
                 const CodesOut *co, int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1,
                 const float *H) {
-    float enc_sixth = 0.0f, s_dec = 0.0f;
+    float enc_sixth = 0.0f, s_dec = 0.0f, *rotated = NULL;
     if (fmt == NVFP4_TENSOR) {       /* fp4.tensor_scales: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc */
-        float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H);
+        rotated = H ? malloc(M * K * sizeof(float)) : NULL;     /* (NVIDIA's wgrad operands: rotate once) */
+        float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H, rotated);
+        if (rotated) {                                           /* pass 2 reads x H, contiguous */
+            x = rotated, x_bf16 = 0, row_stride = K, col_stride = 1, H = NULL;
+        }
         float S_enc = A == 0.0f ? 1.0f : min_keep_nan(AMAX_TO_SCALE / A, FLT_MAX);
         s_dec = 1.0f / S_enc;
         enc_sixth = S_enc * ONE_SIXTH;
@@ -346,6 +353,7 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
                               sr, s0, s1);
         }
     }
+    free(rotated);
 }
 
 void fake_quant(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
