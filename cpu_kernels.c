@@ -1,20 +1,23 @@
 /*
- * cpu_kernels.c: the NVFP4 fake quantizer (quantize, then dequantize) in plain C for CPUs, the `cpu` path of
- * fp4.py. What it computes is fp4.fake_quant for an NVFP4 recipe, bit for bit (tests/test_cpu_kernels.py):
+ * cpu_kernels.c: the quantizers in plain C for CPUs, the `cpu` path of fp4.py. Two entry points, bit for bit
+ * the reference (tests/test_cpu_kernels.py): fake_quant (quantize, then dequantize: fp4.fake_quant, NVFP4 and
+ * MXFP4) and quantize_nvfp4 (packed codes and scales: fp4.quantize_nvfp4). What they compute:
  *
- *     x (M, K), M a multiple of TR (1 or 16 rows per scale tile), K a multiple of G (16, or 128 for outer=128)
+ *     x (M, K), M a multiple of TR (1 or 16 rows per scale tile), K a multiple of the format's block
  *     optionally  x <- x H  per 16-chunk of a row (RHT-16, fp4.rht16), H (16, 16) fp32
  *     amax_16 = max |x| over each TR x 16 tile      (replicated on the TR rows)
- *     outer = "tensor":  s_b = e4m3(min(amax_16 * (S_enc * fl(1/6)), 448));  scale = s_b * S_dec
- *     outer = 128:       s_o = amax_128 / 2688 (1 if 0);  s_i = e4m3(min((amax_16 / s_o) / 6, 448)) (2^-9 if
- *                        amax_16 = 0);  scale = s_o * s_i
+ *     NVFP4, outer = "tensor":  s_b = e4m3(min(amax_16 * (S_enc * fl(1/6)), 448));  scale = s_b * S_dec
+ *     NVFP4, outer = 128:       s_o = amax_128 / 2688 (1 if 0);  s_i = e4m3(min((amax_16 / s_o) / 6, 448))
+ *                               (2^-9 if amax_16 = 0);  scale = s_o * s_i
+ *     MXFP4:                    scale = X = 2^(floor(log2 amax_32) - 2), an E8M0 value
  *     v = x * min(1 / scale, FLT_MAX);  q = E2M1 magnitude of |v| (RTN or SR, fp4.round_e2m1_magnitude)
- *     out = ±q * scale  (0 for a block whose E4M3 scale is 0), stored as fp32 or bf16 (round to nearest even)
+ *     fake_quant: out = ±q * scale (0 for a block whose scale is 0), stored as fp32 or bf16 (round to nearest
+ *     even);  quantize_nvfp4: the E2M1 codes of ±q, packed, and the scale bytes
  *
  * Why C: torch.compile fuses the same math into one loop, but its code recomputes each block's scales in
- * scalar code between vector loads, and the SR noise in 64-bit lanes. Here each 16-chunk is one AVX-512
- * register (or two AVX2 ones), the 8 block scales of a 128-block are computed together, and the noise hash
- * runs in 32-bit lanes: 2-2.5x faster than the compiled path on a laptop CPU (LOG.md, session 5).
+ * scalar code between vector loads, and the SR noise in 64-bit lanes. Here each row of a 128-column block is
+ * one vector loop, the 8 block scales of a 128-block are computed together, and the noise hash runs in 32-bit
+ * lanes: ~2x faster than the compiled path on a laptop CPU (LOG.md, session 5).
  *
  * Exactness: every operation is the reference's fp32 operation in the reference's order. The build flags
  * (cpu_kernels.py) forbid what would change a bit: -ffp-contract=off (no fused multiply-adds), no
@@ -29,7 +32,7 @@
 #include <string.h>
 
 #define BLOCK 16                       /* elements per E4M3 block scale; every loop works in 16-chunks */
-enum { NVFP4_TENSOR = 0, NVFP4_OUTER128 = 1, MXFP4 = 2 };   /* fake_quant's fmt: the recipe's format */
+enum { NVFP4_TENSOR = 0, NVFP4_OUTER128 = 1, MXFP4 = 2 };   /* the kernels' fmt: the recipe's format */
 typedef struct {                       /* quantize_nvfp4's outputs, row-major over the (M, K) view */
     uint8_t *codes;                    /* (M, K/2) packed E2M1 codes */
     uint8_t *scales;                   /* (M, K/16) E4M3 block-scale bytes */
