@@ -29,7 +29,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # whose single rounding would change bits. -fno-math-errno/-fno-trapping-math: let gcc vectorize rintf/floorf
 # (no value changes). Never -ffast-math (it would reorder and flush subnormals).
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-          "-shared", "-fPIC")
+          "-shared", "-fPIC", "-lm")
 CACHE_DIR = Path.home() / ".cache" / "nanofp4"
 
 
