@@ -4,6 +4,7 @@ the `cpu` path of fp4.py (see FP4_PATHS there): NVFP4 and MXFP4 fake quantizatio
 and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), ~2x faster than the torch.compile'd
 reference on a laptop CPU (LOG.md, session 5).
 
+    python cpu_kernels.py              # builds it, checks its bits against fp4.py, times it against compiled
     lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4
     out = cpu_kernels.fake_quant(x2, "nvfp4", outer=128, tile=(1, 16), seed=None, H=None, dtype=torch.bfloat16)
 
@@ -124,3 +125,28 @@ def quantize_nvfp4(x2, outer, tile, seed, H=None):
                              codes.data_ptr(), block_scale.data_ptr(), outer_scale.data_ptr(), Mp, Kp, tile[0],
                              FORMATS["nvfp4", outer], int(seed is not None), s0, s1, None if H is None else H.data_ptr())
     return codes, block_scale.view(torch.float8_e4m3fn), outer_scale
+
+
+if __name__ == "__main__":      # python cpu_kernels.py: build, check against fp4.py, time against the compiled path
+    import time
+
+    import fp4
+
+    def ms(fn, n=20):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+    library()
+    x = torch.randn(2048, 512, generator=torch.Generator().manual_seed(0)).bfloat16()   # a tiny model's dY
+    signs = fp4.random_signs(torch.Generator().manual_seed(1))
+    print(f"{'2048x512 bf16 -> bf16':44s} {'same bits':>9s} {'cpu ms':>7s} {'compiled ms':>12s}")
+    for recipe, rounding, tile, rht in (("tetrajet", "nearest", (1, 16), None), ("tetrajet", "stochastic", (1, 16), signs),
+                                        ("nvidia", "nearest", (16, 16), None), ("nvidia", "stochastic", (1, 16), signs),
+                                        ("mxfp4", "stochastic", (1, 16), None)):
+        run = {p: (lambda p=p: fp4.fake_quant(x, recipe, rounding, tile, torch.Generator().manual_seed(2), p,
+                                              rht_signs=rht, dtype=torch.bfloat16)) for p in ("cpu", "compiled", "reference")}
+        same = torch.equal(run["cpu"](), run["reference"]())
+        name = f"fake_quant {recipe} {rounding} {tile}" + (" RHT" if rht is not None else "")
+        print(f"{name:44s} {str(same):>9s} {ms(run['cpu']):7.2f} {ms(run['compiled']):12.2f}")
