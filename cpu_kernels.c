@@ -152,19 +152,17 @@ static inline float amax16(const float *v) {
  * packed E2M1 codes (quantize_nvfp4). */
 #define E2M1_STEP(a) ((a) >= 4.0f ? 2.0f : ((a) >= 2.0f ? 1.0f : 0.5f))   /* grid spacing 2^(e-1) */
 
-/* fp4.round_e2m1_magnitude of a = min(|v|, 6): the E2M1 grid magnitude, RTN or SR with uniform u */
-static inline float round_e2m1(float a, float u, const int sr) {
+/* fp4.round_e2m1_magnitude(|v|): the E2M1 grid magnitude of scaled value v, RTN or SR with element i's noise */
+static inline float round_e2m1(float v, const int sr, uint32_t i, uint32_t s0, uint32_t s1) {
+    float a = min_keep_nan(fabsf(v), E2M1_MAX);
     float step = E2M1_STEP(a);
     float x = a * (1.0f / step);
     if (sr) {
+        float u = (float)(int32_t)(pcg_hash(pcg_hash(i ^ s0) ^ s1) >> 8) * NOISE_ULP;     /* fp4.uniform_noise */
         float t = floorf(x);
         return (t + (u < x - t ? 1.0f : 0.0f)) * step;          /* up with probability x - floor(x) */
     }
     return rintf(x) * step;                                      /* ties to even, as torch.round */
-}
-
-static inline float noise(uint32_t i, uint32_t s0, uint32_t s1) {
-    return (float)(int32_t)(pcg_hash(pcg_hash(i ^ s0) ^ s1) >> 8) * NOISE_ULP;
 }
 
 static inline __attribute__((always_inline)) void dequantize_row(
@@ -174,8 +172,7 @@ static inline __attribute__((always_inline)) void dequantize_row(
     #pragma omp simd
     for (int e = 0; e < n; e++) {
         float val = v[e] * encE[e];
-        float u = sr ? noise(noise_index + (uint32_t)e, s0, s1) : 0.0f;
-        float q = round_e2m1(min_keep_nan(fabsf(val), E2M1_MAX), u, sr);
+        float q = round_e2m1(val, sr, noise_index + (uint32_t)e, s0, s1);
         float d = (q * keptE[e]) * scaleE[e];                    /* x_dq = ±q * scale, 0 if the scale is 0 */
         res[e] = ((val < 0.0f) & (keptE[e] != 0.0f)) ? -d : d;
     }
@@ -197,8 +194,7 @@ static inline __attribute__((always_inline)) void encode_row(
     #pragma omp simd
     for (int e = 0; e < n; e++) {
         float val = v[e] * encE[e];
-        float u = sr ? noise(noise_index + (uint32_t)e, s0, s1) : 0.0f;
-        float q = round_e2m1(min_keep_nan(fabsf(val), E2M1_MAX), u, sr) * keptE[e];
+        float q = round_e2m1(val, sr, noise_index + (uint32_t)e, s0, s1) * keptE[e];
         float code = q <= 2.0f ? q * 2.0f : min_keep_nan(q + 2.0f, 7.0f);
         code = code != code ? 0.0f : code;
         k[e] = (uint8_t)code + (((val < 0.0f) & (keptE[e] != 0.0f)) ? 8 : 0);
