@@ -344,16 +344,15 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     tile = tuple(tile)
     x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()  # (Mp, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
+    H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None and path != "triton" else None  # triton: signs
     if path == "triton":
         import kernels                                   # only imported when asked for (it needs triton)
         codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
     elif path == "cpu":
         import cpu_kernels                               # builds cpu_kernels.c on first use
-        H = hadamard16(rht_signs) if rht_signs is not None else None
         codes, block_scale, outer_scale = cpu_kernels.quantize_nvfp4(x2, outer, tile, seed, H)
     else:
         fn = _compiled(_quantize_nvfp4_2d) if path == "compiled" else _quantize_nvfp4_2d
-        H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None
         codes, block_scale, outer_scale = fn(x2, outer, tile, rounding, seed, H)
         codes, block_scale = codes.to(torch.uint8), block_scale.view(torch.float8_e4m3fn)
     M = x.numel() // x.shape[-1]
@@ -602,6 +601,7 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path
     multiple = MX_BLOCK if recipe.fmt == "mxfp4" else NVFP4_BLOCK if recipe.outer == "tensor" else OUTER_BLOCK
     x2 = _as_padded_2d(x, tile[0], multiple)                                          # (Mp, Kp)
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
+    H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None and path != "triton" else None  # triton: signs
     if path == "triton":
         if recipe.fmt != "nvfp4":
             raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
@@ -609,13 +609,11 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path
         out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
     elif path == "cpu":
         import cpu_kernels                               # builds cpu_kernels.c on first use
-        H = hadamard16(rht_signs) if rht_signs is not None else None
         # it writes bf16 itself (same rounding as .to()), saving the cast's pass over the fp32 result
         out = cpu_kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, H,
                                      dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
     else:
         fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
-        H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None else None
         out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H)
     # (the cast to `dtype` stays outside the compiled function: with a bf16 output inductor's CPU code for SR
     # recomputes each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); LOG.md)
