@@ -8,7 +8,9 @@ Optional: fp4.py imports this module only when asked for the "triton" path (fp4.
 requires CUDA for training). Every kernel here must equal fp4.py bit for bit: codes, scale bytes and
 dequantized values, for RTN and for SR (both draw fp4.uniform_noise, a counter-based hash of the element
 index, so the same seed gives the same noise in any order). tests/test_kernels.py checks this on CPU with
-TRITON_INTERPRET=1 and, when a GPU is present, on the GPU.
+TRITON_INTERPRET=1 and, when a GPU is present, on the GPU; tests/test_kernels_compile.py compiles every variant to
+machine code for H100 (sm_90) and B200 (sm_100) with Triton's own ptxas, which needs no GPU (the interpreter
+skips compilation, so it cannot catch what only the compiler rejects).
 
 What one launch computes (one program per 16 rows x 128 columns of the padded (Mp, Kp) fp32 input):
 
@@ -23,12 +25,15 @@ What one launch computes (one program per 16 rows x 128 columns of the padded (M
     store    fake-quant: ±q * scale (fp32)   |   quantize: packed codes, E4M3 scale bytes, outer scale
 
 Exactness notes (why the kernel does some things by hand):
-  - divisions use tl.math.div_rn (IEEE round-to-nearest); Triton's `/` is an approximate division on GPUs.
+  - divisions use tl.math.div_rn (IEEE round-to-nearest): Triton's `/` compiles to div.full.f32 on NVIDIA GPUs,
+    an approximation. A division by a power of two is a multiplication by its exact reciprocal instead.
+  - the kernel is compiled with enable_fp_fusion=False (EXACT), so no a*b+c becomes a fused multiply-add (Triton
+    fuses by default); fp4.py rounds the product and the sum separately, as cpu_kernels.c does (-ffp-contract=off).
   - the E4M3 rounding is arithmetic (round to 3 mantissa bits / to multiples of 2^-9), not a cast: Triton's
     interpreter rounds fp32 -> float8e4nv ties away from zero and flushes subnormals, which TE does not.
   - round-half-even is (v + 2^23) - 2^23, exact for 0 <= v < 2^22 in IEEE fp32 arithmetic.
   - the RHT is fp4.rht16's 16 multiply-adds in the same order (not a tl.dot, whose summation order is
-    the compiler's); each product is exact (x·±¼), so even a fused multiply-add rounds the same.
+    the compiler's).
 """
 
 import torch
@@ -39,7 +44,10 @@ import fp4
 
 TILE_ROWS = 16          # rows per program: one 16x16 weight tile tall
 TILE_COLS = 128         # columns per program: one double-block outer block wide (8 blocks of 16)
-RNE_MAGIC = 8388608.0   # 2^23: (v + 2^23) - 2^23 rounds 0 <= v < 2^22 to the nearest integer, ties to even
+RNE_MAGIC = tl.constexpr(8388608.0)   # 2^23: (v + 2^23) - 2^23 rounds 0 <= v < 2^22 to the nearest integer,
+                                      # ties to even (a constexpr: @triton.jit code reads no other globals)
+EXACT = dict(enable_fp_fusion=False)  # the quantizer's compile options: Triton fuses a*b+c into an FMA by default,
+                                      # fp4.py rounds the product and the sum separately
 
 # -----------------------------------------------------------------------------
 # device helpers (each mirrors one function of fp4.py)
@@ -60,7 +68,8 @@ def _round_e4m3(s):
     e = ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6)
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)        # 2^(e-3), exact
-    return ((s / step + RNE_MAGIC) - RNE_MAGIC) * step                 # s / step: a power-of-two scaling
+    inv_step = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)    # 2^(3-e): s * inv_step == s / step
+    return ((s * inv_step + RNE_MAGIC) - RNE_MAGIC) * step
 
 
 @triton.jit
@@ -68,8 +77,8 @@ def _e4m3_byte(v):
     """An exact E4M3 value v >= 0 (fp32, or NaN) -> its byte: (e + 7) << 3 | mantissa, or the subnormal
     v / 2^-9; 0x7F for NaN."""
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    pow2 = ((tl.maximum(e, -6) + 127) << 23).to(tl.float32, bitcast=True)
-    normal = ((e + 7) << 3) | (v / pow2 * 8.0 - 8.0).to(tl.int32)
+    inv_pow2 = ((127 - tl.maximum(e, -6)) << 23).to(tl.float32, bitcast=True)     # 2^-e
+    normal = ((e + 7) << 3) | (v * inv_pow2 * 8.0 - 8.0).to(tl.int32)
     byte = tl.where(v >= 2.0 ** -6, normal, (v * 512.0).to(tl.int32))
     return tl.where(v != v, 0x7F, byte).to(tl.uint8)
 
@@ -92,7 +101,7 @@ def _round_e2m1(a, noise, SR: tl.constexpr):
     """fp4.round_e2m1_magnitude: a >= 0 -> grid magnitude; RTN, or SR with `noise` (same shape)."""
     a = _min(a, 6.0)
     step = tl.where(a >= 4.0, 2.0, tl.where(a >= 2.0, 1.0, 0.5))
-    x = a / step                                                        # exact: a power of two
+    x = a * tl.where(a >= 4.0, 0.5, tl.where(a >= 2.0, 1.0, 2.0))     # a / step, exactly
     if SR:
         t = tl.floor(x)
         return (t + tl.where(noise < x - t, 1.0, 0.0)) * step
@@ -193,7 +202,7 @@ def _launch(x2, outer, tile, seed, signs, fake):
     grid = (triton.cdiv(M, TILE_ROWS), triton.cdiv(Kp, TILE_COLS))
     _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, h if h is not None else amax, s0, s1, M, Kp,
                         FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
-                        SR=seed is not None, RHT=signs is not None, BM=TILE_ROWS, BK=TILE_COLS)
+                        SR=seed is not None, RHT=signs is not None, BM=TILE_ROWS, BK=TILE_COLS, **EXACT)
     if fake:
         return out
     if outer == "tensor":
@@ -293,7 +302,8 @@ def _fp4_gemm(a_codes, a_scale, a_outer, b_codes, b_scale, b_outer):
     oa, ob = (c, c) if outer == 0 else (a_outer.contiguous(), b_outer.contiguous())   # (c: unread placeholder)
     grid = (triton.cdiv(M, GEMM_BM), triton.cdiv(N, GEMM_BN))
     _fp4_gemm_kernel[grid](a_codes.contiguous(), a_scale.contiguous(), oa, b_codes.contiguous(), b_scale.contiguous(),
-                           ob, c, M, N, Kp, GROUP=group, OUTER=outer, BM=GEMM_BM, BN=GEMM_BN, BK=GEMM_BK)
+                           ob, c, M, N, Kp, GROUP=group, OUTER=outer, BM=GEMM_BM, BN=GEMM_BN, BK=GEMM_BK,
+                           enable_fp_fusion=True)     # FMA in the epilogue: not bit-exact anyway, only closer
     return c
 
 

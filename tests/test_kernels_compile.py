@@ -1,0 +1,115 @@
+"""kernels.py compiles to machine code for the GPUs it is written for, checked on any machine: Triton's compiler
+and the ptxas it ships need no GPU. test_kernels.py runs the kernels through the interpreter, which executes their
+Python and skips compilation, so it cannot see what only the compiler rejects. (It missed one: the kernels read a
+plain global, RNE_MAGIC, which the interpreter allowed and which made every GPU launch fail to compile.)
+
+Checked here, for H100 (sm_90) and B200 (sm_100):
+  - the quantizer, in the variants training launches, compiles; its PTX has no fused multiply-add and no
+    approximate division (div.full), so it rounds as fp4.py does, one operation at a time;
+  - the FP4 GEMM compiles, and on sm_100 it runs on the block-scaled FP4 tensor cores: tcgen05.mma kind::mxf4nvf4
+    with a scale per 16 (NVFP4) and kind::mxf4 with a scale per 32 (MXFP4).
+The compiles run in one child process without TRITON_INTERPRET (test_kernels.py sets it for this process, and it
+turns every @triton.jit function into the interpreter's). About 25 s.
+Run: python -m pytest tests/test_kernels_compile.py -q"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ARCHS = (90, 100)   # compute capability: H100/H200, B200
+
+# (name, FAKE, DOUBLE_BLOCK, TILE16, SR, RHT, input dtype, seed type): the launches fp4.py makes for the three
+# NVFP4 recipes (forward RTN, backward SR + RHT, 16x16 weights), with both input dtypes and both seed widths
+# (a Python int below 2^31 is passed as i32, above as i64)
+QUANTIZER = [
+    ("fake double-block SR RHT", True, True, False, True, True, "fp32", "i64"),
+    ("fake double-block RTN", True, True, False, False, False, "bf16", "i32"),
+    ("fake per-tensor 16x16 RTN", True, False, True, False, False, "bf16", "i32"),
+    ("fake per-tensor SR RHT", True, False, False, True, True, "bf16", "i32"),
+    ("codes double-block SR RHT", False, True, False, True, True, "fp32", "i64"),
+    ("codes double-block 16x16 SR", False, True, True, True, False, "bf16", "i32"),
+    ("codes per-tensor 16x16 RTN", False, False, True, False, False, "fp32", "i32"),
+    ("codes per-tensor RTN RHT", False, False, False, False, True, "fp32", "i64"),
+]
+# (name, scale pointer type, GROUP, OUTER): NVFP4 with a per-tensor and a per-128 outer scale, and MXFP4
+GEMM = [("nvfp4 per-tensor", "*fp8e4nv", 16, 1), ("nvfp4 per-128", "*fp8e4nv", 16, 2), ("mxfp4", "*u8", 32, 0)]
+
+CHILD = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+
+def compile_one(fn, signature, constexprs, arch, fusion):
+    signature = dict(signature, **{k: "constexpr" for k in constexprs})
+    try:
+        k = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                           options={"enable_fp_fusion": fusion})
+    except Exception as e:
+        while e.__cause__ is not None:   # a CompilationError wraps the one that says what is wrong
+            e = e.__cause__
+        return {"error": f"{type(e).__name__}: {e}"[-3000:]}
+    ptx = k.asm["ptx"]
+    return {"fma": len(re.findall(r"\bfma\.\w+\.f32", ptx)), "div_full": len(re.findall(r"\bdiv\.(?:full|approx)", ptx)),
+            "mma": sorted(set(re.findall(r"tcgen05\.mma[\w:.]*", ptx)))}
+
+quantizer, gemm, archs = json.loads(sys.argv[1])
+out = {}
+for arch in archs:
+    for name, fake, double, tile16, sr, rht, xdtype, seed in quantizer:
+        sig = {"x_ptr": "*" + xdtype, "out_ptr": "*fp32", "codes_ptr": "*u8", "scale_ptr": "*u8", "outer_ptr": "*fp32",
+               "amax_ptr": "*fp32", "h_ptr": "*fp32", "seed0": seed, "seed1": seed, "M": "i32", "Kp": "i32"}
+        const = dict(FAKE=fake, DOUBLE_BLOCK=double, TILE16=tile16, SR=sr, RHT=rht, BM=kernels.TILE_ROWS,
+                     BK=kernels.TILE_COLS)
+        out[f"{arch} {name}"] = compile_one(kernels._nvfp4_kernel, sig, const, arch, kernels.EXACT["enable_fp_fusion"])
+    for name, stype, group, outer in gemm:
+        sig = {"a_ptr": "*u8", "sa_ptr": stype, "oa_ptr": "*fp32", "b_ptr": "*u8", "sb_ptr": stype, "ob_ptr": "*fp32",
+               "c_ptr": "*fp32", "M": "i32", "N": "i32", "Kp": "i32"}
+        const = dict(GROUP=group, OUTER=outer, BM=kernels.GEMM_BM, BN=kernels.GEMM_BN, BK=kernels.GEMM_BK)
+        out[f"{arch} gemm {name}"] = compile_one(kernels._fp4_gemm_kernel, sig, const, arch, True)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{"<arch> <variant>": {"error": ...} or {"fma": n, "div_full": n, "mma": [...]}}, from one child process."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    probe = subprocess.run([sys.executable, "-c", "from triton.backends.nvidia.compiler import CUDABackend; "
+                            "from triton.backends.compiler import GPUTarget; from triton.compiler import ASTSource"],
+                           env=env, capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"this triton has no CUDA backend or a different compile API: {probe.stderr.strip()[-200:]}")
+    args = json.dumps([QUANTIZER, GEMM, ARCHS])
+    run = subprocess.run([sys.executable, "-c", CHILD, args], env=env, capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, f"the compile process failed:\n{run.stderr[-3000:]}"
+    return json.loads(lines[0][len("RESULT "):])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", [q[0] for q in QUANTIZER])
+def test_quantizer_compiles_without_fma_or_approximate_division(compiled, arch, variant):
+    result = compiled[f"{arch} {variant}"]
+    assert "error" not in result, result.get("error")
+    assert result["fma"] == 0, f"{result['fma']} fused multiply-adds: fp4.py rounds a*b and +c separately"
+    assert result["div_full"] == 0, "an approximate division: use tl.math.div_rn, or multiply by an exact 2^-k"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant,stype,group,outer", GEMM)
+def test_fp4_gemm_compiles_and_uses_fp4_tensor_cores_on_blackwell(compiled, arch, variant, stype, group, outer):
+    result = compiled[f"{arch} gemm {variant}"]
+    assert "error" not in result, result.get("error")
+    if arch >= 100:
+        kind = "kind::mxf4nvf4.block_scale.block16" if group == 16 else "kind::mxf4.block_scale.block32"
+        assert any(kind in m for m in result["mma"]), f"expected tcgen05.mma {kind}, the PTX has {result['mma']}"
