@@ -285,11 +285,18 @@ def _check(outer, tile, rounding):
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
+def _div(a, b):
+    """a ⊘ b for a Python number b, IEEE-rounded on every device. Not `a / b`: on CUDA torch evaluates a
+    Python-number divisor as a * fl(1/b), rounding twice (on the CPU it divides); dividing by a 0-dim tensor on
+    a's device is a true division everywhere, so the reference gives the same bits on CPU and GPU."""
+    return a / a.new_full((), b)
+
+
 def tensor_scales(A):
     """Per-tensor amax A (0-dim fp32) -> (S_enc, S_dec) of SPEC §2: S_enc = min(2688 ⊘ A, FLT_MAX), 1 if A = 0;
     S_dec = 1 ⊘ S_enc. (Not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688,
     rounding twice.)"""
-    S_enc = torch.where(A == 0, 1.0, (A.new_tensor(NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
+    S_enc = torch.where(A == 0, 1.0, (A.new_full((), NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
     return S_enc, 1.0 / S_enc
 
 
@@ -303,9 +310,9 @@ def _nvfp4_scales(x2, outer, tile):
         block_scale = (amax16 * (S_enc * FP32_ONE_SIXTH)).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)
         return block_scale, block_scale.float() * S_dec, S_dec
     amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
-    s_o = torch.where(amax128 == 0, 1.0, amax128 / NVFP4_AMAX_TO_SCALE)
+    s_o = torch.where(amax128 == 0, 1.0, _div(amax128, NVFP4_AMAX_TO_SCALE))
     s_o16 = s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)                 # (Mp, Kp/16)
-    s_i = ((amax16 / s_o16) / F4_E2M1_MAX).clamp(max=F8E4M3_MAX)
+    s_i = _div(amax16 / s_o16, F4_E2M1_MAX).clamp(max=F8E4M3_MAX)
     block_scale = torch.where(amax16 == 0, DOUBLE_BLOCK_ZERO_SCALE, s_i).to(torch.float8_e4m3fn)
     return block_scale, s_o16 * block_scale.float(), s_o
 
@@ -435,7 +442,7 @@ def quantize_mxfp8(x):
     M, Kp = x2.shape
     blocks = x2.view(M, -1, MX_BLOCK)
     amax = blocks.abs().amax(-1)
-    r = amax / F8E4M3_MAX
+    r = _div(amax, F8E4M3_MAX)
     exponent = _fp32_exponent(r) + ((r.view(torch.int32) & 0x7FFFFF) != 0).int()
     scale = _e8m0(exponent, amax)                                                     # uint8 bytes
     codes = (blocks / _e8m0_value(scale)[..., None]).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
@@ -673,8 +680,8 @@ FP4_PATHS = ("reference", "compiled", "cpu", "triton")
 def select_path(requested, device, recipe):
     """The one place that decides which path the FP4 layers use -> (path, a line saying which and why, for the
     caller to print once at start-up).
-    requested: "auto" or one of FP4_PATHS. auto = triton on CUDA for NVFP4 recipes when kernels.py imports;
-    cpu on a CPU when cpu_kernels.c builds and matches the reference on a small tensor;
+    requested: "auto" or one of FP4_PATHS. auto = triton on CUDA for NVFP4 recipes when kernels.py imports
+    and matches the reference on a small tensor; cpu on a CPU when cpu_kernels.c builds and matches likewise;
     else compiled if torch.compile works here (checked the same way), else reference with a loud banner.
     Every path auto passes over is named in the line, with why. A path asked for by name that cannot run is
     an error, not a substitution."""
@@ -730,7 +737,7 @@ def _probe(path, device, recipe):
 
 
 def _triton_unavailable(device, recipe):
-    """-> None if kernels.py can run this recipe on this device, else why not (one phrase)."""
+    """-> None if kernels.py runs this recipe on this device and matches the reference, else why not (one phrase)."""
     if device.type != "cuda":
         return f"its kernels need a CUDA device (this run uses {device.type})"
     if recipe.fmt != "nvfp4":
@@ -739,7 +746,7 @@ def _triton_unavailable(device, recipe):
         import kernels  # noqa: F401
     except ImportError as e:
         return f"kernels.py does not import ({e})"
-    return None
+    return _probe("triton", device, recipe)         # compiles here, and gives the reference's bits
 
 
 def fake_quant_mxfp8(x, dtype=torch.float32):

@@ -36,6 +36,8 @@ Exactness notes (why the kernel does some things by hand):
     the compiler's).
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -112,7 +114,7 @@ def _round_e2m1(a, noise, SR: tl.constexpr):
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_ptr, seed0, seed1, M, Kp,
+def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_ptr, seed_ptr, M, Kp,
                   FAKE: tl.constexpr, DOUBLE_BLOCK: tl.constexpr, TILE16: tl.constexpr, SR: tl.constexpr,
                   RHT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     NB: tl.constexpr = BK // 16                                         # 16-blocks per tile row
@@ -153,6 +155,7 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
     v = xb * encode[:, :, None]                                         # (BM, NB, 16)
     if SR:
         idx = tl.reshape(offs & 0xFFFFFFFF, (BM, NB, 16))
+        seed0, seed1 = tl.load(seed_ptr), tl.load(seed_ptr + 1)        # read on the GPU: no host sync
         u = (_pcg_hash(_pcg_hash(idx ^ seed0) ^ seed1) >> 8).to(tl.float32) * (2.0 ** -24)
     else:
         u = v
@@ -164,7 +167,7 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
         x_dq = q * scale[:, :, None]
         tl.store(out_ptr + offs, tl.reshape(tl.where(negative, -x_dq, x_dq), (BM, BK)), mask=mask)
     else:                                                               # codes, two per byte, low nibble first
-        k = tl.where(q <= 2.0, q * 2.0, tl.minimum(q + 2.0, 7.0))
+        k = tl.where(q <= 2.0, q * 2.0, _min(q + 2.0, 7.0))             # NaN stays NaN, so code 0 as in fp4.py
         k = tl.where(k != k, 0.0, k) + tl.where(negative, 8.0, 0.0)
         lo, hi = tl.split(tl.reshape(k.to(tl.int32), (BM, BK // 2, 2)))
         pcols = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
@@ -187,6 +190,11 @@ def _abs_max(t):
     return torch.maximum(-lo, hi).float()
 
 
+def _on(device):
+    """Triton launches on the current CUDA device, not the tensors': make it theirs (cuda:1 under cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch(x2, outer, tile, seed, signs, fake):
     if not x2.is_floating_point() or x2.dim() != 2:
         raise ValueError(f"kernels: expected a 2-D float tensor, got {x2.dtype} of shape {tuple(x2.shape)}")
@@ -205,11 +213,12 @@ def _launch(x2, outer, tile, seed, signs, fake):
     codes = torch.empty(M, Kp // 2, dtype=torch.uint8, device=dev)
     scales = torch.empty(M, Kp // 16, dtype=torch.uint8, device=dev)
     outer_scale = torch.empty(M, Kp // 128 if outer == fp4.OUTER_BLOCK else 0, device=dev)
-    s0, s1 = (int(s) for s in seed.tolist()) if seed is not None else (0, 0)
     grid = (triton.cdiv(M, TILE_ROWS), triton.cdiv(Kp, TILE_COLS))
-    _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, h if h is not None else amax, s0, s1, M, Kp,
-                        FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
-                        SR=seed is not None, RHT=signs is not None, BM=TILE_ROWS, BK=TILE_COLS, **EXACT)
+    with _on(dev):
+        _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, h if h is not None else amax,
+                            seed.to(dev) if seed is not None else amax, M, Kp,         # (amax: unread placeholders)
+                            FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
+                            SR=seed is not None, RHT=signs is not None, BM=TILE_ROWS, BK=TILE_COLS, **EXACT)
     if fake:
         return out
     if outer == "tensor":
@@ -308,9 +317,10 @@ def _fp4_gemm(a_codes, a_scale, a_outer, b_codes, b_scale, b_outer):
     c = torch.empty(M, N, device=a_codes.device)
     oa, ob = (c, c) if outer == 0 else (a_outer.contiguous(), b_outer.contiguous())   # (c: unread placeholder)
     grid = (triton.cdiv(M, GEMM_BM), triton.cdiv(N, GEMM_BN))
-    _fp4_gemm_kernel[grid](a_codes.contiguous(), a_scale.contiguous(), oa, b_codes.contiguous(), b_scale.contiguous(),
-                           ob, c, M, N, Kp, GROUP=group, OUTER=outer, BM=GEMM_BM, BN=GEMM_BN, BK=GEMM_BK,
-                           enable_fp_fusion=True)     # FMA in the epilogue: not bit-exact anyway, only closer
+    with _on(c.device):
+        _fp4_gemm_kernel[grid](a_codes.contiguous(), a_scale.contiguous(), oa, b_codes.contiguous(),
+                               b_scale.contiguous(), ob, c, M, N, Kp, GROUP=group, OUTER=outer, BM=GEMM_BM,
+                               BN=GEMM_BN, BK=GEMM_BK, enable_fp_fusion=True)   # FMA: not bit-exact anyway
     return c
 
 

@@ -17,6 +17,7 @@ except ImportError:                                  # no triton (e.g. macOS): o
     kernels = None
 needs_triton = pytest.mark.skipif(kernels is None, reason="triton is not installed")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # the Triton tests run where the kernels compile
 # the interpreter runs the kernels in numpy, which warns on the Inf/NaN arithmetic the NaN tests exercise
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -120,8 +121,8 @@ def test_select_path_picks_a_fast_path_on_cpu_and_refuses_what_cannot_run():
 @needs_triton
 @pytest.mark.parametrize("outer,tile,rounding", NVFP4_CASES)
 def test_triton_quantize_and_fake_quant_equal_reference_bit_for_bit(outer, tile, rounding):
-    x = awkward(cols=200 if outer == "tensor" else 256)              # per-tensor: Kp = 208, a partial tile
-    gen = lambda: torch.Generator().manual_seed(3)                   # noqa: E731
+    x = awkward(cols=200 if outer == "tensor" else 256).to(DEVICE)   # per-tensor: Kp = 208, a partial tile
+    gen = lambda: torch.Generator(DEVICE).manual_seed(3)             # noqa: E731
     ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen())
     got = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen(), path="triton")
     assert same_quantized(got, ref)
@@ -132,19 +133,23 @@ def test_triton_quantize_and_fake_quant_equal_reference_bit_for_bit(outer, tile,
 
 @needs_triton
 def test_triton_keeps_nan_in_its_block_like_the_reference():
-    x = awkward(cols=256)
+    x = awkward(cols=256).to(DEVICE)
     x[2, 20] = float("nan")
     for outer in ("tensor", 128):
         recipe = fp4.Recipe("r", outer=outer)
         assert equal_with_nan(fp4.fake_quant(x, recipe, path="triton"), fp4.fake_quant(x, recipe))
+        got, ref = (fp4.quantize_nvfp4(x, outer=outer, path=p) for p in ("triton", "reference"))
+        assert torch.equal(got.codes, ref.codes), "a NaN element's code is 0, as in the reference"
+        assert torch.equal(got.block_scale.view(torch.uint8), ref.block_scale.view(torch.uint8))
+        assert equal_with_nan(got.outer_scale, ref.outer_scale)
 
 
 @needs_triton
 @pytest.mark.parametrize("outer", ["tensor", 128])
 def test_triton_fused_rht_equals_rht_then_quantize(outer):
-    x = awkward(cols=256)                            # the same 16 multiply-adds in the same order: same bits
-    signs = fp4.random_signs(torch.Generator().manual_seed(5))
-    seed = fp4.draw_seed(torch.Generator().manual_seed(6))
+    x = awkward(cols=256).to(DEVICE)                 # the same 16 multiply-adds in the same order: same bits
+    signs = fp4.random_signs(torch.Generator().manual_seed(5)).to(DEVICE)
+    seed = fp4.draw_seed(torch.Generator(DEVICE).manual_seed(6), DEVICE)
     ref = fp4._fake_quant_2d(fp4.rht16(x, signs), "nvfp4", outer, (1, 16), "stochastic", seed)
     assert equal_with_nan(kernels.fake_quant_nvfp4(x, outer, seed=seed, signs=signs), ref)
 
@@ -152,18 +157,24 @@ def test_triton_fused_rht_equals_rht_then_quantize(outer):
 @needs_triton
 @pytest.mark.parametrize("outer", ["tensor", 128])
 def test_triton_takes_bf16_input_like_the_reference(outer):
-    x = awkward(cols=256).bfloat16()
-    gen = lambda: torch.Generator().manual_seed(7)                   # noqa: E731
+    x = awkward(cols=256).bfloat16().to(DEVICE)
+    gen = lambda: torch.Generator(DEVICE).manual_seed(7)             # noqa: E731
     ref = fp4.quantize_nvfp4(x, outer=outer, rounding="stochastic", generator=gen())
     assert same_quantized(fp4.quantize_nvfp4(x, outer=outer, rounding="stochastic", generator=gen(), path="triton"), ref)
 
 
 @needs_triton
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia"])
+def test_triton_passes_the_start_up_probe_select_path_runs_on_cuda(recipe):
+    assert fp4._probe("triton", torch.device(DEVICE), fp4.get_recipe(recipe)) is None
+
+
+@needs_triton
 def test_triton_wrapper_rejects_unpadded_input_and_mx_recipes():
     with pytest.raises(ValueError, match="NVFP4 kernels only"):
-        fp4.fake_quant(torch.randn(4, 64), "mxfp4", path="triton")
+        fp4.fake_quant(torch.randn(4, 64, device=DEVICE), "mxfp4", path="triton")
     with pytest.raises(ValueError, match="not padded"):
-        kernels.fake_quant_nvfp4(torch.randn(16, 200), outer=128)
+        kernels.fake_quant_nvfp4(torch.randn(16, 200, device=DEVICE), outer=128)
 
 
 @needs_triton
@@ -175,3 +186,17 @@ def test_triton_on_gpu_equals_reference_on_gpu(outer, tile, rounding):
     ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen())
     got = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, generator=gen(), path="triton")
     assert same_quantized(got, ref)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt,outer,tile", [("nvfp4", 128, (1, 16)), ("nvfp4", "tensor", (16, 16)),
+                                            ("nvfp4", "tensor", (1, 16)), ("mxfp4", None, (1, 16))])
+def test_reference_gives_the_same_bits_on_cpu_and_gpu(fmt, outer, tile):
+    """fp4.py is the judge on every device, so none of its ops may round differently on a GPU (CUDA divides by a
+    Python number as a multiplication by its reciprocal: fp4._div divides by a device tensor instead)."""
+    x, seed = awkward(rows=512, cols=1024), fp4.draw_seed(torch.Generator().manual_seed(4))
+    for rounding in fp4.ROUNDINGS:
+        cpu, gpu = (fp4._fake_quant_2d(x.to(d), fmt, outer, tile, rounding, seed.to(d)) for d in ("cpu", "cuda"))
+        assert equal_with_nan(gpu.cpu(), cpu), rounding
+    cpu, gpu = fp4.quantize_mxfp8(x), fp4.quantize_mxfp8(x.cuda())            # OutControl's MXFP8 channels
+    assert all(torch.equal(g.cpu().view(torch.uint8), c.view(torch.uint8)) for g, c in zip(gpu, cpu))

@@ -24,18 +24,17 @@ pytest.importorskip("triton")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ARCHS = (90, 100)   # compute capability: H100/H200, B200
 
-# (name, FAKE, DOUBLE_BLOCK, TILE16, SR, RHT, input dtype, seed type): the launches fp4.py makes for the three
-# NVFP4 recipes (forward RTN, backward SR + RHT, 16x16 weights), with both input dtypes and both seed widths
-# (a Python int below 2^31 is passed as i32, above as i64)
+# (name, FAKE, DOUBLE_BLOCK, TILE16, SR, RHT, input dtype): the launches fp4.py makes for the three NVFP4
+# recipes (forward RTN, backward SR + RHT, 16x16 weights), with both input dtypes
 QUANTIZER = [
-    ("fake double-block SR RHT", True, True, False, True, True, "fp32", "i64"),
-    ("fake double-block RTN", True, True, False, False, False, "bf16", "i32"),
-    ("fake per-tensor 16x16 RTN", True, False, True, False, False, "bf16", "i32"),
-    ("fake per-tensor SR RHT", True, False, False, True, True, "bf16", "i32"),
-    ("codes double-block SR RHT", False, True, False, True, True, "fp32", "i64"),
-    ("codes double-block 16x16 SR", False, True, True, True, False, "bf16", "i32"),
-    ("codes per-tensor 16x16 RTN", False, False, True, False, False, "fp32", "i32"),
-    ("codes per-tensor RTN RHT", False, False, False, False, True, "fp32", "i64"),
+    ("fake double-block SR RHT", True, True, False, True, True, "fp32"),
+    ("fake double-block RTN", True, True, False, False, False, "bf16"),
+    ("fake per-tensor 16x16 RTN", True, False, True, False, False, "bf16"),
+    ("fake per-tensor SR RHT", True, False, False, True, True, "bf16"),
+    ("codes double-block SR RHT", False, True, False, True, True, "fp32"),
+    ("codes double-block 16x16 SR", False, True, True, True, False, "bf16"),
+    ("codes per-tensor 16x16 RTN", False, False, True, False, False, "fp32"),
+    ("codes per-tensor RTN RHT", False, False, False, False, True, "fp32"),
 ]
 # (name, scale pointer type, GROUP, OUTER): NVFP4 with a per-tensor and a per-128 outer scale, and MXFP4
 GEMM = [("nvfp4 per-tensor", "*fp8e4nv", 16, 1), ("nvfp4 per-128", "*fp8e4nv", 16, 2), ("mxfp4", "*u8", 32, 0)]
@@ -63,9 +62,9 @@ def compile_one(fn, signature, constexprs, arch, fusion):
 quantizer, gemm, archs = json.loads(sys.argv[1])
 out = {}
 for arch in archs:
-    for name, fake, double, tile16, sr, rht, xdtype, seed in quantizer:
+    for name, fake, double, tile16, sr, rht, xdtype in quantizer:
         sig = {"x_ptr": "*" + xdtype, "out_ptr": "*fp32", "codes_ptr": "*u8", "scale_ptr": "*u8", "outer_ptr": "*fp32",
-               "amax_ptr": "*fp32", "h_ptr": "*fp32", "seed0": seed, "seed1": seed, "M": "i32", "Kp": "i32"}
+               "amax_ptr": "*fp32", "h_ptr": "*fp32", "seed_ptr": "*i64", "M": "i32", "Kp": "i32"}
         const = dict(FAKE=fake, DOUBLE_BLOCK=double, TILE16=tile16, SR=sr, RHT=rht, BM=kernels.TILE_ROWS,
                      BK=kernels.TILE_COLS)
         out[f"{arch} {name}"] = compile_one(kernels._nvfp4_kernel, sig, const, arch, kernels.EXACT["enable_fp_fusion"])
