@@ -170,6 +170,26 @@ def test_triton_passes_the_start_up_probe_select_path_runs_on_cuda(recipe):
 
 
 @needs_triton
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia"])
+def test_fp4_linear_gives_identical_outputs_and_grads_on_the_triton_path(recipe, monkeypatch):
+    """A whole FP4 layer, forward and backward (RTN, SR, RHT on transposed operands, the same random draws in the
+    same order): the simulated GEMMs, so no FP4 tensor cores even on a GPU that has them (test_gemm.py tests those)."""
+    monkeypatch.setattr(kernels, "fp4_gemm_supported", lambda device: False)
+    g = torch.Generator().manual_seed(3)
+    x, dy, w = torch.randn(48, 96, generator=g), torch.randn(48, 40, generator=g), torch.randn(40, 96, generator=g) / 10
+    results = []
+    for path in ("reference", "triton"):
+        layer = fp4.FP4Linear(96, 40, recipe=recipe, seed=7, path=path).to(DEVICE)
+        layer.weight.data.copy_(w)
+        xi = x.bfloat16().to(DEVICE).requires_grad_()
+        y = layer(xi)
+        y.backward(dy.bfloat16().to(DEVICE))
+        results.append((y, xi.grad, layer.weight.grad))
+    for a, b in zip(*results):
+        assert equal_with_nan(a, b)
+
+
+@needs_triton
 def test_triton_wrapper_rejects_unpadded_input_and_mx_recipes():
     with pytest.raises(ValueError, match="NVFP4 kernels only"):
         fp4.fake_quant(torch.randn(4, 64, device=DEVICE), "mxfp4", path="triton")
