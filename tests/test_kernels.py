@@ -85,20 +85,22 @@ def test_compiled_fake_quant_with_rht_bf16_output_and_transposed_input_equals_re
     assert got.dtype == torch.bfloat16 and got.shape == (300, 48) and equal_with_nan(got, ref)
 
 
+def layer_outputs_and_grads(path, recipe, device="cpu"):
+    """One FP4 layer, forward and backward on fixed bf16 inputs (3-D, K = 96 not a multiple of 128) -> (y, dx, dW):
+    RTN, SR, RHT on transposed operands and the layer's random draws in order, which every path must reproduce."""
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(4, 12, 96, generator=g).bfloat16(), torch.randn(4, 12, 40, generator=g).bfloat16()
+    layer = fp4.FP4Linear(96, 40, recipe=recipe, seed=7, path=path).to(device)
+    layer.weight.data.copy_(torch.randn(40, 96, generator=g) / 10)
+    xi = x.to(device).requires_grad_()
+    y = layer(xi)
+    y.backward(dy.to(device))
+    return y, xi.grad, layer.weight.grad
+
+
 def test_fp4_linear_gives_identical_outputs_and_grads_on_the_compiled_path():
-    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(3)).bfloat16()
-    dy = torch.randn(64, 48, generator=torch.Generator().manual_seed(4)).bfloat16()
-    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(5)) / 96 ** 0.5
-    results = []
-    for path in ("reference", "compiled"):
-        layer = fp4.FP4Linear(96, 48, recipe="tetrajet", seed=7, path=path)
-        layer.weight.data.copy_(w)
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        y.backward(dy)
-        results.append((y, xi.grad, layer.weight.grad))
-    for a, b in zip(*results):
-        assert equal_with_nan(a, b)
+    for got, ref in zip(*(layer_outputs_and_grads(path, "tetrajet") for path in ("compiled", "reference"))):
+        assert equal_with_nan(got, ref)
 
 # -----------------------------------------------------------------------------
 # the one place that decides
@@ -175,18 +177,8 @@ def test_fp4_linear_gives_identical_outputs_and_grads_on_the_triton_path(recipe,
     """A whole FP4 layer, forward and backward (RTN, SR, RHT on transposed operands, the same random draws in the
     same order): the simulated GEMMs, so no FP4 tensor cores even on a GPU that has them (test_gemm.py tests those)."""
     monkeypatch.setattr(kernels, "fp4_gemm_supported", lambda device: False)
-    g = torch.Generator().manual_seed(3)
-    x, dy, w = torch.randn(48, 96, generator=g), torch.randn(48, 40, generator=g), torch.randn(40, 96, generator=g) / 10
-    results = []
-    for path in ("reference", "triton"):
-        layer = fp4.FP4Linear(96, 40, recipe=recipe, seed=7, path=path).to(DEVICE)
-        layer.weight.data.copy_(w)
-        xi = x.bfloat16().to(DEVICE).requires_grad_()
-        y = layer(xi)
-        y.backward(dy.bfloat16().to(DEVICE))
-        results.append((y, xi.grad, layer.weight.grad))
-    for a, b in zip(*results):
-        assert equal_with_nan(a, b)
+    for got, ref in zip(*(layer_outputs_and_grads(path, recipe, DEVICE) for path in ("triton", "reference"))):
+        assert equal_with_nan(got, ref)
 
 
 @needs_triton

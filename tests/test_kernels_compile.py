@@ -56,7 +56,8 @@ def compile_one(fn, signature, constexprs, arch, fusion):
             e = e.__cause__
         return {"error": f"{type(e).__name__}: {e}"[-3000:]}
     ptx = k.asm["ptx"]
-    return {"fma": len(re.findall(r"\bfma\.\w+\.f32", ptx)), "div_full": len(re.findall(r"\bdiv\.(?:full|approx)", ptx)),
+    return {"fma": len(re.findall(r"\bfma\.\w+\.f32", ptx)),
+            "div_full": len(re.findall(r"\bdiv\.(?:full|approx)", ptx)),
             "mma": sorted(set(re.findall(r"tcgen05\.mma[\w:.]*", ptx)))}
 
 quantizer, gemm, archs = json.loads(sys.argv[1])
