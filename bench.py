@@ -108,12 +108,13 @@ def bench_step(device, repeat, recipe, argv):
     The models take turns, one step each, `repeat` rounds after two warm-up rounds, and each reports its
     median: a shared machine's slow drifts then hit every column alike."""
     cfg = train.TrainConfig(**train.parse_args(argv))
-    dtype = torch.bfloat16
+    dtype, why = train.activation_dtype(cfg.dtype, device.type)           # train.py's default (--dtype auto)
+    base = "bf16" if dtype == torch.bfloat16 else "fp32"
     idx = torch.randint(0, BYTE_VOCAB, (cfg.batch_size, cfg.block_size + 1), device=device,
                         generator=torch.Generator(device).manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
     steps = {}
-    for label, path in [("bf16", None)] + [(f"fp4 {recipe} [{p}]", p) for p in paths_here(device, recipe)]:
+    for label, path in [(base, None)] + [(f"fp4 {recipe} [{p}]", p) for p in paths_here(device, recipe)]:
         torch.manual_seed(cfg.seed)
         model = train.build_model(cfg, BYTE_VOCAB, dtype)
         if path is not None:
@@ -132,9 +133,10 @@ def bench_step(device, repeat, recipe, argv):
         for label, step in steps.items():
             times[label].append(timeit(step, device, 1, warmup=0))
     results = {label: sorted(t[2:])[len(t[2:]) // 2] for label, t in times.items()}
-    print(f"\n3. training step, model {cfg.model}, batch {cfg.batch_size} x {cfg.block_size} tokens, on {device}")
+    print(f"\n3. training step, model {cfg.model}, batch {cfg.batch_size} x {cfg.block_size} tokens, on {device}, "
+          f"activations {dtype} ({why})")
     for label, ms in results.items():
-        print(f"{label:32s} {ms:8.1f} ms   {ms / results['bf16']:5.2f}x bf16   "
+        print(f"{label:32s} {ms:8.1f} ms   {ms / results[base]:5.2f}x {base}   "
               f"{cfg.batch_size * cfg.block_size / ms * 1e3:9,.0f} tok/s")
     return results
 

@@ -470,9 +470,15 @@ def random_signs(generator=None, device=None):
 
 
 def hadamard16(signs):
-    """16 ±1 signs -> H = ¼ · H₁₆ · diag(signs) (16, 16) fp32, H₁₆ the Sylvester ±1 Hadamard matrix
-    (H_2n = [[H, H], [H, -H]]). Every entry is ±¼, so H is orthogonal: H Hᵀ = I."""
-    return _sylvester16(signs.device) * signs.float()        # column j scaled by signs[j]
+    """16 ±1 signs s -> H = ¼ · diag(s) · H₁₆ (16, 16) fp32, H₁₆ the Sylvester ±1 Hadamard matrix
+    (H_2n = [[H, H], [H, -H]]), so that a chunk c (a 1x16 row) becomes c H = ((c ∘ s) H₁₆) / 4: the signs
+    flip the *inputs*, then the rotation mixes them (TE's `x @ (diag(s)·H₁₆)/4`; the official TetraJet-v2
+    kernel negates the 16 inputs, then runs the butterfly). Every entry is ±¼, so H is orthogonal: H Hᵀ = I.
+    Why input-side: with the signs on the output side (¼·H₁₆·diag(s)), c H would be the plain rotation
+    c H₁₆/4 with its outputs' signs flipped; every quantizer here is symmetric (Q(-v) = -Q(v), SR included,
+    as it rounds |v|), so those flips pass through Q unchanged and cancel in the GEMM, (A H)(B H)ᵀ with the
+    same flips on both operands: every sign vector would give bit-identical GEMMs, a plain Hadamard."""
+    return signs.float()[:, None] * _sylvester16(signs.device)   # row i scaled by signs[i]
 
 
 @functools.cache
@@ -756,21 +762,28 @@ def fake_quant_mxfp8(x, dtype=torch.float32):
 
 def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, path="reference", dtype=torch.float32):
     """x (M, K) -> (M, K) in `dtype`, round to nearest: FP4 (the recipe's format) on every column except the
-    `outliers` (LongTensor of column indices, or None), which get MXFP8 (OutControl, SPEC §8). Each part is
-    quantized as its own contiguous matrix, as a real kernel would see it after gathering the columns."""
+    outliers, which get MXFP8 (OutControl, SPEC §8). `outliers`: None, a LongTensor of MXFP8 column indices
+    (the FP4 columns are then the rest, in ascending order), or a pair (outliers, inliers) of LongTensors
+    (as select_outlier_channels returns them, both in descending-norm order). Each part is quantized as its
+    own contiguous matrix with its columns in that order, as a real kernel sees it after gathering them: the
+    order decides which channels share a 16-block (and a 128-block), so it is part of the numerics."""
     if outliers is None:
         return fake_quant(x, recipe, tile=tile, path=path, dtype=dtype)
-    keep = _complement(outliers, x.shape[1])
+    outliers, inliers = split_columns(outliers, x.shape[1])
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    out[:, keep] = fake_quant(x[:, keep], recipe, tile=tile, path=path, dtype=dtype)
+    out[:, inliers] = fake_quant(x[:, inliers], recipe, tile=tile, path=path, dtype=dtype)
     out[:, outliers] = fake_quant_mxfp8(x[:, outliers], dtype)
     return out
 
 
-def _complement(idx, n):
-    keep = torch.ones(n, dtype=torch.bool, device=idx.device)
-    keep[idx] = False
-    return keep.nonzero().squeeze(1)
+def split_columns(outliers, n):
+    """outliers (LongTensor) or (outliers, inliers) -> (outliers, inliers); inliers default to the other
+    columns of n, ascending."""
+    if isinstance(outliers, (tuple, list)):
+        return tuple(outliers)
+    keep = torch.ones(n, dtype=torch.bool, device=outliers.device)
+    keep[outliers] = False
+    return outliers, keep.nonzero().squeeze(1)
 
 
 def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, path="reference", dtype=torch.float32):
@@ -842,7 +855,8 @@ class FP4LinearFunction(torch.autograd.Function):
     bf16 baseline multiply at the same precision and differ only by the quantization. For bf16 this rounds
     each dequantized value to 8 significant bits: exact for E2M1 x E4M3/E8M0 products (<= 6 bits), a
     relative error <= 2^-9 once an fp32 outer scale is folded in, ~30 dB below FP4's own error.
-    outliers: None or a LongTensor of input channels kept in MXFP8 (OutControl). stats: None or a dict the
+    outliers: None, or the input channels kept in MXFP8 (OutControl): a LongTensor, or (outliers, inliers) as
+    fake_quant_split takes them. stats: None or a dict the
     call fills with diagnostics (SQNR of X, W, dY; saturated/underflowed block fractions); it draws no noise.
     path: which implementation runs the quantizers (FP4_PATHS); all give the same bits."""
 
@@ -869,8 +883,8 @@ class FP4LinearFunction(torch.autograd.Function):
         # recipes keep the dequantized X̂, Ŵ (as the GEMM saw them, in x.dtype); the others keep X and W.
         ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
                        and recipe.other_rounding == "nearest" and not recipe.aligned)
-        ctx.save_for_backward(x_hat if recipe.aligned else x2,
-                              w_hat if (recipe.aligned or ctx.reuse_w) else weight, outliers)
+        ctx.save_for_backward(x_hat if recipe.aligned else x2, w_hat if (recipe.aligned or ctx.reuse_w) else weight)
+        ctx.columns = None if outliers is None else split_columns(outliers, in_f)   # (outliers, inliers)
         ctx.recipe, ctx.generator, ctx.stats, ctx.path = recipe, generator, stats, path
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], -1)
@@ -878,7 +892,7 @@ class FP4LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         recipe, gen, stats, path, dtype = ctx.recipe, ctx.generator, ctx.stats, ctx.path, ctx.x_dtype
-        x_src, w_src, outliers = ctx.saved_tensors                            # X̂ or X (N, in), Ŵ or W (out, in)
+        (x_src, w_src), columns = ctx.saved_tensors, ctx.columns                           # X̂ or X (N, in), Ŵ or W (out, in)
         dy2 = dy.reshape(-1, dy.shape[-1])                                     # (N, out)
         dx = dw = None
         # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
@@ -891,10 +905,10 @@ class FP4LinearFunction(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:
             dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats, path, dtype)
         # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
-        if ctx.needs_input_grad[1] and outliers is None:
+        if ctx.needs_input_grad[1] and columns is None:
             dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats, path=path, dtype=dtype)
         elif ctx.needs_input_grad[1]:                        # FP4 on channels F, MXFP8 on the outliers O
-            keep = _complement(outliers, x_src.shape[1])
+            outliers, keep = columns
             dw = torch.empty(dy2.shape[1], x_src.shape[1], dtype=dtype, device=dy2.device)    # (out, in)
             dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats, path=path,
                                          dtype=dtype)
@@ -958,10 +972,17 @@ class OsciReset:
 
     @torch.no_grad()
     def after_step(self, step):
-        """Call after every optimizer step; `step` = optimizer steps done so far."""
+        """Call after every optimizer step with `step` = optimizer steps done so far (and once with the first
+        step before training, so a window at that step opens). A window opens at phase (step - start) % period
+        = 0 and closes at phase = window. A layer with no open window at a later phase (the run began or was
+        resumed from an old checkpoint after the window opened) waits for the next one: nothing is measured
+        over a partial window. Only the FP4 columns are tracked and reset: OutControl's MXFP8 columns
+        (layer.outliers) quantize differently and are left alone, as the official code does."""
         if step < self.start or (phase := (step - self.start) % self.period) > self.window:
             return
         for name, layer in self.layers.items():
+            if phase != 0 and name not in self.state:
+                continue                                                  # no window open: wait for the next
             w, q = layer.weight, layer.quantize_weight()                  # (out, in) master, fp32 Q(w)
             if phase == 0:                                                # open a window: snapshot
                 zeros = torch.zeros_like(q)
@@ -972,18 +993,22 @@ class OsciReset:
             st["sum_dw"] += (w.float() - st["prev_w"]).abs()
             st["prev_w"], st["prev_q"] = w.float().clone(), q
             if phase == self.window:                                      # close it: reset the oscillators
-                mask = oscillation_ratio(st["sum_dq"], st["sum_dw"]) >= self.threshold
+                fp4_columns = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+                if layer.outliers is not None:
+                    fp4_columns[layer.outliers] = False                   # MXFP8 columns: not tracked
+                mask = (oscillation_ratio(st["sum_dq"], st["sum_dw"]) >= self.threshold) & fp4_columns
                 if self.reset:
                     w[mask] = q[mask].to(w.dtype)
-                self.last[name] = {"oscillating": mask.float().mean().item(),
+                tracked = int(fp4_columns.sum()) * w.shape[0]
+                self.last[name] = {"oscillating": mask.sum().item() / max(tracked, 1), "tracked": tracked,
                                    "reset": int(mask.sum()) if self.reset else 0}
                 del self.state[name]
 
     def summary(self):
-        """-> (oscillation ratio: fraction of all tracked weights with r >= threshold in the last windows,
+        """-> (oscillation ratio: fraction of all tracked (FP4) weights with r >= threshold in the last windows,
         number of weights reset then)."""
-        n = sum(self.layers[k].weight.numel() for k in self.last)
-        osc = sum(v["oscillating"] * self.layers[k].weight.numel() for k, v in self.last.items())
+        n = sum(v.get("tracked", self.layers[k].weight.numel()) for k, v in self.last.items())
+        osc = sum(v["oscillating"] * v.get("tracked", self.layers[k].weight.numel()) for k, v in self.last.items())
         return (osc / n if n else 0.0), sum(v["reset"] for v in self.last.values())
 
     def state_dict(self):
@@ -999,15 +1024,19 @@ class OsciReset:
 # OutControl (TetraJet-v2 §4, SPEC §8): a static set of outlier input channels kept in MXFP8
 
 def select_outlier_channels(channel_norm, frac):
-    """(in,) accumulated input-channel L2 norms -> sorted LongTensor of the top `frac` channels, the count
-    rounded up to a multiple of 32 (one MXFP8 block) and capped at half the channels."""
+    """(in,) accumulated input-channel L2 norms -> (outliers, inliers), LongTensors of channel indices: the top
+    `frac` channels, the count rounded up to a multiple of 32 (one MXFP8 block) and capped at half the
+    channels, and the rest. Both lists are in descending-norm order, as in the official release (one
+    argsort, descending, split in two): the FP4 columns are then gathered so that channels of similar norm
+    share a 16-block scale, which a sorted-by-index list would not do."""
     count = min(math.ceil(frac * channel_norm.numel() / MX_BLOCK) * MX_BLOCK, channel_norm.numel() // 2)
-    return channel_norm.topk(count).indices.sort().values
+    order = channel_norm.argsort(descending=True, stable=True)
+    return order[:count], order[count:]
 
 
 class OutControl:
     """For `window` steps from step `start`, every FP4Linear sums ‖X[:, c]‖₂ over the tokens of each
-    micro-batch, per input channel c (its `channel_norm`); then the top `frac` channels become its outliers,
+    training micro-batch (eval forwards do not count), per input channel c (its `channel_norm`); then the top `frac` channels become its outliers,
     fixed for the rest of training and kept in MXFP8 in fprop and wgrad (SPEC §8). Activation outliers sit in
     a few channels that stay the same through training (TetraJet-v2 §4), so a short calibration suffices.
     Call before_step(step) before each optimizer step and after_step(steps_done, reduce) after it; `reduce`
@@ -1027,7 +1056,8 @@ class OutControl:
             if layer.channel_norm is not None:
                 if reduce is not None:
                     reduce(layer.channel_norm)
-                layer.outliers, layer.channel_norm = select_outlier_channels(layer.channel_norm, self.frac), None
+                layer.outliers, layer.inliers = select_outlier_channels(layer.channel_norm, self.frac)
+                layer.channel_norm = None
             layer.calibrating = False
 
     def summary(self):
@@ -1058,7 +1088,8 @@ class FP4Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe, self.seed, self.path = get_recipe(recipe), seed, path
         self._generator, self._rng_state = None, None
-        self.outliers, self.channel_norm, self.calibrating, self.stats = None, None, False, None
+        self.outliers = self.inliers = self.channel_norm = self.stats = None
+        self.calibrating = False
 
     @classmethod
     def from_linear(cls, linear, recipe="tetrajet", seed=0, path="reference"):
@@ -1079,7 +1110,14 @@ class FP4Linear(nn.Linear):
 
     def quantize_weight(self):
         """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (SPEC §7)."""
-        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.outliers, self.path)
+        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.columns(), self.path)
+
+    def columns(self):
+        """OutControl's split of the input channels: None, or (outliers, inliers) in descending-norm order."""
+        if self.outliers is None or not len(self.outliers):
+            return None
+        return split_columns(self.outliers if self.inliers is None else (self.outliers, self.inliers),
+                             self.in_features)
 
     def forward(self, x):
         # In a torch.compile'd model (train.py --compile) each FP4 layer runs as an eager island between the
@@ -1088,11 +1126,10 @@ class FP4Linear(nn.Linear):
         return _eager_island(FP4Linear._forward)(self, x)
 
     def _forward(self, x):
-        if self.calibrating:                                 # OutControl: per-channel L2 norm over tokens
+        if self.calibrating and self.training:               # OutControl: per-channel L2 norm over tokens
             norm = x.detach().reshape(-1, self.in_features).float().norm(dim=0)    # (in,)
             self.channel_norm = norm if self.channel_norm is None else self.channel_norm + norm
-        outliers = self.outliers if self.outliers is not None and len(self.outliers) else None
-        y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device), outliers, self.stats,
+        y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device), self.columns(), self.stats,
                                     self.path)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -1101,13 +1138,14 @@ class FP4Linear(nn.Linear):
         if self._generator is not None:
             rng = {"device": self._generator.device.type, "state": self._generator.get_state()}
         return {"recipe": self.recipe.name, "seed": self.seed, "rng_state": rng, "outliers": self.outliers,
-                "channel_norm": self.channel_norm}
+                "inliers": self.inliers, "channel_norm": self.channel_norm}
 
     def set_extra_state(self, state):
         self.seed, self._generator, self._rng_state = state["seed"], None, state["rng_state"]
         device = self.weight.device
-        self.outliers, self.channel_norm = (None if t is None else t.to(device)
-                                            for t in (state.get("outliers"), state.get("channel_norm")))
+        self.outliers, self.inliers, self.channel_norm = (
+            None if t is None else t.to(device) for t in (state.get("outliers"), state.get("inliers"),
+                                                          state.get("channel_norm")))
 
     def extra_repr(self):
         return f"{super().extra_repr()}, recipe={self.recipe.name}, path={self.path}"

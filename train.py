@@ -83,7 +83,7 @@ class TrainConfig:
     # system
     seed: int = 1337              # model init, data order and FP4 noise all follow from it
     device: str = "auto"          # auto (cuda > mps > cpu), cuda, mps, cpu
-    dtype: str = "auto"           # activation dtype: auto (bfloat16; float32 on mps), bfloat16, float32
+    dtype: str = "auto"           # activation dtype: auto (bfloat16 where matmuls run it natively, else float32), bfloat16, float32
     compile: bool = False         # torch.compile the model
     out_dir: str = "out"          # log.jsonl and ckpt.pt go here
     resume: bool = False          # continue from <out_dir>/ckpt.pt (its config, overridden by the flags given)
@@ -174,6 +174,27 @@ def build_model(cfg, vocab_size, dtype):
     return GPT(config, compute_dtype=dtype)
 
 
+def activation_dtype(requested, device_type):
+    """--dtype -> (torch dtype, why, for the start-up line). auto: bf16 on CUDA; on a CPU bf16 only where it
+    multiplies bf16 natively (AVX512-BF16 or AMX), else fp32: without them torch's CPU bf16 matmul converts
+    element by element and is ~40x slower than fp32 (AMD EPYC, AVX2: 2048x512 @ 512x512 638 vs 16 ms);
+    fp32 on MPS. The FP4 numerics are the same bits in either (the quantizers compute in fp32); only the
+    high-precision parts (attention, norms, LM head, the baseline) and the GEMMs' output rounding differ."""
+    if requested != "auto":
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[requested], "as requested"
+    if device_type == "cuda":
+        return torch.bfloat16, "auto: CUDA multiplies bf16 natively"
+    if device_type == "cpu":
+        native = [name for name, probe in (("AVX512-BF16", "_is_avx512_bf16_supported"),
+                                           ("AMX", "_is_amx_tile_supported"))
+                  if getattr(torch.cpu, probe, lambda: False)()]
+        if native:
+            return torch.bfloat16, f"auto: this CPU multiplies bf16 natively ({', '.join(native)})"
+        return torch.float32, (f"auto: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+                               f"matmul (no AVX512-BF16/AMX), where bf16 runs ~40x slower than fp32")
+    return torch.float32, f"auto: float32 on {device_type}"
+
+
 def start_step(value, cfg):
     """--osci-start / --out-control-step: a fraction (< 1) of max_iters, or a step."""
     return int(value * cfg.max_iters) if value < 1 else int(value)
@@ -237,16 +258,15 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = device.split(":")[0]
-    # activations (and the matmuls of the high-precision layers) run in bf16; master weights stay fp32
-    dtype = {"auto": torch.float32 if device_type == "mps" else torch.bfloat16,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    # activations (and the matmuls of the high-precision layers) run in bf16 where that is fast; master weights fp32
+    dtype, dtype_why = activation_dtype(cfg.dtype, device_type)
     torch.manual_seed(cfg.seed)
 
     def log(*a):
         if master:
             tqdm.write(" ".join(str(x) for x in a))
 
-    log(f"torch {torch.__version__} | device {device} x {world} | activations {dtype} | config:")
+    log(f"torch {torch.__version__} | device {device} x {world} | activations {dtype} ({dtype_why}) | config:")
     log(json.dumps(asdict(cfg)))
     # -----------------------------------------------------------------------------
     # data: uint16 token memmaps; each process samples from its own contiguous shard (rank-disjoint)
@@ -363,6 +383,8 @@ def main(argv=None):
                leave=False)                                 # a progress bar for terminals, not for log files
     t_start, window_losses, window_time, window_steps, val_loss = time.time(), [], 0.0, 0, float("nan")
     resumed_at = step if ckpt is not None else -1
+    if osci is not None and ckpt is None:
+        osci.after_step(0)                                 # a window at step 0 opens on the initial weights
     if ckpt is not None:                                   # the train_loss average in progress, so logs match
         w = ckpt["log_window"]
         window_losses, window_time, window_steps, skipped = w["losses"], w["time"], w["steps"], w["skipped"]

@@ -29,9 +29,33 @@ def test_calibration_picks_the_planted_outlier_channels():
 
 def test_outlier_count_is_rounded_to_32_and_capped_at_half():
     norms = torch.arange(48.0)
-    assert len(fp4.select_outlier_channels(norms, 0.1)) == 24          # 32 would be more than half of 48
-    assert fp4.select_outlier_channels(torch.arange(1024.0), 0.1).tolist() == list(range(1024 - 128, 1024))
-    assert len(fp4.select_outlier_channels(norms, 0.0)) == 0
+    assert len(fp4.select_outlier_channels(norms, 0.1)[0]) == 24          # 32 would be more than half of 48
+    outliers, inliers = fp4.select_outlier_channels(torch.arange(1024.0), 0.1)
+    assert outliers.tolist() == list(range(1023, 1023 - 128, -1))         # descending norm, as the official code
+    assert inliers.tolist() == list(range(1023 - 128, -1, -1))            # the FP4 channels too
+    assert len(fp4.select_outlier_channels(norms, 0.0)[0]) == 0
+
+
+def test_calibration_ignores_eval_forwards():
+    layer = fp4.FP4Linear(128, 64, recipe="tetrajet")
+    oc = fp4.OutControl({"l": layer}, frac=0.1, start=0, window=2)
+    oc.before_step(0)
+    layer(inputs(seed=0))
+    norm = layer.channel_norm.clone()
+    layer.eval()
+    with torch.no_grad():
+        layer(inputs(seed=1) * 1000)            # an eval batch inside the window: must not count
+    assert torch.equal(layer.channel_norm, norm)
+
+
+def test_fp4_columns_are_quantized_in_the_given_order():
+    # the FP4 part is gathered in the order given: it decides which channels share a 16-block scale
+    x = inputs()
+    perm = torch.randperm(128 - 6, generator=torch.Generator().manual_seed(0))
+    inliers = torch.tensor([c for c in range(128) if c not in PLANTED.tolist()])[perm]
+    split = fp4.fake_quant_split(x, fp4.RECIPES["tetrajet"], outliers=(PLANTED, inliers))
+    assert torch.equal(split[:, inliers], fp4.fake_quant(x[:, inliers], "tetrajet"))
+    assert not torch.equal(split, fp4.fake_quant_split(x, fp4.RECIPES["tetrajet"], outliers=PLANTED))
 
 
 def test_split_forward_equals_the_plain_forward_when_no_channel_is_selected():
@@ -61,7 +85,10 @@ def test_outlier_channels_in_mxfp8_bring_every_gemm_closer_to_high_precision():
 
 def test_outcontrol_state_survives_a_state_dict_round_trip():
     layer = fp4.FP4Linear(128, 64)
-    layer.outliers, layer.channel_norm = PLANTED.clone(), torch.arange(128.0)
+    layer.outliers, layer.inliers = fp4.select_outlier_channels(torch.randn(128, generator=torch.Generator()
+                                                                           .manual_seed(0)), 0.1)
+    layer.channel_norm = torch.arange(128.0)
     fresh = fp4.FP4Linear(128, 64)
     fresh.load_state_dict(layer.state_dict())
-    assert torch.equal(fresh.outliers, PLANTED) and torch.equal(fresh.channel_norm, torch.arange(128.0))
+    assert torch.equal(fresh.outliers, layer.outliers) and torch.equal(fresh.inliers, layer.inliers)
+    assert torch.equal(fresh.channel_norm, torch.arange(128.0))
