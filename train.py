@@ -51,7 +51,14 @@ class TrainConfig:
     mlp_hidden: int = 0           # override the preset's SwiGLU hidden width (0 = keep)
     # FP4
     fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = bf16 baseline)
-    fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES)
+    fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES): the preset the next seven flags override
+    fp4_outer: str = ""           # NVFP4 outer scale: tensor (NVIDIA) or 128 (TetraJet-v2 double-block); "" = the preset's
+    fp4_weight_tile: str = ""     # W's scale tile in fprop and dgrad: 1x16 or 16x16; "" = the preset's
+    fp4_rht: str = ""             # backward GEMMs with a 16-point random Hadamard transform: none, dgrad, wgrad, both
+    fp4_rht_signs: str = ""       # RHT signs: fixed (TE's vector) or random (fresh per GEMM per step); "" = the preset's
+    fp4_grad_rounding: str = ""   # rounding of dY in dgrad and wgrad: nearest or stochastic; "" = the preset's
+    fp4_other_rounding: str = ""  # rounding of W (dgrad) and X (wgrad): nearest or stochastic; "" = the preset's
+    fp4_aligned: str = ""         # backward from the dequantized forward X^, W^ (true) or from X, W (false); "" = the preset's
     fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, cpu, triton (same bits; fp4.select_path)
     bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
     bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
@@ -92,6 +99,17 @@ class TrainConfig:
 PER_INVOCATION = ("resume", "stop_iter")      # flags that a resumed run does not inherit from the checkpoint
 CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fp4.FP4_PATHS], "lr_schedule": ["cosine", "wsd"],
            "device": ["auto", "cuda", "mps", "cpu"], "dtype": ["auto", "bfloat16", "float32"]}
+# The recipe flags: each value -> the fp4.Recipe field it sets ("" = keep the preset's)
+RECIPE_FLAGS = {
+    "fp4_outer": ("outer", {"tensor": "tensor", "128": fp4.OUTER_BLOCK}),
+    "fp4_weight_tile": ("weight_tile", {"1x16": (1, 16), "16x16": (16, 16)}),
+    "fp4_rht": ("rht", {"none": (), "dgrad": ("dgrad",), "wgrad": ("wgrad",), "both": ("dgrad", "wgrad")}),
+    "fp4_rht_signs": ("rht_signs", {"fixed": "fixed", "random": "random"}),
+    "fp4_grad_rounding": ("grad_rounding", {r: r for r in fp4.ROUNDINGS}),
+    "fp4_other_rounding": ("other_rounding", {r: r for r in fp4.ROUNDINGS}),
+    "fp4_aligned": ("aligned", {"true": True, "false": False}),
+}
+CHOICES.update({flag: list(values) for flag, (_, values) in RECIPE_FLAGS.items()})
 
 
 def parse_bool(s):
@@ -140,6 +158,28 @@ def check(cfg, given):
     for bad, msg in errors:
         if bad:
             sys.exit(f"error: {msg}")
+    if cfg.fp4:
+        resolve_recipe(cfg)                                # a recipe flag combination that cannot work
+
+
+def resolve_recipe(cfg):
+    """The preset --fp4-recipe with the recipe flags applied -> fp4.Recipe, named after what changed (e.g.
+    "tetrajet[rht=none]"). A combination fp4.Recipe rejects exits with its one line."""
+    preset, changes, named = fp4.RECIPES[cfg.fp4_recipe], {}, []
+    for flag, (field, values) in RECIPE_FLAGS.items():
+        value = getattr(cfg, flag)
+        if value and values[value] != getattr(preset, field):
+            changes[field] = values[value]
+            named.append(f"{flag[4:].replace('_', '-')}={value}")       # e.g. rht=none
+    name = preset.name + (f"[{','.join(named)}]" if named else "")
+    try:
+        recipe = replace(preset, name=name, **changes)
+    except ValueError as e:
+        sys.exit(f"error: {e} (set by --fp4-recipe {cfg.fp4_recipe} and the --fp4-* recipe flags)")
+    if cfg.fp4_rht_signs and not recipe.rht:
+        sys.exit(f"error: --fp4-rht-signs {cfg.fp4_rht_signs} has no effect: recipe {name} has no RHT "
+                 f"(--fp4-rht none); drop it or set --fp4-rht")
+    return recipe
 
 
 def get_lr(step, cfg):
@@ -291,13 +331,15 @@ def main(argv=None):
     # -----------------------------------------------------------------------------
     # model, FP4 conversion (before compile and DDP), optimizer
     model = build_model(cfg, meta["vocab_size"], dtype)
-    osci = outctl = None
+    osci = outctl = recipe = None
     fp4_layers = {}
     if cfg.fp4:
         # FP4 before compile and DDP, so both see the final modules (nanochat does the same)
-        path, why = fp4.select_path(cfg.fp4_path, device, cfg.fp4_recipe)
+        recipe = resolve_recipe(cfg)
+        log(f"FP4 recipe: {recipe}")
+        path, why = fp4.select_path(cfg.fp4_path, device, recipe)
         log(why)
-        fp4.convert_to_fp4(model, cfg.fp4_recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
+        fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
                            seed=cfg.seed * 1000 + 100_000 * rank, path=path)   # independent SR noise per process
         fp4_layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
         start, period, window = osci_schedule(cfg)                    # measured always, reset only if asked
@@ -358,6 +400,7 @@ def main(argv=None):
             gens = [train_gen.get_state()]
         if master:
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg),
+                         recipe=asdict(recipe) if recipe else None,
                          step=step, best_val_loss=best_val, rng=dict(torch=torch.get_rng_state(), train_gen=gens),
                          osci=osci.state_dict() if osci else None,
                          log_window=dict(losses=window_losses, time=window_time, steps=window_steps, skipped=skipped),
@@ -410,6 +453,7 @@ def main(argv=None):
             record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
                           val_bits_per_unit=val_loss / math.log(2) / meta["units_per_token"], unit=meta["unit"],
                           lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=time.time() - t_start,
+                          dtype=str(dtype).removeprefix("torch."),
                           skipped_nonfinite=skipped)
             record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # JSON
             log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}")

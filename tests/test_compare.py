@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 import compare
+import train
 from data.prepare import prepare_text
 from test_train import TINY
 
@@ -21,7 +22,7 @@ def dataset(tmp_path_factory):
 
 
 def sweep(out, dataset, *extra):
-    return compare.main(["--out", str(out), "--configs", "bf16", "tetrajet", "--seeds", "1", "2", "--baseline",
+    return compare.main(["--out", str(out), "--configs", "baseline", "tetrajet", "--seeds", "1", "2", "--versus",
                          "tetrajet", "--no-plot", *extra, "--", "--dataset", dataset, *TINY, *STEPS])
 
 
@@ -32,22 +33,25 @@ def final_losses(out, config):
 
 def test_table_matches_the_runs_logs_and_a_cut_off_sweep_resumes(tmp_path, dataset, capsys):
     rows = sweep(tmp_path, dataset, "--config", "fast=--fp4 --lr 2e-2")
-    for config in ("bf16", "tetrajet", "fast"):
+    for config in ("baseline", "tetrajet", "fast"):
         finals = final_losses(tmp_path, config)
         assert rows[config]["final"] == finals
         assert rows[config]["mean"] == pytest.approx(statistics.fmean(finals))
         assert rows[config]["std"] == pytest.approx(statistics.stdev(finals))
-        assert f"| {config} |" in open(tmp_path / "results.md").read()
-    bf16, tj, fast = (final_losses(tmp_path, c) for c in ("bf16", "tetrajet", "fast"))
+        assert f"| {compare.label(config, rows[config])} |" in open(tmp_path / "results.md").read()
+    ran_in = str(train.activation_dtype("auto", "cpu")[0]).removeprefix("torch.")      # what --dtype auto chose here
+    assert rows["baseline"]["dtype"] == ran_in
+    assert f"| baseline ({compare.DTYPE_NAMES[ran_in]}) |" in open(tmp_path / "results.md").read()
+    bf16, tj, fast = (final_losses(tmp_path, c) for c in ("baseline", "tetrajet", "fast"))
     per_seed = [(tj[i] - fast[i]) / (tj[i] - bf16[i]) for i in range(2)]
     assert rows["fast"]["gap_closed"] == pytest.approx(statistics.fmean(per_seed))
     assert rows["fast"]["vs_baseline"] == pytest.approx(statistics.fmean([fast[i] - tj[i] for i in range(2)]))
-    assert rows["tetrajet"]["oscillating"] is not None and rows["bf16"]["oscillating"] is None
+    assert rows["tetrajet"]["oscillating"] is not None and rows["baseline"]["oscillating"] is None
     assert f"{rows['fast']['mean']:.4f} ± {rows['fast']['std']:.4f}" in open(tmp_path / "results.md").read()
 
     # cut the sweep off: one run never finished (a checkpoint at step 2, no done.json), one never started
     cut = tmp_path / "tetrajet" / "seed2"
-    stamp = os.path.getmtime(tmp_path / "bf16" / "seed1" / "log.jsonl")
+    stamp = os.path.getmtime(tmp_path / "baseline" / "seed1" / "log.jsonl")
     for f in cut.iterdir():
         f.unlink()
     compare.run_one(str(cut), "--fp4 --fp4-recipe tetrajet", ["--dataset", dataset, *TINY, *STEPS, "--stop-iter", "2"],
@@ -59,14 +63,14 @@ def test_table_matches_the_runs_logs_and_a_cut_off_sweep_resumes(tmp_path, datas
     capsys.readouterr()
     again = sweep(tmp_path, dataset, "--config", "fast=--fp4 --lr 2e-2")
     assert "4 already finished, 2 to run" in capsys.readouterr().out
-    assert os.path.getmtime(tmp_path / "bf16" / "seed1" / "log.jsonl") == stamp      # not rerun
+    assert os.path.getmtime(tmp_path / "baseline" / "seed1" / "log.jsonl") == stamp      # not rerun
     assert "--resume" in [line for line in (cut / "train.log").read_text().splitlines() if line.startswith("$ ")][-1]
     assert again["tetrajet"]["final"] == rows["tetrajet"]["final"]                   # resumed = uninterrupted
     assert again["fast"]["final"] == rows["fast"]["final"]                           # same seed, same run
 
 
 def test_loss_plot_is_written_or_the_missing_matplotlib_is_named(tmp_path, dataset):
-    args = ["--out", str(tmp_path), "--configs", "bf16", "--seeds", "1", "--", "--dataset", dataset, *TINY, *STEPS]
+    args = ["--out", str(tmp_path), "--configs", "baseline", "--seeds", "1", "--", "--dataset", dataset, *TINY, *STEPS]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -80,7 +84,7 @@ def test_loss_plot_is_written_or_the_missing_matplotlib_is_named(tmp_path, datas
 
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "fp8"], "unknown config 'fp8'"),
-    (["--configs", "nvidia"], "needs the bf16 config"),
+    (["--configs", "nvidia"], "needs the baseline config"),
     (["--config", "nameless"], "NAME=FLAGS"),
     (["--", "--seed", "3"], "--seed is set by compare.py"),
     (["--config", "x=--fp4 --out-dir y"], "--out-dir is set by compare.py")])

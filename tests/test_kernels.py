@@ -85,11 +85,12 @@ def test_compiled_fake_quant_with_rht_bf16_output_and_transposed_input_equals_re
     assert got.dtype == torch.bfloat16 and got.shape == (300, 48) and equal_with_nan(got, ref)
 
 
-def layer_outputs_and_grads(path, recipe, device="cpu"):
-    """One FP4 layer, forward and backward on fixed bf16 inputs (3-D, K = 96 not a multiple of 128) -> (y, dx, dW):
-    RTN, SR, RHT on transposed operands and the layer's random draws in order, which every path must reproduce."""
+def layer_outputs_and_grads(path, recipe, device="cpu", dtype=torch.bfloat16):
+    """One FP4 layer, forward and backward on fixed inputs in `dtype` (3-D, K = 96 not a multiple of 128) ->
+    (y, dx, dW): RTN, SR, RHT on transposed operands and the layer's random draws in order, which every path
+    must reproduce."""
     g = torch.Generator().manual_seed(3)
-    x, dy = torch.randn(4, 12, 96, generator=g).bfloat16(), torch.randn(4, 12, 40, generator=g).bfloat16()
+    x, dy = torch.randn(4, 12, 96, generator=g).to(dtype), torch.randn(4, 12, 40, generator=g).to(dtype)
     layer = fp4.FP4Linear(96, 40, recipe=recipe, seed=7, path=path).to(device)
     layer.weight.data.copy_(torch.randn(40, 96, generator=g) / 10)
     xi = x.to(device).requires_grad_()
@@ -101,6 +102,15 @@ def layer_outputs_and_grads(path, recipe, device="cpu"):
 def test_fp4_linear_gives_identical_outputs_and_grads_on_the_compiled_path():
     for got, ref in zip(*(layer_outputs_and_grads(path, "tetrajet") for path in ("compiled", "reference"))):
         assert equal_with_nan(got, ref)
+
+
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia", "mxfp4"])
+def test_fp4_linear_in_float32_gives_identical_bits_on_the_fast_cpu_paths(recipe):
+    # --dtype auto picks fp32 on CPUs without native bf16: the fast paths must agree there too
+    ref = layer_outputs_and_grads("reference", recipe, dtype=torch.float32)
+    for path in ("cpu", "compiled"):
+        for got, want in zip(layer_outputs_and_grads(path, recipe, dtype=torch.float32), ref):
+            assert got.dtype == torch.float32 and equal_with_nan(got, want), (path, recipe)
 
 # -----------------------------------------------------------------------------
 # the one place that decides
