@@ -1,9 +1,10 @@
 """
 fp4.py: the numerics of 4-bit (NVFP4 / MXFP4) training, in plain PyTorch.
 
-This file is the readable reference: every other fast path (kernels.py) must match it bit for bit, and every
-line can be checked against ../shared/docs/SPEC.md ("SPEC §n" below), which follows NVIDIA's "Pretraining
-LLMs with NVFP4" (arXiv 2509.25149, Transformer Engine >= 2.14) and TetraJet-v2 (arXiv 2510.27527).
+This file is the readable reference and nothing else: the faster implementations (fastpaths.py holds them and
+chooses one at start-up) must match it bit for bit. "§n" below is a section of docs/numerics.md, which states
+every formula with its source: NVIDIA's "Pretraining LLMs with NVFP4" (arXiv 2509.25149, Transformer Engine
+>= 2.14) and TetraJet-v2 (arXiv 2510.27527).
 
 The format
 ----------
@@ -15,9 +16,9 @@ An FP4 number is E2M1: 1 sign bit, 2 exponent bits, 1 mantissa bit. Its eight ma
 so it can hold about one significant bit. To be useful it needs a scale per small block of elements:
 
   NVFP4  blocks of 16 along the GEMM's reduction dim K, each with an E4M3 (fp8, max 448) scale, on top of an
-         fp32 outer scale. NVIDIA uses one outer scale per tensor (S_dec, SPEC §2); TetraJet-v2 one per 1x128
-         block ("double-block", SPEC §3), so the E4M3 scales always use their full range.
-  MXFP4  blocks of 32, each with an E8M0 (pure power of two) scale, no outer scale (OCP MX v1.0, SPEC §4).
+         fp32 outer scale. NVIDIA uses one outer scale per tensor (S_dec, §2); TetraJet-v2 one per 1x128
+         block ("double-block", §3), so the E4M3 scales always use their full range.
+  MXFP4  blocks of 32, each with an E8M0 (pure power of two) scale, no outer scale (OCP MX v1.0, §4).
 
 A value is decoded as x_dq = e2m1(code) * block_scale * outer_scale. Two codes are packed per uint8 along
 the last dim, element 2j in the low nibble (the layout TE, torchao and Triton's tl.dot_scaled use).
@@ -33,7 +34,7 @@ A worked example, per-tensor NVFP4 of a tensor whose amax is A = 12 and one of w
 Rounding is round-to-nearest-even (RTN, for the forward pass) or stochastic (SR, for gradients: unbiased,
 E[q] = x, so quantization noise averages out over steps instead of biasing the update).
 
-The three GEMMs of a Linear (SPEC §6)
+The three GEMMs of a Linear (§6)
 -------------------------------------
     fprop  Y  = X  Wᵀ     X (N tokens, in), W (out, in)   reduces over in
     dgrad  dX = dY W      dY (N, out)                     reduces over out
@@ -42,7 +43,7 @@ The three GEMMs of a Linear (SPEC §6)
 Every operand is quantized along the K of its GEMM, so each GEMM quantizes its operands afresh (X is
 quantized along `in` for fprop but along tokens for wgrad). We simulate ("fake-quant"): quantize and dequantize
 in fp32, then multiply in the activation dtype (bf16, like the baseline); on FP4 hardware the same quantized
-operands feed a real FP4 GEMM (kernels.fp4_gemm, on Blackwell GPUs: see _fp4_tensor_cores).
+operands feed a real FP4 GEMM (kernels.fp4_gemm on Blackwell GPUs: see _fprop and Reference).
   - nvidia:   per-tensor scale; W with 16x16 tiles so Q(Wᵀ) = Q(W)ᵀ and dgrad reuses the forward weight;
               SR on dY; a fixed random Hadamard transform (RHT) on both wgrad operands.
   - tetrajet: double-block scale; the backward reuses the *dequantized forward* X̂, Ŵ ("aligned" operands),
@@ -50,29 +51,29 @@ operands feed a real FP4 GEMM (kernels.fp4_gemm, on Blackwell GPUs: see _fp4_ten
               operand; fresh random RHT on both backward GEMMs (TetraJet-v2 §3).
   - mxfp4:    the OCP MX baseline, SR on dY.
 
-The RHT (SPEC §5) multiplies every 16-chunk along K of both operands by the same orthogonal H, so
+The RHT (§5) multiplies every 16-chunk along K of both operands by the same orthogonal H, so
 (A H)(B H)ᵀ = A Bᵀ exactly, while the quantizer sees spread-out, Gaussian-looking values instead of outliers.
 
 What stays high precision in every recipe: master weights, embeddings, LM head, norms, attention, loss.
 
-Weight oscillation reset (OsciReset, TetraJet-v2 §4, SPEC §7)
+Weight oscillation reset (OsciReset, TetraJet-v2 §4, §7)
 --------------------------------------------------------------
 Late in training the updates get small, and a master weight sitting on a rounding boundary flips its FP4
 value back and forth on tiny updates: the network the optimizer sees keeps jumping by a whole bin. Over a
 window of T steps, r = Σ|Q(w_t) - Q(w_t-1)| / Σ|w_t - w_t-1| separates these (r >> 1) from weights that
 drift through bins (r ≈ 1); OsciReset snaps w <- Q(w) where r >= θ, moving it to its bin's centre.
 
-Outlier-channel control (OutControl, TetraJet-v2 §4, SPEC §8)
+Outlier-channel control (OutControl, TetraJet-v2 §4, §8)
 -------------------------------------------------------------
 A few input channels of a linear layer carry most of the activation energy, and they stay the same through
 training. After a short calibration the top 10% of channels by L2 norm are fixed and computed in MXFP8:
 Y = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ in fprop and the O columns of wgrad in MXFP8; dgrad
 stays FP4.
 
-Speed: every quantizer here is elementwise math plus block reductions, written so that torch.compile fuses
-each into a few loops (path="compiled", ~10x faster than eager on CPU, the same bits); cpu_kernels.c holds
-hand-written C twins of the quantizers for CPUs (~2x more), kernels.py Triton twins for GPUs.
-select_path decides which runs.
+Layout: formats and quantizers, the RHT, recipes, the FP4 linear (the Reference implementation object, then
+FP4LinearFunction, one `# === GEMM k ===` block per GEMM), diagnostics, OsciReset, OutControl, FP4Linear and
+convert_to_fp4; an appendix at the end holds the exactness tricks (bit-level exponents, exact division,
+counter-based SR noise) that make every implementation give the same bits.
 What we leave out: swizzled scale layouts, tensor subclasses, TP/FSDP.
 Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
 quantizers return the *padded* width; `fake_quant` crops back.
@@ -81,6 +82,7 @@ that scale dequantizes to NaN (the whole tensor with a per-tensor scale, the 1x1
 the 32-block with MX). NaN is never turned into finite garbage.
 """
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -95,12 +97,12 @@ import torch.nn as nn
 F4_E2M1_MAX = 6.0                      # largest E2M1 magnitude
 F8E4M3_MAX = 448.0                     # largest E4M3 value
 NVFP4_AMAX_TO_SCALE = F4_E2M1_MAX * F8E4M3_MAX  # 2688.0: the amax maps to e2m1 6 x e4m3 448
-FP32_ONE_SIXTH = 0.1666666716337204    # fl32(1/6) = 0x3E2AAAAB, in TE's order of operations (SPEC §2)
+FP32_ONE_SIXTH = 0.1666666716337204    # fl32(1/6) = 0x3E2AAAAB, in TE's order of operations (§2)
 FLT_MAX = 3.4028234663852886e38        # largest finite fp32
 NVFP4_BLOCK = 16                       # elements per E4M3 block scale
 OUTER_BLOCK = 128                      # elements per fp32 outer scale in double-block (TetraJet-v2)
 MX_BLOCK = 32                          # elements per E8M0 scale (OCP MX)
-DOUBLE_BLOCK_ZERO_SCALE = 2.0 ** -9    # s_i of an all-zero 16-block: smallest E4M3 subnormal (SPEC §3)
+DOUBLE_BLOCK_ZERO_SCALE = 2.0 ** -9    # s_i of an all-zero 16-block: smallest E4M3 subnormal (§3)
 E2M1_MAX_POW2 = 2                      # 6 = 1.5 * 2^2: MXFP4 scale exponent = floor(log2 amax) - 2
 E8M0_BIAS, E8M0_NAN = 127, 255         # E8M0 byte b means 2^(b - 127); 255 is NaN
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -117,11 +119,7 @@ U32_MASK = 0xFFFFFFFF
 NOISE_ULP = 2.0 ** -24                 # u = (24-bit integer) * 2^-24, exact in fp32
 
 # -----------------------------------------------------------------------------
-# E2M1 elements (SPEC §1)
-
-def _fp32_exponent(a):
-    """Unbiased exponent field of fp32 a: floor(log2 a) for normal a, exactly, from the bits (-127 for 0)."""
-    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
+# E2M1 elements (§1)
 
 
 def round_e2m1_magnitude(a, noise=None):
@@ -130,12 +128,12 @@ def round_e2m1_magnitude(a, noise=None):
     The grid spacing is 2^(e-1) on region e = clamp(floor(log2 a), 0, 2): 0.5 on [0, 2), 1 on [2, 4), 2 on
     [4, 6]. In units of the spacing, x = a / 2^(e-1) is exact (a power-of-two scaling) and the grid points are
     the integers, so
-        nearest:    q = round(x) · 2^(e-1)                     (torch.round: ties to even, SPEC §1)
+        nearest:    q = round(x) · 2^(e-1)                     (torch.round: ties to even, §1)
         stochastic: q = (floor(x) + [u < x - floor(x)]) · 2^(e-1), u = `noise` (same shape, uniform [0, 1))
     after clamping a to 6. x - floor(x) is exact (Sterbenz), so P(round up) is exactly the fractional part.
     Ties to even in x are ties to the even code, since code = x + 2e (0.25->0, 0.75->1, 1.25->1, 1.75->2,
     2.5->2, 3.5->4, 5->4); x = 4 is the next region's first grid point (2 or 4), so the result is always on
-    the grid. Written as compares and multiplies (no table lookups) so torch.compile fuses it into one loop.
+    the grid. Written as compares and multiplies (no table lookups), so it is one elementwise expression.
     """
     # Why SR for gradients: RTN maps every value in a bin to the same grid point, a bias that does not
     # average out over steps; SR's E[q] = a makes the quantized gradient an unbiased estimate of the true
@@ -188,40 +186,6 @@ def unpack_e2m1(packed):
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 # -----------------------------------------------------------------------------
-# Stochastic-rounding noise. A counter-based generator: the uniform for element i is a pure function of
-# (seed, i), so the reference, its torch.compile'd twin and the Triton kernels (kernels.py) produce the very
-# same codes for SR too, in any evaluation order, and the noise is computed inside the fused quantizer
-# instead of read from memory. (torch.rand is none of these: its CPU generator is a sequential Mersenne
-# Twister, single-threaded, and was 13% of an FP4 training step.) A torch.Generator still owns the
-# randomness: it draws each quantization's seed, so seeding and checkpointing it replays the noise exactly.
-
-def _pcg_hash(h):
-    """int64 tensor of uint32 values -> their PCG-RXS-M-XS hash, uint32 values in int64 (O'Neill 2014, the
-    hash Jarzynski & Olano 2020 recommend for GPU noise): state = h·747796405 + 2891336453; word =
-    ((state >> ((state >> 28) + 4)) ^ state)·277803737; out = (word >> 22) ^ word, all mod 2^32.
-    Every product is < 2^62, so int64 arithmetic is exact and `& U32_MASK` gives what a kernel's wrapping
-    uint32 arithmetic gives."""
-    state = (h * PCG_MULTIPLIER + PCG_INCREMENT) & U32_MASK
-    word = (((state >> ((state >> 28) + 4)) ^ state) * PCG_OUTPUT_MULTIPLIER) & U32_MASK
-    return (word >> 22) ^ word
-
-
-def draw_seed(generator=None, device=None):
-    """-> int64 (2,): the two uint32 seeds (s0, s1) of one quantization, torch.randint(0, 2^32, (2,), generator)."""
-    return torch.randint(0, 1 << 32, (2,), generator=generator, device=device or torch.device("cpu"))
-
-
-def uniform_noise(seed, shape):
-    """int64 (2,) seed -> fp32 tensor of `shape`, uniform on [0, 1) in steps of 2^-24 (like torch.rand):
-    u[i] = (pcg(pcg(i ^ s0) ^ s1) >> 8) · 2^-24, i the element's row-major index mod 2^32 (for a 2-D quantizer
-    view (Mp, Kp): i = row·Kp + col). Two chained hashes so that different seeds give unrelated streams, not
-    shifted copies of one; the top 24 bits are the best mixed and fit fp32 exactly."""
-    seed = seed.to(torch.int64)
-    i = torch.arange(math.prod(shape), device=seed.device, dtype=torch.int64).view(shape) & U32_MASK
-    h = _pcg_hash(_pcg_hash(i ^ seed[0]) ^ seed[1])
-    return (h >> 8).float() * NOISE_ULP
-
-# -----------------------------------------------------------------------------
 # Shared plumbing: every quantizer works on the last dim of a 2-D fp32 view, zero-padded to whole blocks.
 
 def _as_padded_2d(x, row_multiple, col_multiple):
@@ -252,23 +216,8 @@ def _tile_amax(x2, tile):
     return a.repeat_interleave(tr, dim=0) if tr > 1 else a
 
 
-def _e8m0(exponent, amax):
-    """int exponent -> uint8 E8M0 byte b = exponent + 127, clamped to [0, 254]; 255 (NaN) where amax is not
-    finite, so a NaN/Inf block dequantizes to NaN instead of a saturated finite value."""
-    b = (exponent.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
-    return torch.where(torch.isfinite(amax), b, E8M0_NAN).to(torch.uint8)
-
-
-def _e8m0_value(b):
-    """uint8 E8M0 bytes -> fp32 2^(b - 127) (NaN for 255), built from the fp32 bits: exponent field b for
-    b >= 1, the subnormal 2^-127 = 0x00400000 for b = 0. Equals b.view(float8_e8m0fnu).float(), but with
-    plain integer ops, which torch.compile's CPU backend can generate (it has no e8m0 type)."""
-    bits = torch.where(b == 0, 0x00400000, torch.where(b == E8M0_NAN, 0x7FC00000, b.int() << 23))
-    return bits.int().view(torch.float32)
-
-
 # -----------------------------------------------------------------------------
-# NVFP4 (SPEC §2 per-tensor, §3 double-block)
+# NVFP4 (§2 per-tensor, §3 double-block)
 
 class NVFP4(NamedTuple):
     codes: torch.Tensor        # uint8 (..., Kp/2), packed E2M1, element 2j in the low nibble
@@ -285,15 +234,8 @@ def _check(outer, tile, rounding):
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-def _div(a, b):
-    """a ⊘ b for a Python number b, IEEE-rounded on every device. Not `a / b`: on CUDA torch evaluates a
-    Python-number divisor as a * fl(1/b), rounding twice (on the CPU it divides); dividing by a 0-dim tensor on
-    a's device is a true division everywhere, so the reference gives the same bits on CPU and GPU."""
-    return a / a.new_full((), b)
-
-
 def tensor_scales(A):
-    """Per-tensor amax A (0-dim fp32) -> (S_enc, S_dec) of SPEC §2: S_enc = min(2688 ⊘ A, FLT_MAX), 1 if A = 0;
+    """Per-tensor amax A (0-dim fp32) -> (S_enc, S_dec) of §2: S_enc = min(2688 ⊘ A, FLT_MAX), 1 if A = 0;
     S_dec = 1 ⊘ S_enc. (Not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688,
     rounding twice.)"""
     S_enc = torch.where(A == 0, 1.0, (A.new_full((), NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
@@ -330,54 +272,32 @@ def _round_nvfp4(x2, outer, tile, rounding, seed):
     return torch.where(keep, magnitude, 0.0), (v < 0) & keep, block_scale, scale, outer_scale
 
 
-def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, path="reference",
-                   rht_signs=None):
+def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
     """x (..., K) float -> NVFP4, quantized along the last dim; Kp = K rounded up to 16 (outer="tensor") or
     128 (outer=128), zero-padded. With tile=(16, 16) the leading dims are flattened into rows, padded to 16,
     and amax_16 is taken over 16x16 tiles (with outer=128, amax_128 then over 16x128 tiles).
 
-    outer="tensor" (SPEC §2, bit-exact to TE's reference; ⊗ ⊘ are fp32 ops):
+    outer="tensor" (docs/numerics.md §2, bit-exact to TE's reference; ⊗ ⊘ are fp32 ops):
         A = amax|x|;  S_enc = min(2688 ⊘ A, FLT_MAX) (1 if A = 0);  S_dec = 1 ⊘ S_enc
         s_b = e4m3(min(amax_b ⊗ (S_enc ⊗ fl(1/6)), 448))      zero and subnormal scales kept, no lower clamp
         q = E2M1(x ⊗ min(1 ⊘ (s_b ⊗ S_dec), FLT_MAX));  x_dq = e2m1(q) ⊗ (s_b ⊗ S_dec)
-    outer=128 (SPEC §3, TetraJet-v2 double-block):
+    outer=128 (§3, TetraJet-v2 double-block):
         s_o = amax_128 ⊘ 2688 (1 if 0);  s_i = e4m3(min((amax_16 ⊘ s_o) ⊘ 6, 448)) (2^-9 if amax_16 = 0)
         q = E2M1(x ⊗ (1 ⊘ (s_o ⊗ s_i)));  x_dq = e2m1(q) ⊗ (s_o ⊗ s_i)
-    A block whose E4M3 scale is 0 gets all codes 0. SR (round_e2m1_magnitude) uses
-    uniform_noise(draw_seed(generator), (Mp, Kp)). `path`: which implementation runs it (see FP4_PATHS);
-    all give the same bits. rht_signs: None, or 16 ±1 signs to quantize rht16(x) instead (fused, as fake_quant).
-    """
+    A block whose E4M3 scale is 0 gets all codes 0. E2M1 rounds to nearest even, or stochastically
+    (round_e2m1_magnitude) with uniform_noise(draw_seed(generator), (Mp, Kp)). rht_signs: None, or 16 ±1
+    signs: quantize rht16(x) instead (§5), x zero-padded to whole 16-chunks first."""
     _check(outer, tile, rounding)
     tile = tuple(tile)
-    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()  # (Mp, Kp)
+    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()   # (Mp, Kp)
+    if rht_signs is not None:
+        x2 = rht16(x2, rht_signs)                                                      # c -> (c ∘ s) H16 / 4
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
-    H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None and path != "triton" else None  # triton: signs
-    if path == "triton":
-        import kernels                                   # only imported when asked for (it needs triton)
-        codes, block_scale, outer_scale = kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
-    elif path == "cpu":
-        import cpu_kernels                               # builds cpu_kernels.c on first use
-        codes, block_scale, outer_scale = cpu_kernels.quantize_nvfp4(x2, outer, tile, seed, H)
-    else:
-        fn = _compiled(_quantize_nvfp4_2d) if path == "compiled" else _quantize_nvfp4_2d
-        codes, block_scale, outer_scale = fn(x2, outer, tile, rounding, seed, H)
-        codes, block_scale = codes.to(torch.uint8), block_scale.view(torch.float8_e4m3fn)
+    magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)
+    codes = pack_e2m1(e2m1_codes(magnitude, negative).view(x2.shape))                  # (Mp, Kp/2)
     M = x.numel() // x.shape[-1]
     outer_scale = outer_scale if outer == "tensor" else _restore(outer_scale, x, M)
     return NVFP4(_restore(codes, x, M), _restore(block_scale, x, M), outer_scale)
-
-
-def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None):
-    """fp32 (Mp, Kp), padded (rotated first, x2 ↦ x2 H, if H = hadamard16(signs) is given) -> (packed codes
-    (Mp, Kp/2) as int16, block_scale e4m3 bytes as uint8 (Mp, Kp/16), outer_scale). The packed byte
-    code(2j) + 16·code(2j+1) (= pack_e2m1) is formed in fp32 and returned as int16, and the scales as raw bytes,
-    because torch.compile's CPU backend vectorizes those but not fp32 -> uint8 conversions or e4m3 outputs
-    (each measured 2-4x slower on 4096x4096)."""
-    if H is not None:
-        x2 = _rotate16(x2, H)
-    magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)
-    k = _code_values(magnitude, negative).view(x2.shape[0], -1, 2)                    # (Mp, Kp/2, 2)
-    return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
 
 
 def dequantize_nvfp4(q, dtype=torch.float32):
@@ -392,7 +312,7 @@ def dequantize_nvfp4(q, dtype=torch.float32):
     return x.flatten(-2).to(dtype)
 
 # -----------------------------------------------------------------------------
-# MXFP4 and MXFP8 (SPEC §4, OCP Microscaling v1.0)
+# MXFP4 and MXFP8 (§4, OCP Microscaling v1.0)
 
 class MX(NamedTuple):
     codes: torch.Tensor  # MXFP4: uint8 (..., Kp/2) packed E2M1; MXFP8: float8_e4m3fn (..., Kp)
@@ -434,7 +354,7 @@ def dequantize_mxfp4(q, dtype=torch.float32):
 
 
 def quantize_mxfp8(x):
-    """x (..., K) -> MX with E4M3 elements (OutControl's high-precision channels, SPEC §8), blocks of 32.
+    """x (..., K) -> MX with E4M3 elements (OutControl's high-precision channels, §8), blocks of 32.
     X = 2^ceil(log2(amax ⊘ 448)): the exponent of r = amax ⊘ 448 plus 1 if r's mantissa is non-zero, so the
     block max never exceeds 448 after scaling (beyond fp32 rounding of r; the cast saturates anyway).
     Elements: e4m3(clamp(x ⊘ X, ±448)), round to nearest even."""
@@ -456,12 +376,12 @@ def dequantize_mxfp8(q, dtype=torch.float32):
 
 
 def sqnr(x, x_dq):
-    """Signal-to-quantization-noise ratio in dB (SPEC §9): 10·log10(‖x‖² / ‖x - x_dq‖²), in fp64."""
+    """Signal-to-quantization-noise ratio in dB (§9): 10·log10(‖x‖² / ‖x - x_dq‖²), in fp64."""
     x, x_dq = x.double(), x_dq.double()
     return (10 * torch.log10(x.square().sum() / (x - x_dq).square().sum())).item()
 
 # -----------------------------------------------------------------------------
-# Random Hadamard transform (SPEC §5)
+# Random Hadamard transform (§5)
 
 def random_signs(generator=None, device=None):
     """16 random ±1 fp32 signs for rht16, drawn as torch.randint(0, 2, (16,), generator=generator)."""
@@ -499,19 +419,15 @@ def rht16(x, signs):
     with one scale represents far better than one spike among near-zeros. Random signs make the rotation,
     and so its effect on the quantization error, independent of the data (TetraJet-v2 §3, NVIDIA §4.2).
     Exactly: out[:, j] = Σ_i c[i]·H[i, j] summed in the order i = 0, 1, ..., 15 in fp32. Each product is
-    exact (a multiple of ±¼), so fixing the order fixes every bit: the compiled and Triton twins add in the
-    same order. Written as 16 broadcast multiply-adds it is also what torch.compile vectorizes best (0.7 ms
-    on 1M elements fused into the quantizer; a butterfly FWHT measured 3.8 ms, a matmul is not fusable)."""
+    exact (a multiple of ±¼), so fixing the order fixes every bit: every implementation adds in this order
+    (a butterfly or a matmul would add in another, so give other bits)."""
     if x.shape[-1] % NVFP4_BLOCK:
         raise ValueError(f"rht16 needs the last dim to be a multiple of 16, got {x.shape[-1]}; zero-pad it first")
     return _rotate16(x, hadamard16(signs.to(x.device)))
 
 
 def _rotate16(x, H):
-    """rht16 with H = hadamard16(signs) given: the compiled quantizers take H as an input, so that the graph
-    neither rebuilds it on every call nor re-applies the signs to it for every chunk."""
-    # (..., K/16, 16), not (n, 16): flattening the rows into the chunk index made inductor guard every scalar
-    # load with a 64-bit modulo (the row count is dynamic), which cost more than the arithmetic (1.4x slower)
+    """rht16 with H = hadamard16(signs) already built (the quantizers take H, built once per call)."""
     c = x.float().reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
     out = c[..., 0:1] * H[0]
     for i in range(1, NVFP4_BLOCK):
@@ -519,7 +435,7 @@ def _rotate16(x, H):
     return out.reshape(x.shape)
 
 # -----------------------------------------------------------------------------
-# Recipes: which quantizer each operand of each GEMM gets (SPEC §6). Every knob is independent and has an
+# Recipes: which quantizer each operand of each GEMM gets (§6). Every knob is independent and has an
 # "off" value, so an ablation is one line: `dataclasses.replace(RECIPES["tetrajet"], rht=())`.
 
 @dataclass(frozen=True)
@@ -589,8 +505,8 @@ def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, H=None):
     """(Mp, Kp) padded, any float dtype and strides -> fp32 (Mp, Kp): bit for bit
     dequantize(quantize(x2 H or x2)), H = hadamard16(signs) or None, but without building the codes:
     x_dq = ±magnitude ⊗ scale.
-    The body is elementwise math, the RHT's multiply-adds and block reductions, which torch.compile fuses into
-    a few loops (the "compiled" path): no cast or RHT pass of its own."""
+    One function of elementwise math, the RHT's multiply-adds and block reductions, with no cast or RHT pass
+    of its own, so that a faster implementation can fuse all of it into a few loops (fastpaths.py)."""
     x2 = x2.float()
     if H is not None:
         x2 = _rotate16(x2, H)
@@ -603,156 +519,31 @@ def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, H=None):
     return torch.where(negative, -x_dq, x_dq).view(x2.shape)
 
 
-def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, path="reference", *,
-               rht_signs=None, dtype=torch.float32):
+def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None, dtype=torch.float32):
     """x (..., K) -> (..., K) in `dtype`: quantize along the last dim with the recipe's format, then
-    dequantize; equal bit for bit to dequantize(quantize(x, ...)) on every path (tests/test_kernels.py).
-    rht_signs: None, or 16 ±1 signs to quantize rht16(x) instead (x zero-padded to whole 16-chunks first);
-    the result then keeps that padded width, K rounded up to 16, since rotated padding is no longer zero."""
+    dequantize; equal bit for bit to dequantize(quantize(x, ...)) (tests/test_nvfp4.py), without building the
+    codes. rht_signs: None, or 16 ±1 signs to quantize rht16(x) instead (x zero-padded to whole 16-chunks
+    first); the result then keeps that padded width, K rounded up to 16, since rotated padding is not zero."""
     recipe, tile = get_recipe(recipe), tuple(tile)
+    x2, seed = pad_operand(x, recipe, rounding, tile, generator)                       # (Mp, Kp), seed or None
+    H = None if rht_signs is None else hadamard16(rht_signs.to(x2.device))
+    out = _fake_quant_2d(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H)      # (Mp, Kp) fp32
+    return crop_result(out.to(dtype), x, rht_signs)
+
+
+def pad_operand(x, recipe, rounding, tile, generator):
+    """fake_quant's prologue, shared with every implementation: x (..., K) -> (x2 (Mp, Kp) zero-padded to
+    whole blocks, in x's dtype; the int64 (2,) SR seed drawn from `generator`, or None for RTN)."""
     _check(recipe.outer, tile, rounding)
     multiple = MX_BLOCK if recipe.fmt == "mxfp4" else NVFP4_BLOCK if recipe.outer == "tensor" else OUTER_BLOCK
-    x2 = _as_padded_2d(x, tile[0], multiple)                                          # (Mp, Kp)
-    seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
-    H = hadamard16(rht_signs.to(x2.device)) if rht_signs is not None and path != "triton" else None  # triton: signs
-    if path == "triton":
-        if recipe.fmt != "nvfp4":
-            raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
-        import kernels                                   # only imported when asked for (it needs triton)
-        out = kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
-    elif path == "cpu":
-        import cpu_kernels                               # builds cpu_kernels.c on first use
-        # it writes bf16 itself (same rounding as .to()), saving the cast's pass over the fp32 result
-        out = cpu_kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, H,
-                                     dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
-    else:
-        fn = _compiled(_fake_quant_2d) if path == "compiled" else _fake_quant_2d
-        out = fn(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H)
-    # (the cast to `dtype` stays outside the compiled function: with a bf16 output inductor's CPU code for SR
-    # recomputes each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); LOG.md)
-    out = out.to(dtype)
+    x2 = _as_padded_2d(x, tile[0], multiple)
+    return x2, (draw_seed(generator, x2.device) if rounding == "stochastic" else None)
+
+
+def crop_result(out, x, rht_signs):
+    """fake_quant's epilogue: (Mp, Kp) -> (*x.shape[:-1], K), or K rounded up to 16 after an RHT."""
     width = x.shape[-1] if rht_signs is None else -(-x.shape[-1] // NVFP4_BLOCK) * NVFP4_BLOCK
     return _restore(out, x, x.numel() // x.shape[-1])[..., :width]
-
-
-@functools.cache
-def _compiled(fn):
-    """fn(x2, ...) through torch.compile: one graph per (K, format, outer, tile, rounding, RHT, device)
-    variant, ~2-6 s to compile on a laptop CPU the first time (inductor caches it on disk for later runs).
-    The row count is dynamic, so every batch size and every layer of one width share a graph; K is static,
-    because with a symbolic K the block indexing vectorizes 3-4x worse (measured 8.3 vs 2.2 ms on 512x2048
-    with RHT)."""
-    # A run uses ~10-20 variants, a test session more: raise dynamo's limit of 8 graphs per function so it
-    # never falls back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    compiled = torch.compile(fn, fullgraph=True)
-
-    def run(x2, *args):
-        if not x2.is_contiguous():   # a transposed operand (wgrad's dYᵀ, Xᵀ): one copy beats strided reads
-            x2 = _compiled_transpose(x2.t()) if x2.t().is_contiguous() else x2.contiguous()
-        torch._dynamo.maybe_mark_dynamic(x2, 0)
-        torch._dynamo.mark_static(x2, 1)
-        return compiled(x2, *args)
-    return run
-
-
-@functools.cache
-def _transpose_graph():
-    # dynamic=False, one small graph per shape: with dynamic=True (or once automatic dynamic shapes kicked in),
-    # quantizer graphs compiled afterwards came out with a symbolic K despite mark_static, 5-8x slower
-    # (10 vs 1.3 ms per 1M elements; seen with TORCH_LOGS=dynamic as a symbol for x2.size()[1])
-    return torch.compile(lambda x: x.t().contiguous(), fullgraph=True, dynamic=False)
-
-
-def _compiled_transpose(x):
-    """x (R, C) contiguous -> xᵀ (C, R) contiguous, through inductor's tiled transpose: 4-5x faster than eager's
-    x.t().contiguous() on a CPU (0.12 vs 0.62 ms per 1M bf16 elements), which copies element by element."""
-    return _transpose_graph()(x)
-
-
-# -----------------------------------------------------------------------------
-# Which implementation runs the quantizers (the `path` argument above). Four, all bit-identical:
-#   reference  the functions in this file, run eagerly: the readable definition and the judge of the others
-#   compiled   the same functions through torch.compile: inductor fuses each quantizer into a few loops
-#              (C++/OpenMP on CPU, Triton on GPUs), ~10x faster than eager on a laptop CPU (bench.py)
-#   cpu        cpu_kernels.c's hand-written quantizers (C/OpenMP, built on first use), ~2x faster
-#              than compiled; it is what makes a simulated FP4 step cost < 1.5x a bf16 one on a laptop
-#   triton     kernels.py's hand-written NVFP4 kernels (CUDA; the MXFP4 recipe has none)
-# OutControl's MXFP8 channels always run the reference (10% of the channels).
-
-FP4_PATHS = ("reference", "compiled", "cpu", "triton")
-
-
-def select_path(requested, device, recipe):
-    """The one place that decides which path the FP4 layers use -> (path, a line saying which and why, for the
-    caller to print once at start-up).
-    requested: "auto" or one of FP4_PATHS. auto = triton on CUDA for NVFP4 recipes when kernels.py imports
-    and matches the reference on a small tensor; cpu on a CPU when cpu_kernels.c builds and matches likewise;
-    else compiled if torch.compile works here (checked the same way), else reference with a loud banner.
-    Every path auto passes over is named in the line, with why. A path asked for by name that cannot run is
-    an error, not a substitution."""
-    recipe, device = get_recipe(recipe), torch.device(device)
-    if requested not in ("auto",) + FP4_PATHS:
-        raise ValueError(f"unknown FP4 path {requested!r}; choose auto or one of {FP4_PATHS}")
-    skipped = []                                         # (path, why not) for the paths auto passed over
-    if requested in ("auto", "triton"):
-        why_not = _triton_unavailable(device, recipe)
-        if why_not is None:
-            import kernels
-            gemm = ("GEMMs on FP4 tensor cores (kernels.fp4_gemm)" if kernels.fp4_gemm_supported(device)
-                    else "GEMMs dequantize + matmul: no FP4 tensor cores on this GPU")
-            return "triton", f"FP4 path: triton (kernels.py; recipe {recipe.name}, {device}; {gemm})"
-        if requested == "triton":
-            raise ValueError(f"FP4 path triton is not available: {why_not}; use --fp4-path compiled or reference")
-        if device.type == "cuda":
-            skipped.append(("triton", why_not))
-    for path in ("cpu", "compiled"):
-        if requested not in ("auto", path):
-            continue
-        why_not = _probe(path, device, recipe)
-        if why_not is None:
-            what = "cpu_kernels.c" if path == "cpu" else "torch.compile of fp4.py's quantizers"
-            passed = "".join(f"; not {p}: {why}" for p, why in skipped)
-            return path, f"FP4 path: {path} ({what}; recipe {recipe.name}, {device}{passed})"
-        if requested == path:
-            raise ValueError(f"FP4 path {path} is not available: {why_not}; use --fp4-path "
-                             f"{'compiled' if path == 'cpu' else 'reference'}")
-        skipped.append((path, why_not))
-    if requested == "auto":
-        passed = "; ".join(f"not {p}: {why}" for p, why in skipped)
-        return "reference", ("!" * 100 + f"\n!!! FP4 path: reference (eager, ~10x slower; {passed})\n" + "!" * 100)
-    return "reference", f"FP4 path: reference (eager fp4.py; recipe {recipe.name}, {device})"
-
-
-def _probe(path, device, recipe):
-    """-> None if `path` runs this recipe on this device and gives the reference's bits on a small tensor
-    (RTN and SR with RHT, bf16 out), else why not (one phrase)."""
-    if path == "cpu" and device.type != "cpu":
-        return f"its kernels run on the CPU (this run uses {device.type})"
-    g = torch.Generator().manual_seed(0)
-    x, signs = torch.randn(32, 256, generator=g).to(device), random_signs(g).to(device)
-    try:
-        for kw in (dict(), dict(rounding="stochastic", rht_signs=signs, dtype=torch.bfloat16)):
-            same = [fake_quant(x, recipe, generator=torch.Generator(device).manual_seed(1), path=p, **kw)
-                    for p in (path, "reference")]
-            if not torch.equal(*same):
-                return "its result differs from the reference"
-    except Exception as e:                               # no C compiler, unsupported device, ...
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
-def _triton_unavailable(device, recipe):
-    """-> None if kernels.py runs this recipe on this device and matches the reference, else why not (one phrase)."""
-    if device.type != "cuda":
-        return f"its kernels need a CUDA device (this run uses {device.type})"
-    if recipe.fmt != "nvfp4":
-        return f"kernels.py has no {recipe.fmt} kernel"
-    try:
-        import kernels  # noqa: F401
-    except ImportError as e:
-        return f"kernels.py does not import ({e})"
-    return _probe("triton", device, recipe)         # compiles here, and gives the reference's bits
 
 
 def fake_quant_mxfp8(x, dtype=torch.float32):
@@ -760,18 +551,20 @@ def fake_quant_mxfp8(x, dtype=torch.float32):
     return dequantize(quantize_mxfp8(x), x.shape[-1]).to(dtype)
 
 
-def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, path="reference", dtype=torch.float32):
+def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, impl=None, dtype=torch.float32):
     """x (M, K) -> (M, K) in `dtype`, round to nearest: FP4 (the recipe's format) on every column except the
-    outliers, which get MXFP8 (OutControl, SPEC §8). `outliers`: None, a LongTensor of MXFP8 column indices
+    outliers, which get MXFP8 (OutControl, §8). `outliers`: None, a LongTensor of MXFP8 column indices
     (the FP4 columns are then the rest, in ascending order), or a pair (outliers, inliers) of LongTensors
     (as select_outlier_channels returns them, both in descending-norm order). Each part is quantized as its
     own contiguous matrix with its columns in that order, as a real kernel sees it after gathering them: the
-    order decides which channels share a 16-block (and a 128-block), so it is part of the numerics."""
+    order decides which channels share a 16-block (and a 128-block), so it is part of the numerics.
+    impl: the implementation of fake_quant (REFERENCE if None; fastpaths.py has faster ones)."""
+    impl = impl or REFERENCE
     if outliers is None:
-        return fake_quant(x, recipe, tile=tile, path=path, dtype=dtype)
+        return impl.fake_quant(x, recipe, tile=tile, dtype=dtype)
     outliers, inliers = split_columns(outliers, x.shape[1])
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    out[:, inliers] = fake_quant(x[:, inliers], recipe, tile=tile, path=path, dtype=dtype)
+    out[:, inliers] = impl.fake_quant(x[:, inliers], recipe, tile=tile, dtype=dtype)
     out[:, outliers] = fake_quant_mxfp8(x[:, outliers], dtype)
     return out
 
@@ -786,7 +579,24 @@ def split_columns(outliers, n):
     return outliers, keep.nonzero().squeeze(1)
 
 
-def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, path="reference", dtype=torch.float32):
+class Reference:
+    """The implementation of the quantizers an FP4 layer calls: this file's functions, run eagerly. Faster
+    ones (fastpaths.py: compiled, cpu, triton) have the same members and give the same bits; fastpaths.select
+    chooses one at start-up and the layers hold it (FP4Linear.impl)."""
+    name = "reference"
+    fake_quant = staticmethod(fake_quant)
+    quantize_nvfp4 = staticmethod(quantize_nvfp4)
+
+    def tensor_core_gemm(self, device):
+        """-> None: every GEMM multiplies the dequantized operands (the simulation). An implementation with
+        FP4 tensor cores on `device` returns a function (qa, qb: NVFP4) -> qa·qbᵀ from the codes instead."""
+        return None
+
+
+REFERENCE = Reference()
+
+
+def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, impl=REFERENCE, dtype=torch.float32):
     """a (M, K), b (P, K) -> (M, P) in `dtype` = Q(a H) Q(b H)ᵀ ≈ a bᵀ. `a` is the gradient dY (rounded with
     grad_rounding), `b` the other operand (other_rounding); H is RHT-16 if the recipe applies it to this GEMM
     (both operands zero-padded to whole 16-chunks), else the identity. Random draws from `generator`, in this
@@ -797,17 +607,17 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, pa
         signs = (random_signs(generator, a.device) if recipe.rht_signs == "random"
                  else torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32, device=a.device))
     width = a.shape[1] if signs is None else -(-a.shape[1] // NVFP4_BLOCK) * NVFP4_BLOCK   # RHT: K up to 16
-    if _fp4_tensor_cores(path, a.device):                    # the same draws, then a GEMM from the codes
-        import kernels
-        qa = quantize_nvfp4(a, outer=recipe.outer, rounding=recipe.grad_rounding, generator=generator, path=path,
-                            rht_signs=signs)
-        qb = quantize_nvfp4(b, outer=recipe.outer, tile=b_tile, rounding=recipe.other_rounding, generator=generator,
-                            path=path, rht_signs=signs)
-        out = kernels.fp4_gemm(qa, qb).to(dtype)
+    gemm_from_codes = impl.tensor_core_gemm(a.device) if recipe.fmt == "nvfp4" else None
+    if gemm_from_codes is not None:                          # the same draws, then a GEMM from the codes
+        qa = impl.quantize_nvfp4(a, outer=recipe.outer, rounding=recipe.grad_rounding, generator=generator,
+                                 rht_signs=signs)
+        qb = impl.quantize_nvfp4(b, outer=recipe.outer, tile=b_tile, rounding=recipe.other_rounding,
+                                 generator=generator, rht_signs=signs)
+        out = gemm_from_codes(qa, qb).to(dtype)
         a_dq = dequantize(qa, width) if stats is not None else None
     else:
-        a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator, path=path, rht_signs=signs, dtype=dtype)
-        b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, path, rht_signs=signs, dtype=dtype)
+        a_dq = impl.fake_quant(a, recipe, recipe.grad_rounding, generator=generator, rht_signs=signs, dtype=dtype)
+        b_dq = impl.fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, rht_signs=signs, dtype=dtype)
         out = a_dq @ b_dq.t()
     if stats is not None:                                    # against what the quantizer saw: a H
         a_seen = a if signs is None else rht16(torch.nn.functional.pad(a.float(), (0, width - a.shape[1])), signs)
@@ -815,42 +625,32 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, pa
     return out
 
 
-def _fp4_tensor_cores(path, device):
-    """True when the GEMMs multiply FP4 codes on tensor cores: the triton path on a GPU that has them (Blackwell).
-    Then fprop (_fprop), dgrad and wgrad (_backward_gemm) quantize to codes and call kernels.fp4_gemm; NVIDIA's
-    dgrad, which reuses the forward's dequantized Ŵ, and OutControl layers' fprop stay simulated. Everywhere
-    else every GEMM multiplies the dequantized operands (the simulation)."""
-    if path != "triton":
-        return False
-    import kernels
-    return kernels.fp4_gemm_supported(device)
-
-
-def _fprop(x2, weight, recipe, outliers, path, dtype):
+def _fprop(x2, weight, recipe, outliers, impl, dtype):
     """GEMM 1 of FP4LinearFunction: x2 (N, in), weight (out, in) -> (Y = X̂ Ŵᵀ (N, out), X̂ (N, in), Ŵ (out, in)),
-    all in `dtype`, X and W quantized along `in` with round to nearest. On FP4 tensor cores (path "triton" on
-    a Blackwell GPU, no OutControl channels) the GEMM multiplies the codes themselves (kernels.fp4_gemm, fp32
-    accumulation) and X̂, Ŵ are dequantized for the backward; everywhere else it is fake-quant, then a
-    matmul in `dtype` (the simulation: same numbers up to summation order and bf16 rounding of X̂, Ŵ)."""
-    if outliers is None and _fp4_tensor_cores(path, x2.device):
-        import kernels
-        qx = quantize_nvfp4(x2, outer=recipe.outer, path=path)
-        qw = quantize_nvfp4(weight, outer=recipe.outer, tile=recipe.weight_tile, path=path)
-        y = kernels.fp4_gemm(qx, qw).to(dtype)
+    all in `dtype`, X and W quantized along `in` with round to nearest. With FP4 tensor cores (an `impl` whose
+    tensor_core_gemm gives a function: kernels.py on a Blackwell GPU) and no OutControl channels, the GEMM
+    multiplies the codes themselves (fp32 accumulation) and X̂, Ŵ are dequantized for the backward; everywhere
+    else it is fake-quant, then a matmul in `dtype` (the simulation: the same numbers up to summation order
+    and the bf16 rounding of X̂, Ŵ)."""
+    gemm_from_codes = impl.tensor_core_gemm(x2.device) if recipe.fmt == "nvfp4" else None
+    if outliers is None and gemm_from_codes is not None:
+        qx = impl.quantize_nvfp4(x2, outer=recipe.outer)
+        qw = impl.quantize_nvfp4(weight, outer=recipe.outer, tile=recipe.weight_tile)
+        y = gemm_from_codes(qx, qw).to(dtype)
         return y, dequantize(qx, x2.shape[1]).to(dtype), dequantize(qw, weight.shape[1]).to(dtype)
-    x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, path, dtype)                # (N, in)
-    w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, path, dtype)  # (out, in)
+    x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, impl, dtype)                # (N, in)
+    w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, impl, dtype)  # (out, in)
     return x_hat @ w_hat.t(), x_hat, w_hat
 
 
 # -----------------------------------------------------------------------------
-# The quantized linear: Y = X Wᵀ with all three GEMMs in FP4 (SPEC §6), optionally with OutControl's
-# outlier input channels in MXFP8 (SPEC §8)
+# The quantized linear: Y = X Wᵀ with all three GEMMs in FP4 (§6), optionally with OutControl's
+# outlier input channels in MXFP8 (§8)
 
 class FP4LinearFunction(torch.autograd.Function):
     """Y = Q(X) Q(W)ᵀ forward, FP4 dgrad and wgrad backward, for one Recipe. High precision in, high out:
     x (..., in) any float dtype, weight (out, in) -> y (..., out) in x.dtype; grads in the inputs' dtypes.
-    The quantizers compute in fp32, exactly as the SPEC says; each GEMM then multiplies the dequantized
+    The quantizers compute in fp32, exactly as docs/numerics.md says; each GEMM then multiplies the dequantized
     operands in x.dtype, as torch.matmul does it (fp32 accumulation for bf16 inputs). So an FP4 run and the
     bf16 baseline multiply at the same precision and differ only by the quantization. For bf16 this rounds
     each dequantized value to 8 significant bits: exact for E2M1 x E4M3/E8M0 products (<= 6 bits), a
@@ -858,7 +658,7 @@ class FP4LinearFunction(torch.autograd.Function):
     outliers: None, or the input channels kept in MXFP8 (OutControl): a LongTensor, or (outliers, inliers) as
     fake_quant_split takes them. stats: None or a dict the
     call fills with diagnostics (SQNR of X, W, dY; saturated/underflowed block fractions); it draws no noise.
-    path: which implementation runs the quantizers (FP4_PATHS); all give the same bits."""
+    impl: which implementation runs the quantizers (REFERENCE, or one of fastpaths.py's); all give the same bits."""
 
     # The three GEMMs quantize differently because they do different jobs. fprop must be accurate (RTN): its
     # output is the network. dgrad and wgrad feed the optimizer, which averages over steps, so unbiased SR
@@ -868,49 +668,49 @@ class FP4LinearFunction(torch.autograd.Function):
     # SR removes.
 
     @staticmethod
-    def forward(ctx, x, weight, recipe, generator, outliers=None, stats=None, path="reference"):
+    def forward(ctx, x, weight, recipe, generator, outliers=None, stats=None, impl=REFERENCE):
         in_f, dtype = x.shape[-1], x.dtype
         x2 = x.reshape(-1, in_f)                                               # (N, in)
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
-        # (with outliers: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, SPEC §8)
-        y, x_hat, w_hat = _fprop(x2, weight, recipe, outliers, path, dtype)  # (N, out), (N, in), (out, in)
+        # (with outliers: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, §8)
+        y, x_hat, w_hat = _fprop(x2, weight, recipe, outliers, impl, dtype)  # (N, out), (N, in), (out, in)
         if stats is not None:
             stats.update(sqnr_x=sqnr(x2, x_hat), sqnr_w=sqnr(weight, w_hat))
             stats.update(zip(("saturated_x", "underflow_x"), block_health(x2, recipe)))
             stats.update(zip(("saturated_w", "underflow_w"), block_health(weight, recipe, recipe.weight_tile)))
-        # What the backward keeps. NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (SPEC §2): when dgrad would
+        # What the backward keeps. NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (§2): when dgrad would
         # re-quantize W exactly as the forward did (RTN, no RHT), it reuses the forward Ŵ instead. Aligned
         # recipes keep the dequantized X̂, Ŵ (as the GEMM saw them, in x.dtype); the others keep X and W.
         ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
                        and recipe.other_rounding == "nearest" and not recipe.aligned)
         ctx.save_for_backward(x_hat if recipe.aligned else x2, w_hat if (recipe.aligned or ctx.reuse_w) else weight)
         ctx.columns = None if outliers is None else split_columns(outliers, in_f)   # (outliers, inliers)
-        ctx.recipe, ctx.generator, ctx.stats, ctx.path = recipe, generator, stats, path
+        ctx.recipe, ctx.generator, ctx.stats, ctx.impl = recipe, generator, stats, impl
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        recipe, gen, stats, path, dtype = ctx.recipe, ctx.generator, ctx.stats, ctx.path, ctx.x_dtype
+        recipe, gen, stats, impl, dtype = ctx.recipe, ctx.generator, ctx.stats, ctx.impl, ctx.x_dtype
         (x_src, w_src), columns = ctx.saved_tensors, ctx.columns                           # X̂ or X (N, in), Ŵ or W (out, in)
         dy2 = dy.reshape(-1, dy.shape[-1])                                     # (N, out)
         dx = dw = None
         # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
-        # (always fully FP4, with outliers too: W's source is then the mixed Ŵ, SPEC §8)
+        # (always fully FP4, with outliers too: W's source is then the mixed Ŵ, §8)
         if ctx.needs_input_grad[0] and ctx.reuse_w:
-            dy_dq = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen, path=path, dtype=dtype)  # (N, out)
+            dy_dq = impl.fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen, dtype=dtype)  # (N, out)
             dx = dy_dq @ w_src                                                 # the forward's Ŵ, (N, in)
             if stats is not None:
                 stats["sqnr_dy_dgrad"] = sqnr(dy2, dy_dq)
         elif ctx.needs_input_grad[0]:
-            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats, path, dtype)
+            dx = _backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, stats, impl, dtype)
         # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
         if ctx.needs_input_grad[1] and columns is None:
-            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats, path=path, dtype=dtype)
+            dw = _backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, stats=stats, impl=impl, dtype=dtype)
         elif ctx.needs_input_grad[1]:                        # FP4 on channels F, MXFP8 on the outliers O
             outliers, keep = columns
             dw = torch.empty(dy2.shape[1], x_src.shape[1], dtype=dtype, device=dy2.device)    # (out, in)
-            dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats, path=path,
+            dw[:, keep] = _backward_gemm("wgrad", dy2.t(), x_src[:, keep].t(), recipe, gen, stats=stats, impl=impl,
                                          dtype=dtype)
             dw[:, outliers] = fake_quant_mxfp8(dy2.t(), dtype) @ fake_quant_mxfp8(x_src[:, outliers].t(), dtype).t()
         dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype) if dx is not None else None
@@ -945,7 +745,7 @@ def block_health(x, recipe, tile=(1, 16)):
     return (saturated.sum() / n).item(), ((tiny & nonzero).sum() / n).item()
 
 # -----------------------------------------------------------------------------
-# OsciReset (TetraJet-v2 §4, SPEC §7): weights whose FP4 value flips back and forth
+# OsciReset (TetraJet-v2 §4, §7): weights whose FP4 value flips back and forth
 
 def oscillation_ratio(sum_dq, sum_dw):
     """r = Σ_t |Q(w_t) - Q(w_{t-1})| / Σ_t |w_t - w_{t-1}| per element; 0 where the weight did not move.
@@ -957,7 +757,7 @@ def oscillation_ratio(sum_dq, sum_dw):
 class OsciReset:
     """Every `period` optimizer steps from step `start`: snapshot each FP4 weight w and its forward quantization
     Q(w), accumulate Σ|ΔQ(w)| and Σ|Δw| over the next `window` steps, then snap w <- Q(w) (the centre of its
-    current bin) where r >= `threshold`. Optimizer state is left alone (SPEC §7). Snapped weights sit on a grid
+    current bin) where r >= `threshold`. Optimizer state is left alone (§7). Snapped weights sit on a grid
     point, far from any rounding boundary, so they stop flipping until real gradient signal moves them.
     Memory: four fp32 copies of each weight during a window, none outside it. `layers`: {name: FP4Linear}.
     reset=False only measures: the oscillation ratio of a run without OsciReset, for comparison."""
@@ -1021,7 +821,7 @@ class OsciReset:
                       for name, st in d["state"].items()}
 
 # -----------------------------------------------------------------------------
-# OutControl (TetraJet-v2 §4, SPEC §8): a static set of outlier input channels kept in MXFP8
+# OutControl (TetraJet-v2 §4, §8): a static set of outlier input channels kept in MXFP8
 
 def select_outlier_channels(channel_norm, frac):
     """(in,) accumulated input-channel L2 norms -> (outliers, inliers), LongTensors of channel indices: the top
@@ -1037,7 +837,7 @@ def select_outlier_channels(channel_norm, frac):
 class OutControl:
     """For `window` steps from step `start`, every FP4Linear sums ‖X[:, c]‖₂ over the tokens of each
     training micro-batch (eval forwards do not count), per input channel c (its `channel_norm`); then the top `frac` channels become its outliers,
-    fixed for the rest of training and kept in MXFP8 in fprop and wgrad (SPEC §8). Activation outliers sit in
+    fixed for the rest of training and kept in MXFP8 in fprop and wgrad (§8). Activation outliers sit in
     a few channels that stay the same through training (TetraJet-v2 §4), so a short calibration suffices.
     Call before_step(step) before each optimizer step and after_step(steps_done, reduce) after it; `reduce`
     sums a tensor across processes in place (DDP), so every process picks the same channels."""
@@ -1067,12 +867,6 @@ class OutControl:
 # -----------------------------------------------------------------------------
 # Modules last: FP4Linear and the converter
 
-@functools.cache
-def _eager_island(fn):
-    """torch.compiler.disable(fn), built on first use: the decorator imports dynamo (and with it triton), which
-    would double `import fp4`'s time (1.7 -> 3.2 s) and fix triton's settings before a test sets TRITON_INTERPRET."""
-    return torch.compiler.disable(fn)
-
 
 class FP4Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in simulated FP4 (FP4LinearFunction); the weight stays the fp32
@@ -1080,21 +874,21 @@ class FP4Linear(nn.Linear):
     `seed` on first use on a device; its state rides in the state_dict (extra_state), so --resume continues
     the exact random stream. (Calling FP4LinearFunction directly, pass any generator, or None for torch's.)
     OutControl state: `outliers` (input channels kept in MXFP8, or None) and, while `calibrating`, the running
-    `channel_norm`; both are saved in extra_state too. Set `stats = {}` to collect diagnostics on the next
-    forward and backward (FP4LinearFunction fills it)."""
+    `channel_norm`; both are saved in extra_state too. `impl`: the implementation of the quantizers
+    (REFERENCE, or the one fastpaths.select chose). `stats`: see record_stats."""
 
-    def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, path="reference",
+    def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, impl=REFERENCE,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.recipe, self.seed, self.path = get_recipe(recipe), seed, path
+        self.recipe, self.seed, self.impl = get_recipe(recipe), seed, impl
         self._generator, self._rng_state = None, None
         self.outliers = self.inliers = self.channel_norm = self.stats = None
         self.calibrating = False
 
     @classmethod
-    def from_linear(cls, linear, recipe="tetrajet", seed=0, path="reference"):
+    def from_linear(cls, linear, recipe="tetrajet", seed=0, impl=REFERENCE):
         """Wrap an existing nn.Linear; the weight and bias Parameters are shared, not copied."""
-        m = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe, seed=seed, path=path,
+        m = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe, seed=seed, impl=impl,
                 device="meta")
         m.weight, m.bias = linear.weight, linear.bias
         return m
@@ -1109,8 +903,8 @@ class FP4Linear(nn.Linear):
         return self._generator
 
     def quantize_weight(self):
-        """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (SPEC §7)."""
-        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.columns(), self.path)
+        """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (docs/numerics.md §7)."""
+        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.columns(), self.impl)
 
     def columns(self):
         """OutControl's split of the input channels: None, or (outliers, inliers) in descending-norm order."""
@@ -1120,17 +914,11 @@ class FP4Linear(nn.Linear):
                              self.in_features)
 
     def forward(self, x):
-        # In a torch.compile'd model (train.py --compile) each FP4 layer runs as an eager island between the
-        # compiled graphs: dynamo cannot trace its generator draws or the dequantized tensors it saves for the
-        # backward, and its quantizers are compiled on their own (path "compiled"), the same bits either way.
-        return _eager_island(FP4Linear._forward)(self, x)
-
-    def _forward(self, x):
         if self.calibrating and self.training:               # OutControl: per-channel L2 norm over tokens
             norm = x.detach().reshape(-1, self.in_features).float().norm(dim=0)    # (in,)
             self.channel_norm = norm if self.channel_norm is None else self.channel_norm + norm
         y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator(x.device), self.columns(), self.stats,
-                                    self.path)
+                                    self.impl)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def get_extra_state(self):
@@ -1148,15 +936,32 @@ class FP4Linear(nn.Linear):
                                                           state.get("channel_norm")))
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, recipe={self.recipe.name}, path={self.path}"
+        return f"{super().extra_repr()}, recipe={self.recipe.name}, impl={self.impl.name}"
+
+
+@contextlib.contextmanager
+def record_stats(layers):
+    """with record_stats({name: FP4Linear}) as stats: <one forward and backward> -> stats[name] holds that
+    layer's diagnostics: SQNR (dB) of X, W and dY as quantized, the fraction of X's and W's blocks with a
+    saturated or underflowed scale (block_health). The one way to read them: each layer's `stats` dict is set
+    for the duration of the block only (FP4LinearFunction fills it; it draws no random numbers, so recording
+    changes no bits of the step)."""
+    stats = {name: {} for name in layers}
+    for name, layer in layers.items():
+        layer.stats = stats[name]
+    try:
+        yield stats
+    finally:
+        for layer in layers.values():
+            layer.stats = None
 
 
 def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, blocks="transformer.h", seed=0,
-                   path="reference"):
+                   impl=REFERENCE):
     """Swap every nn.Linear (or subclass) inside the transformer blocks (`model.<blocks>`, an nn.ModuleList) for an
     FP4Linear sharing its weight, except in the first `bf16_first_k` and last `bf16_last_k` blocks. Linears
-    outside the blocks (LM head) stay high precision (SPEC §6). Layer i gets generator seed `seed + i`; all
-    run their quantizers on `path` (FP4_PATHS; select_path decides it).
+    outside the blocks (LM head) stay high precision (docs/numerics.md §6). Layer i gets generator seed `seed + i`;
+    all run their quantizers on `impl` (REFERENCE, or what fastpaths.select chose).
     Prints what it converted and what it kept; returns the model (changed in place)."""
     recipe = get_recipe(recipe)
     try:
@@ -1178,7 +983,7 @@ def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, b
             if isinstance(child, nn.Linear) and not isinstance(child, FP4Linear):
                 parent = block.get_submodule(name.rpartition(".")[0])
                 setattr(parent, name.rpartition(".")[2],
-                        FP4Linear.from_linear(child, recipe, seed=seed + len(converted), path=path))
+                        FP4Linear.from_linear(child, recipe, seed=seed + len(converted), impl=impl))
                 converted.append(f"{blocks}.{i}.{name}")
     kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FP4Linear)]
     in_kept_blocks = [n for n in kept if any(n.startswith(f"{blocks}.{i}.") for i in kept_blocks)]
@@ -1188,3 +993,69 @@ def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, b
           + (f"; the {len(in_kept_blocks)} Linear of blocks {kept_blocks} (bf16_first_k={bf16_first_k}, "
              f"bf16_last_k={bf16_last_k})" if kept_blocks else ""))
     return model
+
+
+# =============================================================================
+# Appendix: exactness tricks. Each computes a documented value in a way that gives the same bits on every
+# implementation and device: exponents read from the fp32 bits (not log2), E8M0 bytes built as integers, true
+# division by device tensors, and stochastic-rounding noise as a pure function of (seed, element index).
+def _fp32_exponent(a):
+    """Unbiased exponent field of fp32 a: floor(log2 a) for normal a, exactly, from the bits (-127 for 0)."""
+    return ((a.view(torch.int32) >> 23) & 0xFF) - 127
+
+def _e8m0(exponent, amax):
+    """int exponent -> uint8 E8M0 byte b = exponent + 127, clamped to [0, 254]; 255 (NaN) where amax is not
+    finite, so a NaN/Inf block dequantizes to NaN instead of a saturated finite value."""
+    b = (exponent.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
+    return torch.where(torch.isfinite(amax), b, E8M0_NAN).to(torch.uint8)
+
+
+def _e8m0_value(b):
+    """uint8 E8M0 bytes -> fp32 2^(b - 127) (NaN for 255), built from the fp32 bits: exponent field b for
+    b >= 1, the subnormal 2^-127 = 0x00400000 for b = 0. Equals b.view(float8_e8m0fnu).float(), but with
+    plain integer ops, which every implementation can compute the same way (not every one has an e8m0 type)."""
+    bits = torch.where(b == 0, 0x00400000, torch.where(b == E8M0_NAN, 0x7FC00000, b.int() << 23))
+    return bits.int().view(torch.float32)
+
+
+def _div(a, b):
+    """a ⊘ b for a Python number b, IEEE-rounded on every device. Not `a / b`: on CUDA torch evaluates a
+    Python-number divisor as a * fl(1/b), rounding twice (on the CPU it divides); dividing by a 0-dim tensor on
+    a's device is a true division everywhere, so the reference gives the same bits on CPU and GPU."""
+    return a / a.new_full((), b)
+
+
+# -----------------------------------------------------------------------------
+# Stochastic-rounding noise. A counter-based generator: the uniform for element i is a pure function of
+# (seed, i), so the reference and every faster implementation (fastpaths.py) produce the very
+# same codes for SR too, in any evaluation order, and the noise is computed inside the fused quantizer
+# instead of read from memory. (torch.rand is none of these: its CPU generator is a sequential Mersenne
+# Twister, single-threaded, and was 13% of an FP4 training step.) A torch.Generator still owns the
+# randomness: it draws each quantization's seed, so seeding and checkpointing it replays the noise exactly.
+
+def _pcg_hash(h):
+    """int64 tensor of uint32 values -> their PCG-RXS-M-XS hash, uint32 values in int64 (O'Neill 2014, the
+    hash Jarzynski & Olano 2020 recommend for GPU noise): state = h·747796405 + 2891336453; word =
+    ((state >> ((state >> 28) + 4)) ^ state)·277803737; out = (word >> 22) ^ word, all mod 2^32.
+    Every product is < 2^62, so int64 arithmetic is exact and `& U32_MASK` gives what a kernel's wrapping
+    uint32 arithmetic gives."""
+    state = (h * PCG_MULTIPLIER + PCG_INCREMENT) & U32_MASK
+    word = (((state >> ((state >> 28) + 4)) ^ state) * PCG_OUTPUT_MULTIPLIER) & U32_MASK
+    return (word >> 22) ^ word
+
+
+def draw_seed(generator=None, device=None):
+    """-> int64 (2,): the two uint32 seeds (s0, s1) of one quantization, torch.randint(0, 2^32, (2,), generator)."""
+    return torch.randint(0, 1 << 32, (2,), generator=generator, device=device or torch.device("cpu"))
+
+
+def uniform_noise(seed, shape):
+    """int64 (2,) seed -> fp32 tensor of `shape`, uniform on [0, 1) in steps of 2^-24 (like torch.rand):
+    u[i] = (pcg(pcg(i ^ s0) ^ s1) >> 8) · 2^-24, i the element's row-major index mod 2^32 (for a 2-D quantizer
+    view (Mp, Kp): i = row·Kp + col). Two chained hashes so that different seeds give unrelated streams, not
+    shifted copies of one; the top 24 bits are the best mixed and fit fp32 exactly."""
+    seed = seed.to(torch.int64)
+    i = torch.arange(math.prod(shape), device=seed.device, dtype=torch.int64).view(shape) & U32_MASK
+    h = _pcg_hash(_pcg_hash(i ^ seed[0]) ^ seed[1])
+    return (h >> 8).float() * NOISE_ULP
+

@@ -4,11 +4,11 @@ kernels.py: fused Triton kernels for NVFP4 quantization, the fast twins of fp4.p
 Two kernels: _nvfp4_kernel (quantize and fake-quant, below) and _fp4_gemm_kernel (a GEMM straight from the
 FP4 codes, for GPUs with FP4 tensor cores; further down, with its own explanation).
 
-Optional: fp4.py imports this module only when asked for the "triton" path (fp4.select_path decides, and
-requires CUDA for training). Every kernel here must equal fp4.py bit for bit: codes, scale bytes and
+Optional: fastpaths.py imports this module only for the "triton" path (fastpaths.select decides, and
+requires CUDA for training); it imports fp4.py for the definitions it mirrors, and nothing else of the repo. Every kernel here must equal fp4.py bit for bit: codes, scale bytes and
 dequantized values, for RTN and for SR (both draw fp4.uniform_noise, a counter-based hash of the element
 index, so the same seed gives the same noise in any order). tests/test_kernels.py checks this on CPU with
-TRITON_INTERPRET=1 and, when a GPU is present, on the GPU; tests/test_kernels_compile.py compiles every variant to
+TRITON_INTERPRET=1 and, when a GPU is present, on the GPU (tests/test_paths.py); tests/test_kernels_compile.py compiles every variant to
 machine code for H100 (sm_90) and B200 (sm_100) with Triton's own ptxas, which needs no GPU (the interpreter
 skips compilation, so it cannot catch what only the compiler rejects).
 
@@ -350,10 +350,11 @@ if __name__ == "__main__":
         for tile in ((1, 16), (16, 16)):
             for s in (None, seed):
                 rounding = "nearest" if s is None else "stochastic"
-                ref = fp4._quantize_nvfp4_2d(x, outer, tile, rounding, s)
-                got = quantize_nvfp4(x, outer, tile, s)
-                same = (torch.equal(got[0], ref[0].to(torch.uint8)) and torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8))
-                        and torch.equal(got[2], ref[2]))
+                ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding,
+                                         generator=torch.Generator(device).manual_seed(0))
+                got = quantize_nvfp4(x, outer, tile, s)                          # the same seed as draw_seed above
+                same = (torch.equal(got[0], ref.codes) and torch.equal(got[1].view(torch.uint8),
+                        ref.block_scale.view(torch.uint8)) and torch.equal(got[2], ref.outer_scale))
                 same_dq = torch.equal(fake_quant_nvfp4(x, outer, tile, s), fp4._fake_quant_2d(x, "nvfp4", outer, tile, rounding, s))
                 print(f"outer={outer!s:6s} tile={tile} {rounding:10s} codes/scales equal: {same}, fake-quant equal: {same_dq}")
     qa, qb = fp4.quantize_mxfp4(x[:256]), fp4.quantize_mxfp4(x[-128:])     # the GEMM: MXFP4 runs everywhere,
@@ -387,7 +388,7 @@ if __name__ == "__main__":
             xb = x.bfloat16()
             t_bf16 = ms(lambda: xb @ xb.t())
             for outer in ("tensor", 128):
-                q = fp4.quantize_nvfp4(x, outer=outer, path="triton")
+                q = fp4.NVFP4(*quantize_nvfp4(x, outer))
                 t = ms(lambda: fp4_gemm(q, q))
                 print(f"fp4_gemm outer={outer!s:6s} {t:.3f} ms = {2 * shape[0] ** 3 / t / 1e9:.0f} TFLOP/s "
                       f"(bf16 matmul {t_bf16:.3f} ms)")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import fastpaths
 import fp4
 from data.prepare import dataset_dir, load_dataset, prepare_pystdlib
 from model import GPT, GPTConfig, PRESETS
@@ -59,11 +60,11 @@ class TrainConfig:
     fp4_grad_rounding: str = ""   # rounding of dY in dgrad and wgrad: nearest or stochastic; "" = the preset's
     fp4_other_rounding: str = ""  # rounding of W (dgrad) and X (wgrad): nearest or stochastic; "" = the preset's
     fp4_aligned: str = ""         # backward from the dequantized forward X^, W^ (true) or from X, W (false); "" = the preset's
-    fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, cpu, triton (same bits; fp4.select_path)
+    fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, cpu, triton (same bits; fastpaths.select)
     bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
     bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
     osci_reset: bool = False      # OsciReset: snap oscillating FP4 weights to their bin centre (TetraJet-v2 §4)
-    osci_period: int = 200        # steps between oscillation windows (shrunk for short runs, see osci_schedule())
+    osci_period: int = 200        # steps between oscillation windows (shrunk to fit short runs: resolve_schedules)
     osci_window: int = 50         # steps each window accumulates over
     osci_threshold: float = 8.0   # reset weights whose ratio sum|dQ(w)| / sum|dw| >= this
     osci_start: float = 0.6       # first window: a step, or a fraction (< 1) of max_iters (also measured without reset)
@@ -97,7 +98,7 @@ class TrainConfig:
 
 
 PER_INVOCATION = ("resume", "stop_iter")      # flags that a resumed run does not inherit from the checkpoint
-CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fp4.FP4_PATHS], "lr_schedule": ["cosine", "wsd"],
+CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fastpaths.PATHS], "lr_schedule": ["cosine", "wsd"],
            "device": ["auto", "cuda", "mps", "cpu"], "dtype": ["auto", "bfloat16", "float32"]}
 # The recipe flags: each value -> the fp4.Recipe field it sets ("" = keep the preset's)
 RECIPE_FLAGS = {
@@ -194,18 +195,6 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def osci_schedule(cfg):
-    """-> (start, period, window) in steps. A window must close inside the run: if fewer than two periods fit
-    after the start, shrink the period to half the remaining steps and the window to a quarter of the period
-    (e.g. --max-iters 200: start 120, period 40, window 10, resets at steps 130 and 170)."""
-    start = start_step(cfg.osci_start, cfg)
-    period, window = cfg.osci_period, cfg.osci_window
-    if cfg.max_iters - start < 2 * period:
-        period = max(2, (cfg.max_iters - start) // 2)
-        window = max(1, min(window, period // 4))
-    return start, period, window
-
-
 def build_model(cfg, vocab_size, dtype):
     """The GPT of cfg's preset with its size overrides; the vocab padded to a multiple of 64 for matmul
     efficiency (nanoGPT: the extra logits are never targets)."""
@@ -244,7 +233,7 @@ def fp4_report(step, layers, stats, osci, outctl):
     """FP4 health at an eval -> (dict for log.jsonl, one log line). Per layer: SQNR (dB) of X, W and dY as
     quantized in the last training step, fraction of blocks with a saturated or underflowed scale,
     oscillation ratio and resets of the last OsciReset window, outlier channels."""
-    per_layer = {n: dict(stats[n] or {}) for n in layers}
+    per_layer = {n: dict(stats.get(n) or {}) for n in layers}
     for n, v in (osci.last.items() if osci else ()):
         per_layer[n].update(oscillating=v["oscillating"], reset=v["reset"])
     for n, v in (outctl.summary().items() if outctl else ()):
@@ -260,35 +249,56 @@ def fp4_report(step, layers, stats, osci, outctl):
     return {"total": total, "layers": per_layer}, line
 
 
-def main(argv=None):
-    given = parse_args(sys.argv[1:] if argv is None else argv)
-    # -----------------------------------------------------------------------------
-    # device, DDP
-    ddp = int(os.environ.get("RANK", -1)) != -1             # launched by torchrun?
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
+def resolve_schedules(cfg):
+    """-> cfg with the OsciReset and OutControl schedules it will run, in steps, so that the config printed
+    and saved is what ran. A window must close inside the run: if fewer than two OsciReset periods fit after
+    its start, the period shrinks to half the remaining steps and the window to at most a quarter of it (e.g.
+    --max-iters 200: start 120, period 40, window 10, resets at steps 130 and 170); the OutControl window
+    ends a step before the last."""
+    start = start_step(cfg.osci_start, cfg)
+    period, window = cfg.osci_period, cfg.osci_window
+    if cfg.max_iters - start < 2 * period:
+        period = max(2, (cfg.max_iters - start) // 2)
+        window = max(1, min(window, period // 4))
+    oc_start = start_step(cfg.out_control_step, cfg)
+    oc_window = max(1, min(cfg.out_control_window, cfg.max_iters - oc_start - 1))
+    return replace(cfg, osci_start=start, osci_period=period, osci_window=window, out_control_step=oc_start,
+                   out_control_window=oc_window)
+
+
+def load_config(given):
+    """The flags given (and, with --resume, the checkpoint's config under them) -> (cfg, checkpoint or None)."""
     cfg = replace(TrainConfig(), **given)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --resume but no checkpoint at {ckpt_path}; run without --resume to start fresh")
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            saved = {k: v for k, v in ckpt["config"].items() if k not in PER_INVOCATION}
-            cfg = replace(TrainConfig(**saved), **given)
-        except Exception as e:
-            sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); "
-                     f"delete it or choose another --out-dir")
-    check(cfg, given)
-    try:                                                   # fail now, not after an hour of training
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, f".write_test_{os.getpid()}")
+    if not cfg.resume:
+        return cfg, None
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"error: --resume but no checkpoint at {ckpt_path}; run without --resume to start fresh")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in ckpt["config"].items() if k not in PER_INVOCATION}
+        return replace(TrainConfig(**saved), **given), ckpt
+    except Exception as e:
+        sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); "
+                 f"delete it or choose another --out-dir")
+
+
+def check_out_dir(out_dir):
+    """Fail now, not after an hour of training, if out_dir cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test_{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        sys.exit(f"error: cannot write to --out-dir {cfg.out_dir} ({e.strerror or e}); choose a writable folder")
-    # every process computes on its own device; under torchrun the ranks of one node share it by LOCAL_RANK
+        sys.exit(f"error: cannot write to --out-dir {out_dir} ({e.strerror or e}); choose a writable folder")
+
+
+def setup_device(cfg):
+    """-> (ddp, rank, world, device). Under torchrun every process computes on its own device; the ranks of
+    one node share it by LOCAL_RANK."""
+    ddp = int(os.environ.get("RANK", -1)) != -1             # launched by torchrun?
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -297,8 +307,96 @@ def main(argv=None):
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    device_type = device.split(":")[0]
-    # activations (and the matmuls of the high-precision layers) run in bf16 where that is fast; master weights fp32
+    return ddp, rank, world, device
+
+
+def get_batch(data, cfg, rank, world, gen, device):
+    """-> x, y (batch_size, block_size) int64: random windows of this process's contiguous shard of `data`
+    (rank-disjoint), y shifted by one. Random offsets (nanoGPT) rather than epochs: simple, and the
+    generator state is the data position."""
+    lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world - cfg.block_size - 1
+    ix = torch.randint(lo, hi, (cfg.batch_size,), generator=gen).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
+    return x.to(device), y.to(device)
+
+
+def setup_fp4(cfg, model, device, rank, log):
+    """Convert the model's block Linears to FP4 (before compile and DDP, so both see the final modules, as
+    nanochat does) on the implementation fastpaths.select picks -> (recipe, {name: FP4Linear}, OsciReset,
+    OutControl or None). The oscillation windows are measured always, the weights reset only with
+    --osci-reset."""
+    recipe = resolve_recipe(cfg)
+    log(f"FP4 recipe: {recipe}")
+    impl, why = fastpaths.select(cfg.fp4_path, device, recipe)
+    log(why)
+    fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
+                       seed=cfg.seed * 1000 + 100_000 * rank, impl=impl)   # independent SR noise per process
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
+    osci = fp4.OsciReset(layers, cfg.osci_period, cfg.osci_window, cfg.osci_threshold, cfg.osci_start,
+                         reset=cfg.osci_reset)
+    log(f"oscillation windows: {cfg.osci_window} steps every {cfg.osci_period} from step {cfg.osci_start}, "
+        f"threshold {cfg.osci_threshold}, {'resetting' if cfg.osci_reset else 'measuring only'}")
+    outctl = None
+    if cfg.out_control:
+        outctl = fp4.OutControl(layers, cfg.out_control_frac, cfg.out_control_step, cfg.out_control_window)
+        log(f"out-control: calibrating steps {cfg.out_control_step}-{cfg.out_control_step + cfg.out_control_window - 1}"
+            f", then {cfg.out_control_frac:.0%} of input channels (rounded up to 32) in MXFP8")
+    return recipe, layers, osci, outctl
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, rank, world, device, ddp):
+    """Mean val loss over eval_iters fixed batches (the same every eval, so evals are comparable)."""
+    model.eval()
+    gen, losses = torch.Generator().manual_seed(cfg.seed + 10_000 + rank), []
+    for _ in range(cfg.eval_iters):
+        losses.append(model(*get_batch(data, cfg, rank, world, gen, device))[1].float())
+    model.train()
+    loss = torch.stack(losses).mean()
+    if ddp:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss.item()
+
+
+def restore(ckpt, ckpt_path, model, optimizer, train_gen, osci, world, rank):
+    """Load everything that decides what happens next from a checkpoint -> (step, best val loss, skipped steps,
+    the train-loss window in progress), or exit with one line if it does not fit this run."""
+    if len(ckpt["rng"]["train_gen"]) != world:
+        sys.exit(f"error: {ckpt_path} was written by {len(ckpt['rng']['train_gen'])} processes; resume with "
+                 f"the same number (this run has {world}) so every data shard continues where it stopped")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: {ckpt_path} does not fit the model this config builds (changed a model or FP4 flag "
+                 f"on --resume?): {str(e).splitlines()[0]}")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    train_gen.set_state(ckpt["rng"]["train_gen"][rank])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if osci is not None and ckpt.get("osci") is not None:
+        osci.load_state_dict(ckpt["osci"])
+    w = ckpt["log_window"]
+    return ckpt["step"], ckpt["best_val_loss"], w["skipped"], dict(losses=w["losses"], time=w["time"], steps=w["steps"])
+
+
+def save_checkpoint(path, state):
+    """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    # -----------------------------------------------------------------------------
+    # config, device, DDP
+    given = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg, ckpt = load_config(given)
+    check(cfg, given)
+    cfg = resolve_schedules(cfg)
+    check_out_dir(cfg.out_dir)
+    ddp, rank, world, device = setup_device(cfg)
+    master, device_type = rank == 0, device.split(":")[0]
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    # activations (and the matmuls of the high-precision layers) in bf16 where that is fast; master weights fp32
     dtype, dtype_why = activation_dtype(cfg.dtype, device_type)
     torch.manual_seed(cfg.seed)
 
@@ -309,153 +407,77 @@ def main(argv=None):
     log(f"torch {torch.__version__} | device {device} x {world} | activations {dtype} ({dtype_why}) | config:")
     log(json.dumps(asdict(cfg)))
     # -----------------------------------------------------------------------------
-    # data: uint16 token memmaps; each process samples from its own contiguous shard (rank-disjoint)
+    # data: uint16 token memmaps (pystdlib, the default, is built on first use from Python's own library)
     data_dir = dataset_dir(cfg.dataset)
     if cfg.dataset == "pystdlib" and not os.path.exists(os.path.join(data_dir, "meta.pkl")) and master:
         prepare_pystdlib()
     if ddp:
         dist.barrier()
     meta, splits = load_dataset(data_dir, cfg.block_size, world)
-
-    def get_batch(split, gen):
-        """-> x, y (batch_size, block_size) int64: random windows of this process's shard, y shifted by one.
-        Random offsets (nanoGPT) rather than epochs: simple, and the generator state is the data position."""
-        data = splits[split]
-        lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world - cfg.block_size - 1
-        ix = torch.randint(lo, hi, (cfg.batch_size,), generator=gen).tolist()   # random windows (nanoGPT)
-        x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
-        return x.to(device), y.to(device)
-
-    train_gen = torch.Generator().manual_seed(cfg.seed + rank)  # its state is the data position
+    train_gen = torch.Generator().manual_seed(cfg.seed + rank)   # its state is the data position
     # -----------------------------------------------------------------------------
-    # model, FP4 conversion (before compile and DDP), optimizer
+    # model, FP4 conversion, optimizer, and everything a checkpoint restores
     model = build_model(cfg, meta["vocab_size"], dtype)
-    osci = outctl = recipe = None
-    fp4_layers = {}
-    if cfg.fp4:
-        # FP4 before compile and DDP, so both see the final modules (nanochat does the same)
-        recipe = resolve_recipe(cfg)
-        log(f"FP4 recipe: {recipe}")
-        path, why = fp4.select_path(cfg.fp4_path, device, recipe)
-        log(why)
-        fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
-                           seed=cfg.seed * 1000 + 100_000 * rank, path=path)   # independent SR noise per process
-        fp4_layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
-        start, period, window = osci_schedule(cfg)                    # measured always, reset only if asked
-        osci = fp4.OsciReset(fp4_layers, period, window, cfg.osci_threshold, start, reset=cfg.osci_reset)
-        log(f"oscillation windows: {window} steps every {period} from step {start}, threshold "
-            f"{cfg.osci_threshold}, {'resetting' if cfg.osci_reset else 'measuring only'}")
-        if cfg.out_control:
-            oc_start = start_step(cfg.out_control_step, cfg)
-            oc_window = max(1, min(cfg.out_control_window, cfg.max_iters - oc_start - 1))
-            outctl = fp4.OutControl(fp4_layers, cfg.out_control_frac, oc_start, oc_window)
-            log(f"out-control: calibrating steps {oc_start}-{oc_start + oc_window - 1}, then "
-                f"{cfg.out_control_frac:.0%} of input channels (rounded up to 32) in MXFP8")
+    recipe, fp4_layers, osci, outctl = setup_fp4(cfg, model, device, rank, log) if cfg.fp4 else (None, {}, None, None)
     model.to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
-    step, best_val = 0, float("inf")
-    if ckpt is not None:                                   # restore everything that decides what happens next
-        if len(ckpt["rng"]["train_gen"]) != world:
-            sys.exit(f"error: {ckpt_path} was written by {len(ckpt['rng']['train_gen'])} processes; resume with "
-                     f"the same number (this run has {world}) so every data shard continues where it stopped")
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            sys.exit(f"error: {ckpt_path} does not fit the model this config builds (changed a model or FP4 flag "
-                     f"on --resume?): {str(e).splitlines()[0]}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        train_gen.set_state(ckpt["rng"]["train_gen"][rank])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if osci is not None and ckpt.get("osci") is not None:
-            osci.load_state_dict(ckpt["osci"])
+    # step, best val loss, skipped steps, the train-loss average in progress between evals
+    step, best_val, skipped, window = 0, float("inf"), 0, dict(losses=[], time=0.0, steps=0)
+    if ckpt is not None:
+        step, best_val, skipped, window = restore(ckpt, ckpt_path, model, optimizer, train_gen, osci, world, rank)
         log(f"resumed from {ckpt_path} at step {step}")
+    elif osci is not None:
+        osci.after_step(0)                                   # a window at step 0 opens on the initial weights
     log(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {model.config}")
     raw_model = model                                      # what gets saved: no _orig_mod. / module. prefixes
     if cfg.compile:
-        model = torch.compile(model)
+        model = fastpaths.compile_model(model)
     if ddp:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean val loss over eval_iters fixed batches (same every eval, so evals are comparable)."""
-        model.eval()
-        gen, losses = torch.Generator().manual_seed(cfg.seed + 10_000 + rank), []
-        for _ in range(cfg.eval_iters):
-            x, y = get_batch("val", gen)
-            losses.append(model(x, y)[1].float())
-        model.train()
-        loss = torch.stack(losses).mean()
-        if ddp:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        return loss.item()
-
-    def save_checkpoint():
+    def checkpoint():
         gens = [None] * world
         if ddp:
             dist.all_gather_object(gens, train_gen.get_state())
         else:
             gens = [train_gen.get_state()]
         if master:
-            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg),
-                         recipe=asdict(recipe) if recipe else None,
-                         step=step, best_val_loss=best_val, rng=dict(torch=torch.get_rng_state(), train_gen=gens),
-                         osci=osci.state_dict() if osci else None,
-                         log_window=dict(losses=window_losses, time=window_time, steps=window_steps, skipped=skipped),
-                         dataset_meta={k: meta[k] for k in ("tokenizer", "vocab_size")})
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            torch.save(state, ckpt_path + ".tmp")          # atomic: a crash mid-write leaves the old checkpoint
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+            save_checkpoint(ckpt_path, dict(
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg),
+                recipe=asdict(recipe) if recipe else None, step=step, best_val_loss=best_val,
+                rng=dict(torch=torch.get_rng_state(), train_gen=gens), osci=osci.state_dict() if osci else None,
+                log_window=dict(window, skipped=skipped), dataset_meta={k: meta[k] for k in ("tokenizer", "vocab_size")}))
 
     # -----------------------------------------------------------------------------
     # training loop
     last_step = cfg.stop_iter or cfg.max_iters
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if master:
-        if ckpt is None and os.path.exists(log_path):
-            os.remove(log_path)                            # a fresh run starts a fresh log
+    if master and ckpt is None and os.path.exists(log_path):
+        os.remove(log_path)                                # a fresh run starts a fresh log
     # SIGINT (Ctrl-C) / SIGTERM (a scheduler's preemption): finish the current step, save, exit; --resume goes on
     interrupted = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: interrupted.append(signum))
-    skipped = 0                                            # non-finite steps skipped (--skip-nonfinite)
     bar = tqdm(total=last_step, initial=step, disable=not master or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)                                 # a progress bar for terminals, not for log files
-    t_start, window_losses, window_time, window_steps, val_loss = time.time(), [], 0.0, 0, float("nan")
+    t_start, val_loss, stats = time.time(), float("nan"), {}
     resumed_at = step if ckpt is not None else -1
-    if osci is not None and ckpt is None:
-        osci.after_step(0)                                 # a window at step 0 opens on the initial weights
-    if ckpt is not None:                                   # the train_loss average in progress, so logs match
-        w = ckpt["log_window"]
-        window_losses, window_time, window_steps, skipped = w["losses"], w["time"], w["steps"], w["skipped"]
     for step in range(step, last_step + 1):
         # interrupted: checkpoint the state between two steps and leave (all processes agree on when)
         stop = torch.tensor(float(bool(interrupted)), device=device)
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():
-            save_checkpoint()
+            checkpoint()
             log(f"interrupted at step {step}: saved {ckpt_path}; continue with: python train.py --resume "
                 f"--out-dir {cfg.out_dir}")
             sys.exit(128 + (interrupted[0] if interrupted else signal.SIGTERM))
-        # once in a while: evaluate, log, checkpoint (not again at the step we resumed from)
+        # once in a while: evaluate, log (with the FP4 health of the step just before), checkpoint
         if (step % cfg.eval_interval == 0 or step == last_step) and (step != resumed_at or step == last_step):
-            stats = {n: m.stats for n, m in fp4_layers.items()}   # filled by the training step just before
-            for m in fp4_layers.values():
-                m.stats = None                                     # (not by the eval forwards)
-            val_loss = evaluate()
+            val_loss = evaluate(model, splits["val"], cfg, rank, world, device, ddp)
             best_val = min(best_val, val_loss)
-            train_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
-            tok_s = window_steps * tokens_per_step / window_time if window_time else float("nan")
-            record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
-                          val_bits_per_unit=val_loss / math.log(2) / meta["units_per_token"], unit=meta["unit"],
-                          lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=time.time() - t_start,
-                          dtype=str(dtype).removeprefix("torch."),
-                          skipped_nonfinite=skipped)
-            record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # JSON
+            record = eval_record(step, cfg, meta, val_loss, window, tokens_per_step, time.time() - t_start, skipped,
+                                 dtype)
             log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}")
             if fp4_layers:
                 record["fp4"], line = fp4_report(step, fp4_layers, stats, osci, outctl)
@@ -463,38 +485,27 @@ def main(argv=None):
             if master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            window_losses, window_time, window_steps = [], 0.0, 0
-            save_checkpoint()
+            window = dict(losses=[], time=0.0, steps=0)
+            checkpoint()
         if step == last_step:
             break
         # one optimizer step: grad_accum micro-batches (DDP syncs grads on the last one only), clip, AdamW
-        t0 = time.time()
-        lr = get_lr(step, cfg)
-        before_eval = (step + 1) % cfg.eval_interval == 0 or step + 1 == last_step
-        for layer in fp4_layers.values():
-            layer.stats = {} if before_eval else None      # FP4 diagnostics from the step before each eval
-        if outctl is not None:
-            outctl.before_step(step)
+        t0, lr = time.time(), get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            x, y = get_batch("train", train_gen)
-            sync = nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else model.no_sync()
-            with sync:
-                _, loss = model(x, y)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        # the global grad norm (clipped to grad_clip if > 0); after DDP's sync, so every process agrees
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        finite = bool(torch.isfinite(loss_sum) and torch.isfinite(grad_norm))
+        if outctl is not None:
+            outctl.before_step(step)
+        before_eval = (step + 1) % cfg.eval_interval == 0 or step + 1 == last_step
+        with fp4.record_stats(fp4_layers if before_eval else {}) as recorded:   # FP4 health, before each eval
+            loss, grad_norm = train_step(model, optimizer, lambda: get_batch(splits["train"], cfg, rank, world,
+                                                                            train_gen, device), cfg, ddp)
+        stats = recorded if before_eval else stats
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
         else:
-            what = f"non-finite {'loss' if not torch.isfinite(loss_sum) else 'gradient'} at step {step} " \
-                   f"(loss {loss_sum.item():.4g}, grad norm {grad_norm.item():.4g})"
+            what = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step} " \
+                   f"(loss {loss.item():.4g}, grad norm {grad_norm.item():.4g})"
             if not cfg.skip_nonfinite:
                 log(nonfinite_report(raw_model, fp4_layers))
                 sys.exit(f"error: {what}. Stopped without saving: {ckpt_path} holds the last good state. Lower "
@@ -506,10 +517,10 @@ def main(argv=None):
             osci.after_step(step + 1)
         if outctl is not None:
             outctl.after_step(step + 1, reduce=dist.all_reduce if ddp else None)
-        loss_val, dt = loss_sum.item(), time.time() - t0
+        loss_val, dt = loss.item(), time.time() - t0
         if finite:
-            window_losses.append(loss_val)
-        window_time, window_steps = window_time + dt, window_steps + 1
+            window["losses"].append(loss_val)
+        window["time"], window["steps"] = window["time"] + dt, window["steps"] + 1
         bar.update(1)
         if step % cfg.log_interval == 0:
             log(f"step {step:5d}/{cfg.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {dt * 1000:7.1f} ms/step | "
@@ -524,6 +535,33 @@ def main(argv=None):
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
     return val_loss
+
+
+def train_step(model, optimizer, next_batch, cfg, ddp):
+    """grad_accum micro-batches forward and backward (DDP syncs the grads on the last one only) -> (mean loss,
+    global grad norm, clipped to grad_clip if > 0; after DDP's sync, so every process agrees)."""
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    for micro in range(cfg.grad_accum):
+        x, y = next_batch()
+        with nullcontext() if (not ddp or micro == cfg.grad_accum - 1) else model.no_sync():
+            _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    return loss_sum, grad_norm
+
+
+def eval_record(step, cfg, meta, val_loss, window, tokens_per_step, elapsed, skipped, dtype):
+    """One line of log.jsonl (NaN written as null, so it stays JSON)."""
+    train_loss = sum(window["losses"]) / len(window["losses"]) if window["losses"] else float("nan")
+    tok_s = window["steps"] * tokens_per_step / window["time"] if window["time"] else float("nan")
+    record = dict(step=step, tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
+                  val_bits_per_unit=val_loss / math.log(2) / meta["units_per_token"], unit=meta["unit"],
+                  lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=elapsed, dtype=str(dtype).removeprefix("torch."),
+                  skipped_nonfinite=skipped)
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
 
 
 def nonfinite_report(model, fp4_layers):

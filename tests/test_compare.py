@@ -7,10 +7,10 @@ import statistics
 
 import pytest
 
-import compare
 import train
+from conftest import TINY
 from data.prepare import prepare_text
-from test_train import TINY
+from tools import compare
 
 STEPS = ["--max-iters", "4", "--eval-interval", "2", "--fp4-path", "reference"]   # compiling would dominate
 

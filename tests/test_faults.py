@@ -12,7 +12,8 @@ import torch
 
 import model
 import train
-from test_train import REPO, TINY, dataset, run  # noqa: F401  (dataset is a fixture)
+from conftest import REPO, TINY
+from test_train import run
 
 DROP = ("tok_per_s", "elapsed_s")
 

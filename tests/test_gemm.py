@@ -4,19 +4,16 @@ NVFP4 (E4M3-scaled) product is wrong there by construction; the NVFP4 tests need
 elsewhere. The per-128 outer scale, the part that is the same for both formats, is tested on MXFP4 codes.
 Run: python -m pytest tests/test_gemm.py -q"""
 
-import os
-
 import pytest
 import torch
 
+import fastpaths
 import fp4
+from conftest import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede kernels.py's @triton.jit (triton reads it there)
-kernels = pytest.importorskip("kernels", reason="triton is not installed")
+kernels = pytest.importorskip("kernels", reason="triton is not installed")   # interpreted on a CPU (conftest.py)
 needs_blackwell = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.fp4_gemm_supported("cuda")),
                                      reason="needs a GPU with FP4 tensor cores (compute capability >= 10)")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def operands(m, n, k, seed=0):
@@ -67,8 +64,8 @@ def test_fp4_linear_on_fp4_tensor_cores_matches_the_simulated_gemm():
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 192, bias=False).cuda()
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    y_tc = fp4.FP4Linear.from_linear(lin, "tetrajet", path="triton")(x)
-    y_sim = fp4.FP4Linear.from_linear(lin, "tetrajet", path="compiled")(x)
+    y_tc = fp4.FP4Linear.from_linear(lin, "tetrajet", impl=fastpaths.get("triton"))(x)
+    y_sim = fp4.FP4Linear.from_linear(lin, "tetrajet", impl=fastpaths.get("compiled"))(x)
     assert fp4.sqnr(y_sim, y_tc) > 40            # bf16 rounding of X̂, Ŵ and summation order only
 
 
@@ -78,8 +75,8 @@ def test_quantize_nvfp4_with_rht_signs_equals_rht_then_quantize(path):
     signs = fp4.random_signs(torch.Generator().manual_seed(3)).to(DEVICE)
     rotated = fp4.rht16(torch.nn.functional.pad(x, (0, 8)), signs)               # K 200 -> 208, then rotated
     for outer in ("tensor", 128):
-        got = fp4.quantize_nvfp4(x, outer=outer, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(1),
-                                 path=path, rht_signs=signs)
+        got = fastpaths.get(path).quantize_nvfp4(x, outer=outer, rounding="stochastic", rht_signs=signs,
+                                                 generator=torch.Generator(DEVICE).manual_seed(1))
         ref = fp4.quantize_nvfp4(rotated, outer=outer, rounding="stochastic", generator=torch.Generator(DEVICE).manual_seed(1))
         assert all(torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
                                r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r) for g, r in zip(got, ref))
@@ -98,7 +95,7 @@ def test_fp4_linear_through_the_tensor_core_branch_matches_the_simulation(recipe
     results = []
     for tensor_cores in (False, True):
         monkeypatch.setattr(kernels, "fp4_gemm_supported", lambda device, on=tensor_cores: on)
-        layer, xg = fp4.FP4Linear.from_linear(lin, recipe, path="triton"), x.clone().requires_grad_()
+        layer, xg = fp4.FP4Linear.from_linear(lin, recipe, impl=fastpaths.get("triton")), x.clone().requires_grad_()
         lin.weight.grad = None
         y = layer(xg)
         y.backward(dy)

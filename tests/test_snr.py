@@ -5,7 +5,7 @@ import dataclasses
 import torch
 
 import fp4
-import snr
+from tools import snr
 
 M, N, K = 256, 128, 256
 

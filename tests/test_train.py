@@ -14,17 +14,7 @@ import train
 from data.prepare import prepare_text
 from model import GPT, GPTConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--mlp-hidden", "128", "--block-size", "32",
-        "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A small byte-level dataset (~60 KB of varied, repetitive text) in a temp folder."""
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    text = "".join(f"{words[i % 12]} {words[(i * 7) % 12]} = {i % 97};\n" for i in range(4000))
-    return str(prepare_text("toy", text, "byte", "generated", root=tmp_path_factory.mktemp("data")))
+from conftest import REPO, TINY
 
 
 def run(dataset, out, *flags):

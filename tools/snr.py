@@ -4,9 +4,9 @@ snr.py: operator-level fidelity of the FP4 linear. For each recipe, run the thre
 SNR against an fp64 reference, 10·log10(‖ref‖² / ‖ref − out‖²) in dB. Stochastic rounding and random
 Hadamard signs differ per seed: the table shows the mean ± standard deviation over --seeds.
 
-    python snr.py                                   # outlier + Gaussian protocols, K in {128, 512, 2048}
-    python snr.py --dist outlier --k 2048 --no-rht  # an ablation: every recipe without its RHT
-    python snr.py --checkpoint out/ckpt.pt          # real X, W, dY of every FP4 layer of a trained model
+    python tools/snr.py                                   # outlier + Gaussian protocols, K in {128, 512, 2048}
+    python tools/snr.py --dist outlier --k 2048 --no-rht  # an ablation: every recipe without its RHT
+    python tools/snr.py --checkpoint out/ckpt.pt          # real X, W, dY of every FP4 layer of a trained model
 
 Protocols (tensors X (M, K), W (N, K), dY (M, N)):
   gaussian  every entry N(0, 1)
@@ -17,8 +17,12 @@ Recipe `tetrajet+oc` is TetraJet-v2 with OutControl: the top 10% of X's channels
 """
 
 import argparse
+import sys
+import os
 import dataclasses
 
+if __package__ in (None, ""):                   # run as a script (python tools/X.py): the repo root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import fp4

@@ -6,20 +6,25 @@ bench.py: how fast is simulated FP4 here? Three tables, every implementation pat
   2. one FP4 linear layer, forward + backward, against the bf16 nn.Linear at a few (tokens, in, out) shapes;
   3. a full training step of train.py's default model (same model, batch and flags), fp4 / bf16.
 
-    python bench.py                   # cpu, all three tables
-    python bench.py --device cuda     # adds the triton path and the copy bandwidth it is measured against
-    python bench.py --only quant      # one table: quant, linear or step
+    python tools/bench.py                   # cpu, all three tables
+    python tools/bench.py --device cuda     # adds the triton path and the copy bandwidth it is measured against
+    python tools/bench.py --only quant      # one table: quant, linear or step
 
 Timings are medians of --repeat runs after warm-up (the compiled path compiles on its first call). On a shared
 machine numbers move by 10-20% between runs: compare within one run, which is why every table has its baseline.
 """
 
 import argparse
+import sys
+import os
 import time
 from dataclasses import replace
 
+if __package__ in (None, ""):                   # run as a script (python tools/X.py): the repo root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
+import fastpaths
 import fp4
 import train
 
@@ -45,11 +50,9 @@ def timeit(fn, device, repeat, warmup=2):
 
 def paths_here(device, recipe):
     """The FP4 paths that can run on this device for this recipe (reference and compiled everywhere torch
-    runs; cpu and triton where select_path would allow them)."""
+    runs; cpu and triton where their probe passes, as fastpaths.select requires)."""
     recipe = fp4.get_recipe(recipe)
-    can = {"triton": lambda: fp4._triton_unavailable(device, recipe) is None,
-           "cpu": lambda: fp4._probe("cpu", device, recipe) is None}
-    return [p for p in fp4.FP4_PATHS if p not in can or can[p]()]
+    return [p for p in fastpaths.PATHS if p in ("reference", "compiled") or fastpaths.probe(p, device, recipe) is None]
 
 
 def bench_quant(device, repeat):
@@ -70,11 +73,11 @@ def bench_quant(device, repeat):
     for path in paths_here(device, "nvidia"):
         for name, kw in variants:
             rows.append((f"quantize_nvfp4 {name} [{path}]", timeit(
-                lambda: fp4.quantize_nvfp4(x, **kw, generator=gen, path=path), device, repeat), nvfp4_bytes))
+                lambda: fastpaths.get(path).quantize_nvfp4(x, **kw, generator=gen), device, repeat), nvfp4_bytes))
         for recipe, rounding in (("tetrajet", "nearest"), ("tetrajet", "stochastic"), ("mxfp4", "nearest")):
             if path in paths_here(device, recipe):
                 rows.append((f"fake_quant {recipe} {rounding} [{path}]", timeit(
-                    lambda: fp4.fake_quant(x, recipe, rounding, generator=gen, path=path), device, repeat), n * 8))
+                    lambda: fastpaths.get(path).fake_quant(x, recipe, rounding, generator=gen), device, repeat), n * 8))
     copy_ms = rows[0][1]
     print(f"\n1. quantizers, {QUANT_SHAPE[0]}x{QUANT_SHAPE[1]} fp32 on {device} (GB/s = bytes read + written)")
     print(f"{'':52s} {'ms':>8s} {'Gelem/s':>8s} {'GB/s':>7s} {'x copy':>7s}")
@@ -97,7 +100,7 @@ def bench_linear(device, repeat, recipe):
         base = timeit(lambda: step(ref), device, repeat)
         cells = []
         for path in paths_here(device, recipe):
-            layer = fp4.FP4Linear.from_linear(ref, recipe, path=path)
+            layer = fp4.FP4Linear.from_linear(ref, recipe, impl=fastpaths.get(path))
             t = timeit(lambda: step(layer), device, repeat)
             cells.append(f"{t:9.1f} ({t / base:5.1f}x)")
         print(f"{tokens:>6d} x {k_in:>4d} x {k_out:>4d}  {base:8.1f} " + " ".join(f"{c:>18s}" for c in cells))
@@ -118,7 +121,7 @@ def bench_step(device, repeat, recipe, argv):
         torch.manual_seed(cfg.seed)
         model = train.build_model(cfg, BYTE_VOCAB, dtype)
         if path is not None:
-            fp4.convert_to_fp4(model, recipe, path=path)
+            fp4.convert_to_fp4(model, recipe, impl=fastpaths.get(path))
         model.to(device)
         opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
 

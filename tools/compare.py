@@ -2,9 +2,9 @@
 compare.py: FP4-versus-high-precision ablations. Runs named configurations x seeds through train.py with identical
 data, tokens and schedule, then writes <out>/results.md (a table with error bars) and <out>/loss.png.
 
-    python compare.py --out runs/quick -- --max-iters 200            # the 7 built-in configs x 3 seeds
-    python compare.py --configs baseline nvidia tetrajet --seeds 1 2 --config "lr1e-3=--fp4 --lr 1e-3" -- --model 70m
-    python compare.py --out runs/quick --parallel 2 -- --max-iters 200   # 2 runs at a time, threads split
+    python tools/compare.py --out runs/quick -- --max-iters 200            # the 7 built-in configs x 3 seeds
+    python tools/compare.py --configs baseline nvidia tetrajet --seeds 1 2 --config "lr1e-3=--fp4 --lr 1e-3" -- --model 70m
+    python tools/compare.py --out runs/quick --parallel 2 -- --max-iters 200   # 2 runs at a time, threads split
 
 Everything after `--` goes to every run unchanged (model, data, steps, ...). Each run lives in
 <out>/<config>/seed<s>/ (train.py's log.jsonl and ckpt.pt, plus train.log, its console output); a run is
@@ -29,9 +29,11 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+if __package__ in (None, ""):                   # run as a script (python tools/X.py): the repo root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repo root: train.py
 CONFIGS = {                       # name -> train.py flags; the default sweep, in table order
     "baseline": "",               # no FP4: train.py's --dtype auto (bf16 where the machine multiplies it natively, else fp32)
     "nvidia": "--fp4 --fp4-recipe nvidia",

@@ -1,0 +1,263 @@
+"""
+fastpaths.py: the implementations of fp4.py's quantizers, and the one place that chooses which one runs.
+
+fp4.py is the definition. An FP4 layer calls its quantizers through an implementation object it holds
+(FP4Linear.impl), with three members: fake_quant and quantize_nvfp4 (the signatures of fp4's functions) and
+tensor_core_gemm(device) (None, or a GEMM straight from the FP4 codes). Four implementations, all giving the
+same bits (tests/test_paths.py ties each to the reference):
+
+    reference  fp4.REFERENCE: fp4.py's functions run eagerly; the readable definition and the judge of the rest
+    compiled   the same functions through torch.compile: inductor fuses each quantizer into a few loops (C++ and
+               OpenMP on a CPU), ~5-10x faster than eager there
+    cpu        cpu_kernels/: hand-written C with OpenMP, built with the system's gcc on first use, ~1.5-2x faster
+               than compiled; what makes a simulated FP4 step cost ~1.5x a high-precision one on a laptop CPU
+    triton     kernels.py: NVFP4 quantizers in Triton for CUDA GPUs, and on FP4 tensor cores (Blackwell) a GEMM
+               that multiplies the codes themselves
+
+select(requested, device, recipe) decides once, at start-up: "auto" takes triton on CUDA, cpu on a CPU, else
+compiled, else the reference, each only after a probe shows it runs here and gives the reference's bits on a
+small tensor; its line names the path and every faster one it passed over with the reason. A path asked for by
+name that cannot run is an error, never a silent substitution. OutControl's MXFP8 channels (10% of the
+columns) always run the reference.
+
+Imports: this module imports fp4; kernels.py (triton) and cpu_kernels/ are imported only when chosen. fp4.py
+imports none of them.
+"""
+
+import functools
+
+import torch
+
+import fp4
+
+PATHS = ("reference", "compiled", "cpu", "triton")
+
+# -----------------------------------------------------------------------------
+# compiled: fp4.py's own quantizer bodies through torch.compile
+
+
+@functools.cache
+def _compile(fn):
+    """fn(x2, ...) through torch.compile: one graph per (K, format, outer, tile, rounding, RHT, device) variant,
+    ~2-6 s to compile on a laptop CPU the first time (inductor caches it on disk for later runs). The row count
+    is dynamic, so every batch size and every layer of one width share a graph; K is static, because with a
+    symbolic K the block indexing vectorizes 3-4x worse (measured 8.3 vs 2.2 ms on 512x2048 with RHT)."""
+    # A run uses ~10-20 variants, a test session more: raise dynamo's limit of 8 graphs per function so it
+    # never falls back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run(x2, *args):
+        if not x2.is_contiguous():   # a transposed operand (wgrad's dYᵀ, Xᵀ): one copy beats strided reads
+            x2 = _transpose_graph()(x2.t()) if x2.t().is_contiguous() else x2.contiguous()
+        torch._dynamo.maybe_mark_dynamic(x2, 0)
+        torch._dynamo.mark_static(x2, 1)
+        return compiled(x2, *args)
+    return run
+
+
+@functools.cache
+def _transpose_graph():
+    """x (R, C) contiguous -> xᵀ (C, R) contiguous through inductor's tiled transpose: 4-5x faster than eager's
+    x.t().contiguous() on a CPU (0.12 vs 0.62 ms per 1M bf16 elements), which copies element by element."""
+    # dynamic=False, one small graph per shape: with dynamic=True (or once automatic dynamic shapes kicked in),
+    # quantizer graphs compiled afterwards came out with a symbolic K despite mark_static, 5-8x slower
+    # (10 vs 1.3 ms per 1M elements; seen with TORCH_LOGS=dynamic as a symbol for x2.size()[1])
+    return torch.compile(lambda x: x.t().contiguous(), fullgraph=True, dynamic=False)
+
+
+def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None):
+    """fp4.quantize_nvfp4's body on a padded fp32 (Mp, Kp), in the form inductor's CPU backend vectorizes:
+    packed codes code(2j) + 16·code(2j+1) formed in fp32 and returned as int16, scales as raw uint8 bytes
+    (fp32 -> uint8 conversions and e4m3 outputs each measured 2-4x slower on 4096x4096). Same values."""
+    if H is not None:
+        x2 = fp4._rotate16(x2, H)
+    magnitude, negative, block_scale, _, outer_scale = fp4._round_nvfp4(x2, outer, tile, rounding, seed)
+    k = fp4._code_values(magnitude, negative).view(x2.shape[0], -1, 2)                # (Mp, Kp/2, 2)
+    scale_bytes = block_scale.view(torch.uint8)
+    # a NaN scale (a NaN or Inf block): inductor writes the E4M3 NaN with its sign bit set (0xFF), eager torch 0x7F
+    scale_bytes = scale_bytes.masked_fill(scale_bytes == 0xFF, 0x7F)
+    return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), scale_bytes, outer_scale
+
+
+def _codes_prologue(x, outer, tile, rounding, generator):
+    """quantize_nvfp4's padding and seed, shared by the fast implementations -> (x2 fp32 (Mp, Kp), seed)."""
+    fp4._check(outer, tile, rounding)
+    x2 = fp4._as_padded_2d(x, tile[0], fp4.NVFP4_BLOCK if outer == "tensor" else fp4.OUTER_BLOCK).float()
+    return x2, (fp4.draw_seed(generator, x2.device) if rounding == "stochastic" else None)
+
+
+def _codes_epilogue(codes, block_scale, outer_scale, x, outer):
+    """(packed codes, E4M3 scales, outer scale) of the padded 2-D view -> fp4.NVFP4 in x's leading shape."""
+    M = x.numel() // x.shape[-1]
+    outer_scale = outer_scale if outer == "tensor" else fp4._restore(outer_scale, x, M)
+    return fp4.NVFP4(fp4._restore(codes.to(torch.uint8), x, M),
+                     fp4._restore(block_scale.view(torch.float8_e4m3fn), x, M), outer_scale)
+
+
+def _signs_matrix(rht_signs, device):
+    return None if rht_signs is None else fp4.hadamard16(rht_signs.to(device))
+
+
+class Compiled:
+    """fp4.py's quantizer bodies (fp4._fake_quant_2d, and _quantize_nvfp4_2d above) through torch.compile."""
+    name = "compiled"
+
+    def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
+                   dtype=torch.float32):
+        recipe, tile = fp4.get_recipe(recipe), tuple(tile)
+        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
+        out = _compile(fp4._fake_quant_2d)(x2, recipe.fmt, recipe.outer, tile, rounding, seed,
+                                           _signs_matrix(rht_signs, x2.device))
+        # (the cast stays outside the compiled graph: with a bf16 output inductor's CPU code for SR recomputes
+        # each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); docs/LOG.md)
+        return fp4.crop_result(out.to(dtype), x, rht_signs)
+
+    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
+        tile = tuple(tile)
+        x2, seed = _codes_prologue(x, outer, tile, rounding, generator)
+        out = _compile(_quantize_nvfp4_2d)(x2, outer, tile, rounding, seed, _signs_matrix(rht_signs, x2.device))
+        return _codes_epilogue(*out, x, outer)
+
+    def tensor_core_gemm(self, device):
+        return None
+
+# -----------------------------------------------------------------------------
+# cpu: cpu_kernels/ (C, OpenMP)
+
+
+class CPU:
+    """cpu_kernels/'s C quantizers: NVFP4 (per-tensor and double-block, 1x16 and 16x16 tiles) and MXFP4 fake
+    quantization, NVFP4 codes; RTN and SR, with RHT; they write bf16 themselves (the same rounding as .to())."""
+    name = "cpu"
+
+    def __init__(self):
+        import cpu_kernels                               # builds the C library on first use (~1 s)
+        self.kernels = cpu_kernels
+
+    def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
+                   dtype=torch.float32):
+        recipe, tile = fp4.get_recipe(recipe), tuple(tile)
+        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
+        out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        out = self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
+                                      out_dtype)
+        return fp4.crop_result(out.to(dtype), x, rht_signs)
+
+    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
+        tile = tuple(tile)
+        x2, seed = _codes_prologue(x, outer, tile, rounding, generator)
+        out = self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device))
+        return _codes_epilogue(*out, x, outer)
+
+    def tensor_core_gemm(self, device):
+        return None
+
+# -----------------------------------------------------------------------------
+# triton: kernels.py (CUDA)
+
+
+class Triton:
+    """kernels.py's NVFP4 kernels (the MXFP4 recipe has none), and its GEMM from the codes on FP4 tensor cores."""
+    name = "triton"
+
+    def __init__(self):
+        import kernels                                   # needs triton
+        self.kernels = kernels
+
+    def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
+                   dtype=torch.float32):
+        recipe, tile = fp4.get_recipe(recipe), tuple(tile)
+        if recipe.fmt != "nvfp4":
+            raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
+        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
+        out = self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
+        return fp4.crop_result(out.to(dtype), x, rht_signs)
+
+    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
+        tile = tuple(tile)
+        x2, seed = _codes_prologue(x, outer, tile, rounding, generator)
+        out = self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
+        return _codes_epilogue(*out, x, outer)
+
+    def tensor_core_gemm(self, device):
+        """kernels.fp4_gemm on a GPU with FP4 tensor cores (Blackwell), else None (dequantize + matmul)."""
+        return self.kernels.fp4_gemm if self.kernels.fp4_gemm_supported(torch.device(device)) else None
+
+# -----------------------------------------------------------------------------
+# the one place that decides
+
+
+@functools.cache
+def get(name):
+    """The implementation called `name` (one of PATHS), built once. Raises if it cannot be built here (no
+    triton, no C compiler): select() turns that into its reason."""
+    if name not in PATHS:
+        raise ValueError(f"unknown FP4 path {name!r}; choose auto or one of {PATHS}")
+    return {"reference": lambda: fp4.REFERENCE, "compiled": Compiled, "cpu": CPU, "triton": Triton}[name]()
+
+
+def select(requested, device, recipe):
+    """-> (implementation, a line saying which and why, for the caller to print once at start-up).
+    requested: "auto" or one of PATHS. auto: triton on CUDA for NVFP4 recipes, cpu on a CPU, else compiled,
+    each if it builds and matches the reference on a small tensor (probe), else the reference with a loud
+    banner. Every path auto passes over is named in the line, with why. A path asked for by name that
+    cannot run is an error."""
+    recipe, device = fp4.get_recipe(recipe), torch.device(device)
+    if requested not in ("auto",) + PATHS:
+        raise ValueError(f"unknown FP4 path {requested!r}; choose auto or one of {PATHS}")
+    if requested == "reference":
+        return fp4.REFERENCE, f"FP4 path: reference (eager fp4.py; recipe {recipe.name}, {device})"
+    candidates = [requested] if requested != "auto" else \
+        (["triton"] if device.type == "cuda" else []) + ["cpu", "compiled"]
+    skipped = []                                         # (path, why not) for the paths auto passed over
+    for path in candidates:
+        why_not = probe(path, device, recipe)
+        if why_not is None:
+            impl = get(path)
+            what = {"cpu": "cpu_kernels/, C", "compiled": "torch.compile of fp4.py's quantizers",
+                    "triton": "kernels.py"}[path]
+            if path == "triton":
+                what += ("; GEMMs on FP4 tensor cores (kernels.fp4_gemm)" if impl.tensor_core_gemm(device)
+                         else "; GEMMs dequantize + matmul: no FP4 tensor cores on this GPU")
+            passed = "".join(f"; not {p}: {why}" for p, why in skipped)
+            return impl, f"FP4 path: {path} ({what}; recipe {recipe.name}, {device}{passed})"
+        if requested == path:
+            raise ValueError(f"FP4 path {path} is not available: {why_not}; use --fp4-path "
+                             f"{'compiled' if path in ('cpu', 'triton') else 'reference'}")
+        skipped.append((path, why_not))
+    passed = "; ".join(f"not {p}: {why}" for p, why in skipped)
+    return fp4.REFERENCE, ("!" * 100 + f"\n!!! FP4 path: reference (eager, ~10x slower; {passed})\n" + "!" * 100)
+
+
+def probe(path, device, recipe):
+    """-> None if `path` runs this recipe on this device and gives the reference's bits on a small tensor
+    (RTN, and SR with RHT and a bf16 output), else why not (one phrase)."""
+    if path == "cpu" and device.type != "cpu":
+        return f"its kernels run on the CPU (this run uses {device.type})"
+    if path == "triton" and device.type != "cuda":
+        return f"its kernels need a CUDA device (this run uses {device.type})"
+    if path == "triton" and recipe.fmt != "nvfp4":
+        return f"kernels.py has no {recipe.fmt} kernel"
+    g = torch.Generator().manual_seed(0)
+    x, signs = torch.randn(32, 256, generator=g).to(device), fp4.random_signs(g).to(device)
+    try:
+        impl = get(path)
+        for kw in (dict(), dict(rounding="stochastic", rht_signs=signs, dtype=torch.bfloat16)):
+            same = [i.fake_quant(x, recipe, generator=torch.Generator(device).manual_seed(1), **kw)
+                    for i in (impl, fp4.REFERENCE)]
+            if not torch.equal(*same):
+                return "its result differs from the reference"
+    except Exception as e:                               # no C compiler, no triton, unsupported device, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def compile_model(model):
+    """torch.compile(model) with each FP4Linear as an eager island between the compiled graphs: dynamo cannot
+    trace its generator draws or the dequantized tensors it saves for the backward, and its quantizers are
+    already its implementation's (compiled on their own on the compiled path): the same bits either way."""
+    for m in model.modules():
+        if isinstance(m, fp4.FP4Linear):
+            m.forward = torch.compiler.disable(m.forward)
+    return torch.compile(model)

@@ -1,0 +1,67 @@
+"""Shared fixtures and helpers for the suite: `python -m pytest tests -q` (CPU only; GPU tests skip).
+
+Import the helpers with `from conftest import awkward, equal_with_nan, ...`; the fixtures (`dataset`) pytest
+passes by name. TRITON_INTERPRET is set here, once, before anything imports kernels.py: Triton reads it when a
+@triton.jit function is defined, so on a machine without a GPU the Triton kernels run in its interpreter."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fp4  # noqa: E402
+from data.prepare import prepare_text  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"    # where the Triton kernels run
+# a 2-block, 64-wide model that trains in a fraction of a second a step
+TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--mlp-hidden", "128", "--block-size", "32",
+        "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3"]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A small byte-level dataset (~60 KB of varied, repetitive text) in a temp folder -> its path."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    text = "".join(f"{words[i % 12]} {words[(i * 7) % 12]} = {i % 97};\n" for i in range(4000))
+    return str(prepare_text("toy", text, "byte", "generated", root=tmp_path_factory.mktemp("data")))
+
+
+def awkward(rows=40, cols=200, seed=0):
+    """Gaussian rows at very different scales, plus an all-zero block, a block whose E4M3 scale underflows to
+    a subnormal (1e-7 beside 1e2), bf16-representable values (E4M3 ties) and a K that is no block multiple."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * torch.logspace(-3, 2, rows)[:, None]
+    x[3, 16:32] = 0.0
+    x[5, :] = 100.0 * torch.randn(cols, generator=g)
+    x[5, 48:64] = 1e-7 * torch.randn(16, generator=g)
+    x[7:9] = (torch.randn(2, cols, generator=g) * 3).bfloat16().float()
+    return x
+
+
+def equal_with_nan(a, b):
+    """Same NaN positions, and every other element the same bits (so -0.0 and +0.0 differ)."""
+    bits = lambda t: t.float().nan_to_num(0.0).view(torch.int32)      # noqa: E731
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(bits(a), bits(b))
+
+
+def same_quantized(a, b):
+    """Two NVFP4 tuples are equal: codes, scale bytes, outer scales (bits, NaN where the other has NaN)."""
+    return (torch.equal(a.codes, b.codes) and torch.equal(a.block_scale.view(torch.uint8), b.block_scale.view(torch.uint8))
+            and equal_with_nan(a.outer_scale, b.outer_scale))
+
+
+def layer_outputs_and_grads(impl, recipe, device="cpu", dtype=torch.bfloat16):
+    """One FP4 layer, forward and backward on fixed inputs in `dtype` (3-D, K = 96 not a multiple of 128) ->
+    (y, dx, dW): RTN, SR, RHT on transposed operands and the layer's random draws in order, which every
+    implementation must reproduce."""
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(4, 12, 96, generator=g).to(dtype), torch.randn(4, 12, 40, generator=g).to(dtype)
+    layer = fp4.FP4Linear(96, 40, recipe=recipe, seed=7, impl=impl).to(device)
+    layer.weight.data.copy_(torch.randn(40, 96, generator=g) / 10)
+    xi = x.to(device).requires_grad_()
+    y = layer(xi)
+    y.backward(dy.to(device))
+    return y, xi.grad, layer.weight.grad
