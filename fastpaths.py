@@ -74,10 +74,7 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None):
         x2 = fp4._rotate16(x2, H)
     magnitude, negative, block_scale, _, outer_scale = fp4._round_nvfp4(x2, outer, tile, rounding, seed)
     k = fp4._code_values(magnitude, negative).view(x2.shape[0], -1, 2)                # (Mp, Kp/2, 2)
-    scale_bytes = block_scale.view(torch.uint8)
-    # a NaN scale (a NaN or Inf block): inductor writes the E4M3 NaN with its sign bit set (0xFF), eager torch 0x7F
-    scale_bytes = scale_bytes.masked_fill(scale_bytes == 0xFF, 0x7F)
-    return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), scale_bytes, outer_scale
+    return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
 
 
 def _codes_prologue(x, outer, tile, rounding, generator):
