@@ -117,3 +117,19 @@ def test_a_failed_build_is_one_clear_error_and_auto_says_why_it_passed_over_cpu(
             fp4.select_path("cpu", "cpu", "tetrajet")
     finally:
         cpu_kernels.library.cache_clear()               # the next caller loads the real build again
+
+
+@pytest.mark.parametrize("recipe", ["nvidia", "tetrajet", "mxfp4"])
+def test_cpu_wide_transposed_operands_with_rht_match_the_reference(recipe):
+    # the AVX2 paths: 8x8 transposed loads (fp32 and bf16, 16-row blocks), RHT four 16-chunks at a time, rows of
+    # 128 columns through the intrinsics row loop (fp32 and bf16 out, RTN and SR, a NaN and an Inf block)
+    x = awkward(rows=384, cols=64)
+    x[5, 3], x[200, 60] = float("nan"), float("inf")
+    signs = fp4.random_signs(torch.Generator().manual_seed(7))
+    for in_dtype in (torch.float32, torch.bfloat16):
+        xt = x.to(in_dtype).t()                                       # (64, 384), strides (1, 64)
+        for rounding in ("nearest", "stochastic"):
+            for dtype in (torch.float32, torch.bfloat16):
+                got, ref = [fp4.fake_quant(xt, recipe, rounding, generator=torch.Generator().manual_seed(4),
+                                           path=path, rht_signs=signs, dtype=dtype) for path in ("cpu", "reference")]
+                assert equal_with_nan(got, ref), (in_dtype, rounding, dtype)
