@@ -17,7 +17,10 @@
  * Why C: torch.compile fuses the same math into one loop, but its code recomputes each block's scales in
  * scalar code between vector loads, and the SR noise in 64-bit lanes. Here each row of a 128-column block is
  * one vector loop, the 8 block scales of a 128-block are computed together, and the noise hash runs in 32-bit
- * lanes: ~2x faster than the compiled path on a laptop CPU (LOG.md, session 5).
+ * lanes: ~2x faster than the compiled path on a laptop CPU (LOG.md, session 5). Where the compiler targets
+ * AVX2 (-march=native), the hot loops are written with intrinsics (transposed loads, RHT-16, fake_quant's row
+ * loop): gcc's own vectorization of them spilled, stayed latency-bound or moved one scalar per element; the
+ * plain C versions remain for other CPUs and for quantize_nvfp4's rows, and both compute the same bits.
  *
  * Exactness: every operation is the reference's fp32 operation in the reference's order. The build flags
  * (cpu_kernels.py) forbid what would change a bit: -ffp-contract=off (no fused multiply-adds), no
@@ -30,6 +33,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 16                       /* elements per E4M3 block scale; every loop works in 16-chunks */
 enum { NVFP4_TENSOR = 0, NVFP4_OUTER128 = 1, MXFP4 = 2 };   /* the kernels' fmt: the recipe's format */
@@ -94,6 +100,35 @@ static inline float load_one(const void *x, int x_bf16, int64_t i) {
     return x_bf16 ? bits_to_float((uint32_t)((const uint16_t *)x)[i] << 16) : ((const float *)x)[i];
 }
 
+#ifdef __AVX2__
+/* v[r + i][c + j] = the source's 8 consecutive values at start + j * col_stride (i, j < 8): column c + j of the
+ * block, transposed into row-major v with the usual unpack / shuffle / 128-bit permute network */
+static inline void load_transposed_8x8(const void *x, int x_bf16, int64_t start, int64_t col_stride,
+                                       float v[][MAX_GROUP], int r, int c) {
+    __m256 a[8], t[8];
+    for (int j = 0; j < 8; j++) {
+        int64_t i = start + j * col_stride;
+        a[j] = x_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                            _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16))
+                      : _mm256_loadu_ps((const float *)x + i);
+    }
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(a[j], a[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(a[j], a[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        a[j] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        a[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        a[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        a[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(&v[r + i][c], _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
+        _mm256_storeu_ps(&v[r + i + 4][c], _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+    }
+}
+#endif
+
 static void load_block(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t r0, int64_t c0,
                        int rows, int n, float v[][MAX_GROUP]) {
     if (col_stride == 1) {
@@ -108,26 +143,62 @@ static void load_block(const void *x, int x_bf16, int64_t row_stride, int64_t co
             }
         }
     } else {
-        for (int c = 0; c < n; c++)
+        int c8 = 0;
+#ifdef __AVX2__
+        /* 8x8 in-register transposes instead of one scalar load and store per element (512x2048 transposed
+         * fp32, one thread, Zen 3: RTN 2.9 -> 2.1 ms, SR + RHT 5.1 -> 4.3 ms) */
+        if (row_stride == 1 && rows % 8 == 0)
+            for (; c8 + 8 <= n; c8 += 8)
+                for (int r = 0; r < rows; r += 8)
+                    load_transposed_8x8(x, x_bf16, (r0 + r) + (c0 + c8) * col_stride, col_stride, v, r, c8);
+#endif
+        for (int c = c8; c < n; c++)
             for (int r = 0; r < rows; r++)
                 v[r][c] = load_one(x, x_bf16, (r0 + r) * row_stride + (c0 + c) * col_stride);
     }
 }
 
 /* RHT-16 of n contiguous fp32 values in place, chunk by chunk: out[q] = sum_i c[i] H[i][q] summed in the
- * order i = 0..15 (fp4._rotate16's order; each product is exact, so the order fixes every bit). */
-static inline void rotate16(float *v, int n, const float *H) {
-    for (int c = 0; c < n; c += BLOCK) {
-        float o[BLOCK], *in = v + c;
+ * order i = 0..15 (fp4._rotate16's order; each product is exact, so the order fixes every bit).
+ * One chunk alone is a chain of 15 dependent adds per output vector (latency-bound: ~3 cycles per element on
+ * Zen 3), so with AVX2 four chunks go through the 16 steps together: 8 independent accumulators, the same
+ * operations in the same order per output (2048x512 fp32, one thread: the RHT's share of the kernel
+ * 790 -> 510 us on an AMD EPYC Zen 3). */
+static inline void rotate16_one(float *in, const float *H) {
+    float o[BLOCK];
+    #pragma omp simd
+    for (int q = 0; q < BLOCK; q++) o[q] = in[0] * H[q];
+    for (int i = 1; i < BLOCK; i++) {
+        float ci = in[i];
         #pragma omp simd
-        for (int q = 0; q < BLOCK; q++) o[q] = in[0] * H[q];
-        for (int i = 1; i < BLOCK; i++) {
-            float ci = in[i];
-            #pragma omp simd
-            for (int q = 0; q < BLOCK; q++) o[q] = o[q] + ci * H[BLOCK * i + q];
-        }
-        memcpy(in, o, sizeof o);
+        for (int q = 0; q < BLOCK; q++) o[q] = o[q] + ci * H[BLOCK * i + q];
     }
+    memcpy(in, o, sizeof o);
+}
+
+static inline void rotate16(float *v, int n, const float *H) {
+    int c = 0;
+#ifdef __AVX2__
+    for (; c + 4 * BLOCK <= n; c += 4 * BLOCK) {
+        float *in = v + c;
+        __m256 h0 = _mm256_loadu_ps(H), h1 = _mm256_loadu_ps(H + 8), o[8];
+        for (int k = 0; k < 4; k++) {
+            __m256 b = _mm256_broadcast_ss(in + BLOCK * k);
+            o[2 * k] = _mm256_mul_ps(b, h0);
+            o[2 * k + 1] = _mm256_mul_ps(b, h1);
+        }
+        for (int i = 1; i < BLOCK; i++) {
+            h0 = _mm256_loadu_ps(H + BLOCK * i), h1 = _mm256_loadu_ps(H + BLOCK * i + 8);
+            for (int k = 0; k < 4; k++) {
+                __m256 b = _mm256_broadcast_ss(in + BLOCK * k + i);
+                o[2 * k] = _mm256_add_ps(o[2 * k], _mm256_mul_ps(b, h0));      /* never fused: -ffp-contract=off */
+                o[2 * k + 1] = _mm256_add_ps(o[2 * k + 1], _mm256_mul_ps(b, h1));
+            }
+        }
+        for (int k = 0; k < 8; k++) _mm256_storeu_ps(in + 8 * k, o[k]);
+    }
+#endif
+    for (; c < n; c += BLOCK) rotate16_one(v + c, H);
 }
 
 /* max |v[e]| over 16 values; NaN if any is NaN (torch.amax propagates NaN) */
@@ -184,6 +255,85 @@ static inline __attribute__((always_inline)) void dequantize_row(
         memcpy(out, res, n * sizeof(float));
     }
 }
+
+#ifdef __AVX2__
+/* The same row with AVX2 intrinsics, per 16-chunk b from its scalars encode[b], scale[b], keep[b]. gcc's code
+ * for dequantize_row spills (~85 instructions per 8 SR elements: it evaluates round_e2m1 for all three grid
+ * spacings and blends) and reads the per-element arrays back; this one is the same operations in the same
+ * order on the same values, so the same bits. Used for fake_quant's rows (quantize_nvfp4 keeps the C loop).
+ * 2048x512 fp32, one thread, Zen 3: RTN 1.41 -> 1.08 ms, SR 2.41 -> 1.70 ms. */
+static inline __m256i pcg_hash8(__m256i h) {                    /* pcg_hash in 8 uint32 lanes (mod 2^32) */
+    __m256i state = _mm256_add_epi32(_mm256_mullo_epi32(h, _mm256_set1_epi32((int)747796405u)),
+                                     _mm256_set1_epi32((int)2891336453u));
+    __m256i shift = _mm256_add_epi32(_mm256_srli_epi32(state, 28), _mm256_set1_epi32(4));
+    __m256i word = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_srlv_epi32(state, shift), state),
+                                      _mm256_set1_epi32(277803737));
+    return _mm256_xor_si256(_mm256_srli_epi32(word, 22), word);
+}
+
+/* round_e2m1 of 8 scaled values; i: their flat indices (SR only) */
+static inline __m256 round_e2m1_8(__m256 val, const int sr, __m256i i, __m256i s0, __m256i s1) {
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    /* min_keep_nan(|v|, 6): vminps returns its second operand when either is NaN */
+    __m256 a = _mm256_min_ps(_mm256_set1_ps(E2M1_MAX), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), val));
+    __m256 ge2 = _mm256_cmp_ps(a, two, _CMP_GE_OQ), ge4 = _mm256_cmp_ps(a, _mm256_set1_ps(4.0f), _CMP_GE_OQ);
+    __m256 step = _mm256_blendv_ps(_mm256_blendv_ps(half, one, ge2), two, ge4);          /* E2M1_STEP */
+    __m256 inv_step = _mm256_blendv_ps(_mm256_blendv_ps(two, one, ge2), half, ge4);      /* 1 / step, exact */
+    __m256 x = _mm256_mul_ps(a, inv_step);
+    if (sr) {
+        __m256i h = pcg_hash8(_mm256_xor_si256(pcg_hash8(_mm256_xor_si256(i, s0)), s1));
+        __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(NOISE_ULP));
+        __m256 t = _mm256_floor_ps(x);
+        __m256 up = _mm256_and_ps(_mm256_cmp_ps(u, _mm256_sub_ps(x, t), _CMP_LT_OQ), one);
+        return _mm256_mul_ps(_mm256_add_ps(t, up), step);
+    }
+    return _mm256_mul_ps(_mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), step);
+}
+
+/* float_to_bf16 of 16 values (lo, hi) -> 16 bf16 at o */
+static inline void store_bf16_16(uint16_t *o, __m256 lo, __m256 hi) {
+    __m256i r[2];
+    __m256 f[2] = {lo, hi};
+    for (int k = 0; k < 2; k++) {
+        __m256i u = _mm256_castps_si256(f[k]);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+        r[k] = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0),
+                                  _mm256_castps_si256(_mm256_cmp_ps(f[k], f[k], _CMP_UNORD_Q)));
+    }
+    /* packus works per 128-bit lane: [lo0-3 hi0-3 lo4-7 hi4-7] -> reorder the 64-bit quarters */
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256((__m256i *)o, packed);
+}
+
+static inline __attribute__((always_inline)) void dequantize_row_avx2(
+        const float *v, int nb, const float *encode, const float *scale, const int *keep, void *out, int out_bf16,
+        const int sr, uint32_t noise_index, uint32_t s0, uint32_t s1) {
+    const __m256 neg_zero = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+    const __m256i s0v = _mm256_set1_epi32((int)s0), s1v = _mm256_set1_epi32((int)s1);
+    __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)noise_index), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int b = 0; b < nb; b++) {
+        __m256 enc = _mm256_set1_ps(encode[b]), sc = _mm256_set1_ps(scale[b]);
+        __m256 kept = _mm256_set1_ps(keep[b] ? 1.0f : 0.0f);
+        __m256 keep_mask = _mm256_castsi256_ps(_mm256_set1_epi32(keep[b] ? -1 : 0));
+        __m256 res[2];
+        for (int k = 0; k < 2; k++) {
+            __m256 val = _mm256_mul_ps(_mm256_loadu_ps(v + BLOCK * b + 8 * k), enc);
+            __m256 q = round_e2m1_8(val, sr, i, s0v, s1v);
+            __m256 d = _mm256_mul_ps(_mm256_mul_ps(q, kept), sc);
+            __m256 neg = _mm256_and_ps(_mm256_cmp_ps(val, zero, _CMP_LT_OQ), keep_mask);
+            res[k] = _mm256_blendv_ps(d, _mm256_xor_ps(d, neg_zero), neg);
+            i = _mm256_add_epi32(i, _mm256_set1_epi32(8));
+        }
+        if (out_bf16) {
+            store_bf16_16((uint16_t *)out + BLOCK * b, res[0], res[1]);
+        } else {
+            _mm256_storeu_ps((float *)out + BLOCK * b, res[0]);
+            _mm256_storeu_ps((float *)out + BLOCK * b + 8, res[1]);
+        }
+    }
+}
+#endif
 
 /* codes as fp4._code_values: k = 2q for q <= 2, else min(q + 2, 7), 0 for NaN; + 8 if negative (and kept);
  * packed two to a byte, element 2j in the low nibble (fp4.pack_e2m1) */
@@ -265,6 +415,17 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
     #pragma omp simd
     for (int b = 0; b < nb; b++) encode[b] = min_keep_nan(1.0f / scale[b], FLT_MAX);
     const size_t out_size = out_bf16 ? 2 : 4;
+#ifdef __AVX2__
+    if (!co) {
+        for (int r = 0; r < tile_rows; r++) {
+            int64_t i = (r0 + r) * K + c0;
+            char *o = (char *)out + i * out_size;
+            if (sr) dequantize_row_avx2(v[r], nb, encode, scale, keep, o, out_bf16, 1, (uint32_t)i, s0, s1);
+            else dequantize_row_avx2(v[r], nb, encode, scale, keep, o, out_bf16, 0, 0, 0, 0);
+        }
+        return;
+    }
+#endif
     float encE[MAX_GROUP], scaleE[MAX_GROUP], keptE[MAX_GROUP];               /* per element */
     for (int b = 0; b < nb; b++)
         for (int e = BLOCK * b; e < BLOCK * (b + 1); e++) {
@@ -295,17 +456,22 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
     const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
     float A = 0.0f;
     int nan = 0;
+    /* 128 columns per step where K allows (was 16: load_block's and rotate16's per-call work dominated;
+     * 512x2048 transposed per-tensor SR RHT, one thread: 5.9 -> 4.2 ms) */
+    const int G = K % MAX_GROUP == 0 ? MAX_GROUP : BLOCK;
     #pragma omp parallel for schedule(static) reduction(max:A) reduction(|:nan)
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
-        for (int64_t c0 = 0; c0 < K; c0 += BLOCK) {
-            load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, BLOCK, v);
+        for (int64_t c0 = 0; c0 < K; c0 += G) {
+            load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
             for (int r = 0; r < rows; r++) {
-                if (H) rotate16(v[r], BLOCK, H);
-                if (rotated) memcpy(rotated + (r0 + r) * K + c0, v[r], BLOCK * sizeof(float));
-                float a = amax16(v[r]);
-                nan |= a != a;
-                A = A > a ? A : a;
+                if (H) rotate16(v[r], G, H);
+                if (rotated) memcpy(rotated + (r0 + r) * K + c0, v[r], G * sizeof(float));
+                for (int b = 0; b < G; b += BLOCK) {
+                    float a = amax16(v[r] + b);
+                    nan |= a != a;
+                    A = A > a ? A : a;
+                }
             }
         }
     }

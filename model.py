@@ -160,6 +160,28 @@ class GPT(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab_size=None):
+        """Sample a continuation (nanoGPT): idx (B, T) int64 -> (B, T + max_new_tokens) int64, idx followed by
+        the new tokens. Each step feeds the last block_size tokens (the context is cropped: RoPE tables and
+        the causal mask only reach that far), divides the last position's logits by `temperature` (< 1 is
+        sharper), keeps the `top_k` largest if given, and draws from the softmax with torch.multinomial.
+        generator: a torch.Generator on idx's device, for a reproducible sample; None uses torch's global RNG.
+        vocab_size: draw only ids below it, the dataset's real vocabulary (train.build_model pads the LM head
+        to a multiple of 64; the padded logits were never targets, but a short run leaves them drawable).
+        An FP4 model (fp4.convert_to_fp4) needs nothing special: its forward is the FP4 forward."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]                    # (B, <= block_size)
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :vocab_size] / temperature              # (B, vocab) fp32
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]   # (B, 1)
+                logits[logits < kth] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)     # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
     def configure_optimizer(self, lr, weight_decay, betas, device_type):
         """AdamW on the fp32 master weights; weight decay on matrices only (not norms)."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
