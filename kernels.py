@@ -17,9 +17,9 @@ What one launch computes (one program per 16 rows x 128 columns of the padded (M
     x      = load the (16, 128) tile                          # 8 blocks of 16 along K per row
     x      = x H on every 16-chunk                            # optional RHT-16, fp4.rht16's order
     amax16 = max |x| over each 1x16 block (or 16x16 tile: max over the 16 rows too)
-    per-tensor (SPEC §2): A = amax|x| from a first pass; S_enc = 2688 / A; S_dec = 1 / S_enc
+    per-tensor (numerics.md §2): A = amax|x| from a first pass; S_enc = 2688 / A; S_dec = 1 / S_enc
         s_b = e4m3(min(amax16 * (S_enc * fl(1/6)), 448));   scale = s_b * S_dec
-    double-block (SPEC §3): one 128-block per row of the tile, so a single pass:
+    double-block (numerics.md §3): one 128-block per row of the tile, so a single pass:
         s_o = amax128 / 2688;  s_i = e4m3(min(amax16 / s_o / 6, 448));   scale = s_o * s_i
     q      = E2M1(x * min(1 / scale, FLT_MAX))                # RTN, or SR with u = uniform_noise(seed, i)
     store    fake-quant: ±q * scale (fp32)   |   quantize: packed codes, E4M3 scale bytes, outer scale
@@ -28,7 +28,7 @@ Exactness notes (why the kernel does some things by hand):
   - divisions use tl.math.div_rn (IEEE round-to-nearest): Triton's `/` compiles to div.full.f32 on NVIDIA GPUs,
     an approximation. A division by a power of two is a multiplication by its exact reciprocal instead.
   - the kernel is compiled with enable_fp_fusion=False (EXACT), so no a*b+c becomes a fused multiply-add (Triton
-    fuses by default); fp4.py rounds the product and the sum separately, as cpu_kernels.c does (-ffp-contract=off).
+    fuses by default); fp4.py rounds the product and the sum separately, as cpu_kernels/fp4_cpu.c does (-ffp-contract=off).
   - the E4M3 rounding is arithmetic (round to 3 mantissa bits / to multiples of 2^-9), not a cast: Triton's
     interpreter rounds fp32 -> float8e4nv ties away from zero and flushes subnormals, which TE does not.
   - round-half-even is (v + 2^23) - 2^23, exact for 0 <= v < 2^22 in IEEE fp32 arithmetic.
@@ -138,14 +138,14 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
     amax16 = _amax(tl.abs(xb), 2)                                       # (BM, NB)
     if TILE16:                                                          # one amax per 16x16 tile
         amax16 = tl.broadcast_to(_amax(amax16, 0)[None, :], (BM, NB))
-    if DOUBLE_BLOCK:                                                    # SPEC §3
+    if DOUBLE_BLOCK:                                                    # numerics.md §3
         amax128 = _amax(amax16, 1)                                      # (BM,)
         s_o = tl.where(amax128 == 0.0, 1.0, tl.math.div_rn(amax128, tl.full(amax128.shape, 2688.0, tl.float32)))
         s_i = tl.math.div_rn(tl.math.div_rn(amax16, s_o[:, None]), tl.full(amax16.shape, 6.0, tl.float32))
         s_i = tl.where(amax16 == 0.0, 2.0 ** -9, _round_e4m3(_min(s_i, 448.0)))
         block_scale = s_i
         scale = s_o[:, None] * s_i                                      # (BM, NB)
-    else:                                                               # SPEC §2, A from the amax pass
+    else:                                                               # numerics.md §2, A from the amax pass
         A = tl.load(amax_ptr)
         s_enc = tl.where(A == 0.0, 1.0, _min(tl.math.div_rn(2688.0, A), 3.4028234663852886e38))
         s_dec = tl.math.div_rn(1.0, s_enc)
@@ -247,7 +247,7 @@ def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None):
 #         for each 128-wide K chunk c:                                # 128 = one double-block outer block
 #             part = dot_scaled(codes_A[:, c], s_A[:, c], codes_B[:, c]ᵀ, s_B[:, c])   # Σ_k (a·s_a)(b·s_b), fp32
 #             acc += part                   if the outer scale is per tensor (applied once at the end), or
-#             acc += part · s_o,A[:, c] s_o,B[:, c]ᵀ     per-128 outer scales (TetraJet-v2 double-block, SPEC §3)
+#             acc += part · s_o,A[:, c] s_o,B[:, c]ᵀ     per-128 outer scales (TetraJet-v2 double-block, numerics.md §3)
 #         C = acc · S_dec,A · S_dec,B       (per-tensor outer scales: the epilogue)
 #
 # Why a Triton kernel rather than torch._scaled_mm: _scaled_mm applies one scale per operand in its epilogue,

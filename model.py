@@ -6,7 +6,7 @@ GPT-2 module names where they fit (transformer.wte / .h / .ln_f, attn.c_attn, ml
 
 What is quantized: exactly the four Linears inside each block (QKV, attention output, gate/up, down), which
 fp4.convert_to_fp4 swaps for FP4Linear. Embedding, LM head, norms, RoPE and attention itself (softmax and
-its two batched matmuls) stay in the compute dtype (bf16) or fp32 (SPEC §6).
+its two batched matmuls) stay in the compute dtype (bf16) or fp32 (numerics.md §6).
 
 Precision without autocast: parameters are fp32 master weights; activations flow in `compute_dtype`, and
 each Linear casts its weight to the activation dtype for the matmul (nanochat style), so a reader sees where

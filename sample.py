@@ -5,7 +5,7 @@ sample.py: print text sampled from a checkpoint train.py wrote, FP4 or baseline 
     python sample.py --out-dir out --start "def main(" --num-samples 4 --temperature 0.8 --top-k 50
 
 The model is rebuilt exactly as train.py built it: train.build_model from the checkpoint's config, and, for an
---fp4 run, the recipe from train.resolve_recipe, the path from fp4.select_path and the swap from
+--fp4 run, the recipe from train.resolve_recipe, the implementation from fastpaths.select and the swap from
 fp4.convert_to_fp4, so an FP4 model samples through its FP4 forward. Text goes through the dataset's tokenizer
 (byte, char or GPT-2 BPE, see data/prepare.py). The same --seed gives the same samples.
 """
@@ -19,6 +19,7 @@ from dataclasses import asdict, fields
 
 import torch
 
+import fastpaths
 import fp4
 import train
 from data.prepare import dataset_dir, tokenize
@@ -41,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default: auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="activation dtype; auto as train.py picks it (default: auto)")
-    p.add_argument("--fp4-path", choices=["auto", *fp4.FP4_PATHS],
+    p.add_argument("--fp4-path", choices=["auto", *fastpaths.PATHS],
                    help="FP4 quantizer implementation (same bits on every path; default: the checkpoint's)")
     args = p.parse_args(argv)
     for bad, msg in ((args.num_samples < 1, "--num-samples must be >= 1"),
@@ -55,7 +56,7 @@ def parse_args(argv):
 
 def load_model(out_dir, device, dtype, fp4_path=None):
     """<out_dir>/ckpt.pt -> (model in eval mode on `device`, checkpoint dict, TrainConfig, recipe or None,
-    FP4 path or None, select_path's line or None). Exits with one line if the checkpoint is missing or unfit."""
+    FP4 implementation or None, select's line or None). Exits with one line if the checkpoint is missing or unfit."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
         sys.exit(f"error: no checkpoint at {ckpt_path}; train one first (python train.py --out-dir {out_dir}) "
@@ -79,12 +80,13 @@ def load_model(out_dir, device, dtype, fp4_path=None):
                 print(f"note: the checkpoint's recipe {saved} does not build here ({e}); using {recipe}",
                       file=sys.stderr)
         try:
-            path, why = fp4.select_path(fp4_path or cfg.fp4_path, device, recipe)
+            impl, why = fastpaths.select(fp4_path or cfg.fp4_path, device, recipe)
+            path = impl.name
         except ValueError as e:
             sys.exit(f"error: {e} (or pass --fp4-path auto)")
         with contextlib.redirect_stdout(sys.stderr):       # its summary line is a log, not a sample
             fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
-                               seed=cfg.seed * 1000, path=path)
+                               seed=cfg.seed * 1000, impl=impl)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -1,4 +1,4 @@
-"""E2M1 elements, packing, stochastic rounding, MX formats and the RHT (SPEC §1, §4, §5).
+"""E2M1 elements, packing, stochastic rounding, MX formats and the RHT (numerics.md §1, §4, §5).
 Run: python -m pytest tests/test_formats.py -q"""
 import math
 
@@ -19,7 +19,7 @@ def test_every_e2m1_grid_value_round_trips_exactly():
 
 
 def test_e2m1_ties_go_to_the_even_code():
-    # SPEC §1 tie table, both signs
+    # numerics.md §1 tie table, both signs
     ties = {0.25: 0.0, 0.75: 1.0, 1.25: 1.0, 1.75: 2.0, 2.5: 2.0, 3.5: 4.0, 5.0: 4.0}
     v = torch.tensor(list(ties))
     assert fp4.decode_e2m1(fp4.round_e2m1(v)).tolist() == list(ties.values())

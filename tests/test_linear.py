@@ -1,4 +1,4 @@
-"""The FP4 linear (SPEC §6): shapes, fidelity to a high-precision linear, which operands each recipe's
+"""The FP4 linear (numerics.md §6): shapes, fidelity to a high-precision linear, which operands each recipe's
 backward uses, NaN behaviour, determinism and convert_to_fp4. Run: python -m pytest tests/test_linear.py -q"""
 import dataclasses
 

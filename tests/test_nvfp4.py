@@ -1,4 +1,4 @@
-"""NVFP4 quantizer against a literal, element-by-element transcription of SPEC §2-§3 (bit for bit), and
+"""NVFP4 quantizer against a literal, element-by-element transcription of numerics.md §2-§3 (bit for bit), and
 against torchao when it is installed. Run: python -m pytest tests/test_nvfp4.py -q"""
 import bisect
 

@@ -1,4 +1,4 @@
-"""OsciReset (TetraJet-v2 §4, SPEC §7): oscillating weights are found and snapped, steady ones are not.
+"""OsciReset (TetraJet-v2 §4, numerics.md §7): oscillating weights are found and snapped, steady ones are not.
 Run: python -m pytest tests/test_osci.py -q"""
 import copy
 

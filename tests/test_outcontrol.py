@@ -1,4 +1,4 @@
-"""OutControl (TetraJet-v2 §4, SPEC §8): planted outlier channels are found, kept in MXFP8, and help.
+"""OutControl (TetraJet-v2 §4, numerics.md §8): planted outlier channels are found, kept in MXFP8, and help.
 Run: python -m pytest tests/test_outcontrol.py -q"""
 import torch
 import torch.nn.functional as F

@@ -6,8 +6,7 @@ import torch
 import fp4
 import sample
 import train
-from data.prepare import prepare_text
-from test_train import TINY
+from conftest import TINY
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -17,14 +16,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A small byte-level dataset (~60 KB of varied, repetitive text) in a temp folder (as test_train's)."""
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    text = "".join(f"{words[i % 12]} {words[(i * 7) % 12]} = {i % 97};\n" for i in range(4000))
-    return str(prepare_text("toy", text, "byte", "generated", root=tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture(scope="module")

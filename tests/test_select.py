@@ -28,7 +28,7 @@ def test_a_failed_c_build_is_one_clear_error_and_auto_says_why_it_passed_over_cp
     monkeypatch.setattr(cpu_kernels, "CFLAGS", cpu_kernels.CFLAGS + ("-fno-such-flag",))
     cpu_kernels.library.cache_clear()
     try:
-        with pytest.raises(RuntimeError, match="could not build cpu_kernels.c: .*no-such-flag"):
+        with pytest.raises(RuntimeError, match="could not build fp4_cpu.c: .*no-such-flag"):
             cpu_kernels.library()
         impl, line = fastpaths.select("auto", "cpu", "tetrajet")
         assert impl.name == "compiled" and "not cpu: RuntimeError" in line

@@ -40,7 +40,7 @@ def _compare_nvfp4(x):
     return scale_flips.sum() / normal.sum(), flips.sum() / mask.sum(), bool(one_step), normal.float().mean()
 
 
-# torchao computes the block scale as (amax/6)/(A/2688) and encodes with (1/global)/s, where TE (and SPEC §2)
+# torchao computes the block scale as (amax/6)/(A/2688) and encodes with (1/global)/s, where TE (and numerics.md §2)
 # use amax*(2688/A * fl(1/6)) and 1/(s*S_dec): the same real numbers rounded differently, so results differ
 # only where a value sits on a rounding tie.
 @pytest.mark.parametrize("name", list(_tensors()))

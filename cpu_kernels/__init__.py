@@ -1,15 +1,15 @@
 """
-cpu_kernels.py: builds cpu_kernels.c with the system C compiler on first use and calls it through ctypes. This is
-the `cpu` path of fp4.py (see FP4_PATHS there): NVFP4 and MXFP4 fake quantization (bit for bit fp4.fake_quant)
-and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), ~2x faster than the torch.compile'd
-reference on a laptop CPU (LOG.md, session 5).
+cpu_kernels/: the C quantizers (fp4_cpu.c) for CPUs, the `cpu` implementation in fastpaths.py. This module builds
+fp4_cpu.c with the system C compiler on first use and calls it through ctypes: NVFP4 and MXFP4 fake quantization
+(bit for bit fp4.fake_quant) and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), ~1.5-2x faster
+than fp4.py through torch.compile on a laptop CPU (docs/LOG.md). tests/test_paths.py ties it to the reference.
 
-    python cpu_kernels.py              # builds it, checks its bits against fp4.py, times it against compiled
     lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4
     out = cpu_kernels.fake_quant(x2, "nvfp4", outer=128, tile=(1, 16), seed=None, H=None, dtype=torch.bfloat16)
+    python tools/bench.py --only quant # its speed beside the other paths
 
 Needs gcc (or a cc that takes gcc's flags) with OpenMP; library() raises RuntimeError with the compiler's
-message otherwise, and fp4.select_path then picks the compiled path and says why. The library links the
+message otherwise, and fastpaths.select then picks the compiled path and says why. The library links the
 OpenMP runtime torch already loaded (same soname), so its threads are torch's threads, not a second pool.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("fp4_cpu.c")
 # -march=native: the library is built on the machine that runs it. -ffp-contract=off: no fused multiply-add,
 # whose single rounding would change bits. -fno-math-errno/-fno-trapping-math: let gcc vectorize rintf/floorf
 # (no value changes). Never -ffast-math (it would reorder and flush subnormals).
@@ -77,13 +77,13 @@ def _build_and_load():
     return lib
 
 
-FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2}   # cpu_kernels.c's fmt
+FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2}   # fp4_cpu.c's fmt
 
 
 def _check(x2, fmt, outer, tile, dtype):
     """-> x2 as fp32 or bf16, after the checks both kernels need; one clear error otherwise."""
     if (fmt, outer) not in FORMATS or (fmt == "mxfp4" and tuple(tile) != (1, 16)):
-        raise ValueError(f"cpu_kernels.c has no {fmt} kernel with outer={outer!r}, tile={tile}")
+        raise ValueError(f"fp4_cpu.c has no {fmt} kernel with outer={outer!r}, tile={tile}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the cpu path writes fp32 or bf16, got {dtype}; use --fp4-path compiled for others")
     if x2.device.type != "cpu":
@@ -125,28 +125,3 @@ def quantize_nvfp4(x2, outer, tile, seed, H=None):
                              codes.data_ptr(), block_scale.data_ptr(), outer_scale.data_ptr(), Mp, Kp, tile[0],
                              FORMATS["nvfp4", outer], int(seed is not None), s0, s1, None if H is None else H.data_ptr())
     return codes, block_scale.view(torch.float8_e4m3fn), outer_scale
-
-
-if __name__ == "__main__":      # python cpu_kernels.py: build, check against fp4.py, time against the compiled path
-    import time
-
-    import fp4
-
-    def ms(fn, n=20):
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n * 1e3
-    library()
-    x = torch.randn(2048, 512, generator=torch.Generator().manual_seed(0)).bfloat16()   # a tiny model's dY
-    signs = fp4.random_signs(torch.Generator().manual_seed(1))
-    print(f"{'2048x512 bf16 -> bf16':44s} {'same bits':>9s} {'cpu ms':>7s} {'compiled ms':>12s}")
-    for recipe, rounding, tile, rht in (("tetrajet", "nearest", (1, 16), None), ("tetrajet", "stochastic", (1, 16), signs),
-                                        ("nvidia", "nearest", (16, 16), None), ("nvidia", "stochastic", (1, 16), signs),
-                                        ("mxfp4", "stochastic", (1, 16), None)):
-        run = {p: (lambda p=p: fp4.fake_quant(x, recipe, rounding, tile, torch.Generator().manual_seed(2), p,
-                                              rht_signs=rht, dtype=torch.bfloat16)) for p in ("cpu", "compiled", "reference")}
-        same = torch.equal(run["cpu"](), run["reference"]())
-        name = f"fake_quant {recipe} {rounding} {tile}" + (" RHT" if rht is not None else "")
-        print(f"{name:44s} {str(same):>9s} {ms(run['cpu']):7.2f} {ms(run['compiled']):12.2f}")

@@ -1,6 +1,6 @@
 /*
- * cpu_kernels.c: the quantizers in plain C for CPUs, the `cpu` path of fp4.py. Two entry points, bit for bit
- * the reference (tests/test_cpu_kernels.py): fake_quant (quantize, then dequantize: fp4.fake_quant, NVFP4 and
+ * cpu_kernels/fp4_cpu.c: the quantizers in plain C for CPUs, the `cpu` implementation of fastpaths.py. Two entry
+ * points, bit for bit the reference fp4.py (tests/test_paths.py): fake_quant (quantize, then dequantize: fp4.fake_quant, NVFP4 and
  * MXFP4) and quantize_nvfp4 (packed codes and scales: fp4.quantize_nvfp4). What they compute:
  *
  *     x (M, K), M a multiple of TR (1 or 16 rows per scale tile), K a multiple of the format's block
@@ -17,7 +17,7 @@
  * Why C: torch.compile fuses the same math into one loop, but its code recomputes each block's scales in
  * scalar code between vector loads, and the SR noise in 64-bit lanes. Here each row of a 128-column block is
  * one vector loop, the 8 block scales of a 128-block are computed together, and the noise hash runs in 32-bit
- * lanes: ~2x faster than the compiled path on a laptop CPU (LOG.md, session 5). Where the compiler targets
+ * lanes: ~2x faster than the compiled path on a laptop CPU (docs/LOG.md, session 5). Where the compiler targets
  * AVX2 (-march=native), the hot loops are written with intrinsics (transposed loads, RHT-16, fake_quant's row
  * loop): gcc's own vectorization of them spilled, stayed latency-bound or moved one scalar per element; the
  * plain C versions remain for other CPUs and for quantize_nvfp4's rows, and both compute the same bits.
@@ -54,7 +54,7 @@ typedef struct {                       /* quantize_nvfp4's outputs, row-major ov
 #define E4M3_MIN_NORMAL 0.015625f      /* 2^-6: below it E4M3 is subnormal, in steps of 2^-9 */
 #define AMAX_TO_SCALE 2688.0f          /* 6 * 448 */
 #define ZERO_BLOCK_SCALE 0.001953125f  /* 2^-9: s_i of an all-zero block (double-block) */
-#define ONE_SIXTH 0.1666666716337204f   /* fl32(1/6), multiplied into S_enc first as in TE (SPEC §2) */
+#define ONE_SIXTH 0.1666666716337204f   /* fl32(1/6), multiplied into S_enc first as in TE (numerics.md §2) */
 #define NOISE_ULP 5.960464477539063e-08f  /* 2^-24 */
 
 static inline float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
