@@ -328,7 +328,10 @@ def setup_fp4(cfg, model, device, rank, log):
     --osci-reset."""
     recipe = resolve_recipe(cfg)
     log(f"FP4 recipe: {recipe}")
-    impl, why = fastpaths.select(cfg.fp4_path, device, recipe)
+    try:
+        impl, why = fastpaths.select(cfg.fp4_path, device, recipe)
+    except ValueError as e:                               # a path asked for by name that cannot run here
+        sys.exit(f"error: {e}")
     log(why)
     fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
                        seed=cfg.seed * 1000 + 100_000 * rank, impl=impl)   # independent SR noise per process

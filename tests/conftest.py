@@ -21,6 +21,13 @@ TINY = ["--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--mlp-hidden", "12
         "--batch-size", "4", "--eval-iters", "2", "--warmup-iters", "2", "--lr", "1e-2", "--min-lr", "1e-3"]
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global RNG state: a test that draws from torch's global generator (an
+    nn.Linear's init, a distribution's sample) is as deterministic as one that passes its own Generator."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A small byte-level dataset (~60 KB of varied, repetitive text) in a temp folder -> its path."""

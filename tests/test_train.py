@@ -1,8 +1,10 @@
 """train.py and model.py: flags, every recipe learns, exact resume, determinism, DDP (2 gloo processes).
 Run: python -m pytest tests/test_train.py -q"""
 import dataclasses
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,7 +31,8 @@ def run(dataset, out, *flags):
     (["--max-iters", "10", "--stop-iter", "20"], "--stop-iter"), (["--fp4", "maybe"], "expected true/false"),
     (["--fp4", "--fp4-recipe", "mxfp4", "--fp4-outer", "128"], "mxfp4 has no outer scale"),
     (["--fp4", "--fp4-rht", "none", "--fp4-rht-signs", "random"], "has no RHT"),
-    (["--fp4", "--fp4-aligned", "yes"], "invalid choice"), (["--fp4-rht", "both"], "need --fp4")])
+    (["--fp4", "--fp4-aligned", "yes"], "invalid choice"), (["--fp4-rht", "both"], "need --fp4"),
+    (["--fp4", "--fp4-path", "triton", "--device", "cpu"], "FP4 path triton is not available")])
 def test_bad_or_contradictory_flags_exit_with_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
@@ -62,12 +65,20 @@ def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatc
     assert train.activation_dtype("auto", "mps")[0] == torch.float32
 
 
-def test_every_config_field_is_a_documented_flag(capsys):
+def test_every_config_field_is_a_flag_that_sets_it(capsys):
+    # each field appears in --help with its comment, and a non-default value given as its flag lands in that field
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     for f in train.fields(train.TrainConfig):
-        assert "--" + f.name.replace("_", "-") in out
+        flag = "--" + f.name.replace("_", "-")
+        help_text = re.search(rf"^\s+{f.name}: .*?# (.*)$", inspect.getsource(train.TrainConfig), re.M).group(1)
+        assert flag in out and help_text[:40] in out, f.name
+        choices = train.CHOICES.get(f.name)
+        value = (next(c for c in choices if c != f.default) if choices else "elsewhere" if f.type is str else
+                 str(not f.default) if f.type is bool else str(f.type(f.default + 3)))
+        parsed = train.parse_args([flag, value])[f.name]
+        assert parsed != f.default and str(parsed).lower() == value.lower(), f.name
     assert train.parse_args(["--fp4", "--compile=false"]) == {"fp4": True, "compile": False}
 
 
