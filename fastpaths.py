@@ -77,53 +77,57 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None):
     return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
 
 
-def _codes_prologue(x, outer, tile, rounding, generator):
-    """quantize_nvfp4's padding and seed, shared by the fast implementations -> (x2 fp32 (Mp, Kp), seed)."""
-    fp4._check(outer, tile, rounding)
-    x2 = fp4._as_padded_2d(x, tile[0], fp4.NVFP4_BLOCK if outer == "tensor" else fp4.OUTER_BLOCK).float()
-    return x2, (fp4.draw_seed(generator, x2.device) if rounding == "stochastic" else None)
+class FastPath:
+    """What every fast implementation shares: fp4.py's padding and seed draw before its kernel, the crop after,
+    so a kernel sees exactly the padded (Mp, Kp) operand and the int64 (2,) seed the reference rounds with.
+    Each subclass supplies _fake_quant_2d (-> (Mp, Kp) in `dtype`) and _quantize_nvfp4_2d (-> packed codes,
+    E4M3 scale bytes, outer scale)."""
+    name = None
 
+    def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
+                   dtype=torch.float32):
+        recipe, tile = fp4.get_recipe(recipe), tuple(tile)
+        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
+        out = self._fake_quant_2d(x2, recipe, tile, rounding, seed, rht_signs, dtype)
+        return fp4.crop_result(out.to(dtype), x, rht_signs)
 
-def _codes_epilogue(codes, block_scale, outer_scale, x, outer):
-    """(packed codes, E4M3 scales, outer scale) of the padded 2-D view -> fp4.NVFP4 in x's leading shape."""
-    M = x.numel() // x.shape[-1]
-    outer_scale = outer_scale if outer == "tensor" else fp4._restore(outer_scale, x, M)
-    return fp4.NVFP4(fp4._restore(codes.to(torch.uint8), x, M),
-                     fp4._restore(block_scale.view(torch.float8_e4m3fn), x, M), outer_scale)
+    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
+        tile = tuple(tile)
+        fp4._check(outer, tile, rounding)
+        x2 = fp4._as_padded_2d(x, tile[0], fp4.NVFP4_BLOCK if outer == "tensor" else fp4.OUTER_BLOCK).float()
+        seed = fp4.draw_seed(generator, x2.device) if rounding == "stochastic" else None
+        codes, block_scale, outer_scale = self._quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs)
+        M = x.numel() // x.shape[-1]
+        outer_scale = outer_scale if outer == "tensor" else fp4._restore(outer_scale, x, M)
+        return fp4.NVFP4(fp4._restore(codes.to(torch.uint8), x, M),
+                         fp4._restore(block_scale.view(torch.float8_e4m3fn), x, M), outer_scale)
+
+    def tensor_core_gemm(self, device):
+        return None
 
 
 def _signs_matrix(rht_signs, device):
     return None if rht_signs is None else fp4.hadamard16(rht_signs.to(device))
 
 
-class Compiled:
+class Compiled(FastPath):
     """fp4.py's quantizer bodies (fp4._fake_quant_2d, and _quantize_nvfp4_2d above) through torch.compile."""
     name = "compiled"
 
-    def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
-                   dtype=torch.float32):
-        recipe, tile = fp4.get_recipe(recipe), tuple(tile)
-        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
-        out = _compile(fp4._fake_quant_2d)(x2, recipe.fmt, recipe.outer, tile, rounding, seed,
-                                           _signs_matrix(rht_signs, x2.device))
-        # (the cast stays outside the compiled graph: with a bf16 output inductor's CPU code for SR recomputes
-        # each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); docs/LOG.md)
-        return fp4.crop_result(out.to(dtype), x, rht_signs)
+    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype):
+        # (the cast to dtype stays outside the compiled graph: with a bf16 output inductor's CPU code for SR
+        # recomputes each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); docs/LOG.md)
+        return _compile(fp4._fake_quant_2d)(x2, recipe.fmt, recipe.outer, tile, rounding, seed,
+                                            _signs_matrix(rht_signs, x2.device))
 
-    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
-        tile = tuple(tile)
-        x2, seed = _codes_prologue(x, outer, tile, rounding, generator)
-        out = _compile(_quantize_nvfp4_2d)(x2, outer, tile, rounding, seed, _signs_matrix(rht_signs, x2.device))
-        return _codes_epilogue(*out, x, outer)
-
-    def tensor_core_gemm(self, device):
-        return None
+    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs):
+        return _compile(_quantize_nvfp4_2d)(x2, outer, tile, rounding, seed, _signs_matrix(rht_signs, x2.device))
 
 # -----------------------------------------------------------------------------
 # cpu: cpu_kernels/ (C, OpenMP)
 
 
-class CPU:
+class CPU(FastPath):
     """cpu_kernels/'s C quantizers: NVFP4 (per-tensor and double-block, 1x16 and 16x16 tiles) and MXFP4 fake
     quantization, NVFP4 codes; RTN and SR, with RHT; they write bf16 themselves (the same rounding as .to())."""
     name = "cpu"
@@ -132,29 +136,18 @@ class CPU:
         import cpu_kernels                               # builds the C library on first use (~1 s)
         self.kernels = cpu_kernels
 
-    def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
-                   dtype=torch.float32):
-        recipe, tile = fp4.get_recipe(recipe), tuple(tile)
-        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
-        out_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-        out = self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
-                                      out_dtype)
-        return fp4.crop_result(out.to(dtype), x, rht_signs)
+    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype):
+        return self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
+                                       dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
 
-    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
-        tile = tuple(tile)
-        x2, seed = _codes_prologue(x, outer, tile, rounding, generator)
-        out = self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device))
-        return _codes_epilogue(*out, x, outer)
-
-    def tensor_core_gemm(self, device):
-        return None
+    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs):
+        return self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device))
 
 # -----------------------------------------------------------------------------
 # triton: kernels.py (CUDA)
 
 
-class Triton:
+class Triton(FastPath):
     """kernels.py's NVFP4 kernels (the MXFP4 recipe has none), and its GEMM from the codes on FP4 tensor cores."""
     name = "triton"
 
@@ -162,20 +155,13 @@ class Triton:
         import kernels                                   # needs triton
         self.kernels = kernels
 
-    def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
-                   dtype=torch.float32):
-        recipe, tile = fp4.get_recipe(recipe), tuple(tile)
+    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype):
         if recipe.fmt != "nvfp4":
             raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
-        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
-        out = self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
-        return fp4.crop_result(out.to(dtype), x, rht_signs)
+        return self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
 
-    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
-        tile = tuple(tile)
-        x2, seed = _codes_prologue(x, outer, tile, rounding, generator)
-        out = self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
-        return _codes_epilogue(*out, x, outer)
+    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs):
+        return self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
 
     def tensor_core_gemm(self, device):
         """kernels.fp4_gemm on a GPU with FP4 tensor cores (Blackwell), else None (dequantize + matmul)."""
