@@ -111,3 +111,14 @@ def test_mxfp8_columns_are_never_tracked_or_reset():
     moved = layer.weight.detach() != w_pre_close
     assert not moved[:, layer.outliers].any() and moved[:, layer.inliers].any()
     assert osci.last["l"]["tracked"] == 16 * 32 and not torch.equal(before, layer.weight)
+
+
+def test_the_config_holds_the_schedule_that_runs():
+    # a short run shrinks the windows to fit; the resolved steps are what the config prints and saves
+    import train
+    cfg = train.resolve_schedules(train.TrainConfig(max_iters=200))
+    assert (cfg.osci_start, cfg.osci_period, cfg.osci_window) == (120, 40, 10)         # resets at 130 and 170
+    assert (cfg.out_control_step, cfg.out_control_window) == (20, 50)
+    assert train.resolve_schedules(cfg) == cfg                                        # a resumed run keeps it
+    long = train.resolve_schedules(train.TrainConfig(max_iters=5000))
+    assert (long.osci_start, long.osci_period, long.osci_window) == (3000, 200, 50)
