@@ -66,13 +66,13 @@ def _transpose_graph():
     return torch.compile(lambda x: x.t().contiguous(), fullgraph=True, dynamic=False)
 
 
-def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None):
+def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None, four_over_six=None):
     """fp4.quantize_nvfp4's body on a padded fp32 (Mp, Kp), in the form inductor's CPU backend vectorizes:
     packed codes code(2j) + 16·code(2j+1) formed in fp32 and returned as int16, scales as raw uint8 bytes
     (fp32 -> uint8 conversions and e4m3 outputs each measured 2-4x slower on 4096x4096). Same values."""
     if H is not None:
         x2 = fp4._rotate16(x2, H)
-    magnitude, negative, block_scale, _, outer_scale = fp4._round_nvfp4(x2, outer, tile, rounding, seed)
+    magnitude, negative, block_scale, _, outer_scale = fp4._round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
     k = fp4._code_values(magnitude, negative).view(x2.shape[0], -1, 2)                # (Mp, Kp/2, 2)
     return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
 
@@ -81,22 +81,27 @@ class FastPath:
     """What every fast implementation shares: fp4.py's padding and seed draw before its kernel, the crop after,
     so a kernel sees exactly the padded (Mp, Kp) operand and the int64 (2,) seed the reference rounds with.
     Each subclass supplies _fake_quant_2d (-> (Mp, Kp) in `dtype`) and _quantize_nvfp4_2d (-> packed codes,
-    E4M3 scale bytes, outer scale)."""
+    E4M3 scale bytes, outer scale); both take four_over_six (None, "mae", "mse"; fp4.py §10), already checked
+    here, and a kernel without Four Over Six raises ValueError for it (_refuse_four_over_six)."""
     name = None
 
     def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
-                   dtype=torch.float32):
+                   dtype=torch.float32, four_over_six=None):
         recipe, tile = fp4.get_recipe(recipe), tuple(tile)
+        fp4._check_four_over_six(four_over_six, rounding, rht_signs, recipe.fmt)
         x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
-        out = self._fake_quant_2d(x2, recipe, tile, rounding, seed, rht_signs, dtype)
+        out = self._fake_quant_2d(x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six)
         return fp4.crop_result(out.to(dtype), x, rht_signs)
 
-    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
+    def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None,
+                       four_over_six=None):
         tile = tuple(tile)
         fp4._check(outer, tile, rounding)
+        fp4._check_four_over_six(four_over_six, rounding, rht_signs)
         x2 = fp4._as_padded_2d(x, tile[0], fp4.NVFP4_BLOCK if outer == "tensor" else fp4.OUTER_BLOCK).float()
         seed = fp4.draw_seed(generator, x2.device) if rounding == "stochastic" else None
-        codes, block_scale, outer_scale = self._quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs)
+        codes, block_scale, outer_scale = self._quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs,
+                                                                  four_over_six)
         M = x.numel() // x.shape[-1]
         outer_scale = outer_scale if outer == "tensor" else fp4._restore(outer_scale, x, M)
         return fp4.NVFP4(fp4._restore(codes.to(torch.uint8), x, M),
@@ -104,6 +109,11 @@ class FastPath:
 
     def tensor_core_gemm(self, device):
         return None
+
+    def _refuse_four_over_six(self, four_over_six, where):
+        if four_over_six is not None:
+            raise ValueError(f"path '{self.name}' has no Four Over Six kernel yet ({where}); "
+                             f"use --fp4-path compiled or reference")
 
 
 def _signs_matrix(rht_signs, device):
@@ -114,14 +124,15 @@ class Compiled(FastPath):
     """fp4.py's quantizer bodies (fp4._fake_quant_2d, and _quantize_nvfp4_2d above) through torch.compile."""
     name = "compiled"
 
-    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype):
+    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
         # (the cast to dtype stays outside the compiled graph: with a bf16 output inductor's CPU code for SR
         # recomputes each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); docs/LOG.md)
         return _compile(fp4._fake_quant_2d)(x2, recipe.fmt, recipe.outer, tile, rounding, seed,
-                                            _signs_matrix(rht_signs, x2.device))
+                                            _signs_matrix(rht_signs, x2.device), four_over_six)
 
-    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs):
-        return _compile(_quantize_nvfp4_2d)(x2, outer, tile, rounding, seed, _signs_matrix(rht_signs, x2.device))
+    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
+        return _compile(_quantize_nvfp4_2d)(x2, outer, tile, rounding, seed, _signs_matrix(rht_signs, x2.device),
+                                            four_over_six)
 
 # -----------------------------------------------------------------------------
 # cpu: cpu_kernels/ (C, OpenMP)
@@ -136,11 +147,13 @@ class CPU(FastPath):
         import cpu_kernels                               # builds the C library on first use (~1 s)
         self.kernels = cpu_kernels
 
-    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype):
+    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
+        self._refuse_four_over_six(four_over_six, "cpu_kernels/")
         return self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
                                        dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
 
-    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs):
+    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
+        self._refuse_four_over_six(four_over_six, "cpu_kernels/")
         return self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device))
 
 # -----------------------------------------------------------------------------
@@ -155,12 +168,14 @@ class Triton(FastPath):
         import kernels                                   # needs triton
         self.kernels = kernels
 
-    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype):
+    def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
+        self._refuse_four_over_six(four_over_six, "kernels.py")
         if recipe.fmt != "nvfp4":
             raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
         return self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
 
-    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs):
+    def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
+        self._refuse_four_over_six(four_over_six, "kernels.py")
         return self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
 
     def tensor_core_gemm(self, device):
@@ -215,7 +230,8 @@ def select(requested, device, recipe):
 
 def probe(path, device, recipe):
     """-> None if `path` runs this recipe on this device and gives the reference's bits on a small tensor
-    (RTN, and SR with RHT and a bf16 output), else why not (one phrase)."""
+    (RTN, and SR with RHT and a bf16 output, and for a recipe with Four Over Six a 4/6 quantization with its
+    error and W's tile), else why not (one phrase)."""
     if path == "cpu" and device.type != "cpu":
         return f"its kernels run on the CPU (this run uses {device.type})"
     if path == "triton" and device.type != "cuda":
@@ -226,7 +242,10 @@ def probe(path, device, recipe):
     x, signs = torch.randn(32, 256, generator=g).to(device), fp4.random_signs(g).to(device)
     try:
         impl = get(path)
-        for kw in (dict(), dict(rounding="stochastic", rht_signs=signs, dtype=torch.bfloat16)):
+        checks = [dict(), dict(rounding="stochastic", rht_signs=signs, dtype=torch.bfloat16)]
+        if recipe.four_over_six != "none":
+            checks.append(dict(tile=recipe.weight_tile, four_over_six=recipe.four_over_six_error))
+        for kw in checks:
             same = [i.fake_quant(x, recipe, generator=torch.Generator(device).manual_seed(1), **kw)
                     for i in (impl, fp4.REFERENCE)]
             if not torch.equal(*same):

@@ -100,6 +100,12 @@ NVFP4_AMAX_TO_SCALE = F4_E2M1_MAX * F8E4M3_MAX  # 2688.0: the amax maps to e2m1 
 FP32_ONE_SIXTH = 0.1666666716337204    # fl32(1/6) = 0x3E2AAAAB, in TE's order of operations (§2)
 FLT_MAX = 3.4028234663852886e38        # largest finite fp32
 NVFP4_BLOCK = 16                       # elements per E4M3 block scale
+# Four Over Six (§10): per block, the map-to-6 scale or 1.5x it (the block max then lands on 4), the better one
+FOUR_OVER_SIX_BOUND = 256.0            # the tensor scale's E4M3 bound in place of 448: 256 x 1.5 = 384 <= 448
+MAP_TO_4 = 1.5                         # map-to-4 scale = 1.5 x map-to-6 scale (6 / 4)
+FOUR_OVER_SIX_AMAX_TO_SCALE = F4_E2M1_MAX * FOUR_OVER_SIX_BOUND   # 1536.0: the amax maps to e2m1 6 x e4m3 256
+FOUR_OVER_SIX_ERRORS = ("mae", "mse")  # the error that picks a block's scale: sum |x̂ - x| (TE's default) or (x̂ - x)²
+FOUR_OVER_SIX_SCOPES = ("none", "weights", "activations", "all")   # Recipe.four_over_six: forward operands with 4/6
 OUTER_BLOCK = 128                      # elements per fp32 outer scale in double-block (TetraJet-v2)
 MX_BLOCK = 32                          # elements per E8M0 scale (OCP MX)
 DOUBLE_BLOCK_ZERO_SCALE = 2.0 ** -9    # s_i of an all-zero 16-block: smallest E4M3 subnormal (§3)
@@ -234,11 +240,24 @@ def _check(outer, tile, rounding):
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-def tensor_scales(A):
+def _check_four_over_six(four_over_six, rounding="nearest", rht_signs=None, fmt="nvfp4"):
+    """four_over_six: None, "mae" or "mse". 4/6 is defined (as TE has it) for NVFP4 with round to nearest and
+    no RHT only; anything else is one ValueError."""
+    if four_over_six is None:
+        return
+    if four_over_six not in FOUR_OVER_SIX_ERRORS:
+        raise ValueError(f"four_over_six must be None or one of {FOUR_OVER_SIX_ERRORS}, got {four_over_six!r}")
+    if fmt != "nvfp4" or rounding != "nearest" or rht_signs is not None:
+        raise ValueError(f"Four Over Six (four_over_six={four_over_six!r}) is for NVFP4 with rounding='nearest' "
+                         f"and no RHT only, as in TE (got fmt={fmt!r}, rounding={rounding!r}, "
+                         f"rht_signs={'set' if rht_signs is not None else None})")
+
+
+def tensor_scales(A, amax_to_scale=NVFP4_AMAX_TO_SCALE):
     """Per-tensor amax A (0-dim fp32) -> (S_enc, S_dec) of §2: S_enc = min(2688 ⊘ A, FLT_MAX), 1 if A = 0;
-    S_dec = 1 ⊘ S_enc. (Not `2688 / A`: torch evaluates a Python-number numerator as A.reciprocal() * 2688,
-    rounding twice.)"""
-    S_enc = torch.where(A == 0, 1.0, (A.new_full((), NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
+    S_dec = 1 ⊘ S_enc. Four Over Six (§10) passes amax_to_scale = 1536 (6 x 256). (Not `2688 / A`: torch
+    evaluates a Python-number numerator as A.reciprocal() * 2688, rounding twice.)"""
+    S_enc = torch.where(A == 0, 1.0, (A.new_full((), amax_to_scale) / A).clamp(max=FLT_MAX))
     return S_enc, 1.0 / S_enc
 
 
@@ -259,20 +278,89 @@ def _nvfp4_scales(x2, outer, tile):
     return block_scale, s_o16 * block_scale.float(), s_o
 
 
-def _round_nvfp4(x2, outer, tile, rounding, seed):
-    """The body shared by quantize_nvfp4 and fake_quant: fp32 (Mp, Kp), padded -> (magnitude fp32 and
-    negative bool, both (Mp, Kp/16, 16), then block_scale, scale, outer_scale as _nvfp4_scales)."""
+def _four_over_six_scales(x2, outer, tile):
+    """4/6's two candidates (§10) for fp32 (Mp, Kp), padded -> ((s6, scale6), (s4, scale4), outer_scale, A):
+    each candidate's E4M3 block scale (Mp, Kp/16) and decode scale as _nvfp4_scales; A is the tensor's amax
+    (0-dim, for TE's error expression), or None with outer=128. The formulas are quantize_nvfp4's docstring."""
     Mp, Kp = x2.shape
-    block_scale, scale, outer_scale = _nvfp4_scales(x2, outer, tile)
+    amax16 = _tile_amax(x2, tile)                                                     # (Mp, Kp/16)
+    if outer == "tensor":
+        A = amax16.amax()
+        S_enc, S_dec = tensor_scales(A, FOUR_OVER_SIX_AMAX_TO_SCALE)                   # 1536 ⊘ A
+        base = _div(amax16, F4_E2M1_MAX) * S_enc                                       # TE's 4/6 order
+        s6, s4 = (b.clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn) for b in (base, base * MAP_TO_4))
+        return (s6, s6.float() * S_dec), (s4, s4.float() * S_dec), S_dec, A
+    amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
+    s_o = torch.where(amax128 == 0, 1.0, _div(amax128, FOUR_OVER_SIX_AMAX_TO_SCALE))
+    s_o16 = s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)                 # (Mp, Kp/16)
+    base = _div(amax16 / s_o16, F4_E2M1_MAX)
+    s6, s4 = (torch.where(amax16 == 0, DOUBLE_BLOCK_ZERO_SCALE, b.clamp(max=F8E4M3_MAX)).to(torch.float8_e4m3fn)
+              for b in (base, base * MAP_TO_4))
+    return (s6, s_o16 * s6.float()), (s4, s_o16 * s4.float()), s_o, None
+
+
+def _four_over_six_error(x2, magnitude, negative, block_scale, scale, A, tile, error):
+    """One 4/6 candidate's error per block, fp32 (Mp, Kp/16) (a 16x16 tile's replicated on its 16 rows), in
+    TE's order: x̂ = ((±e2m1 ⊗ fp32(s)) ⊗ A) ⊘ 1536 per element (with outer=128: x̂ = ±e2m1 ⊗ (s_o ⊗ s_i), the
+    dequantized value), d = |x̂ - x| ("mae") or (x̂ - x)² ("mse"), summed over the 16 elements of a row block
+    left to right; over a 16x16 tile the 16 row sums are then added as a tree (rows i + i+8, then i + i+4, ...),
+    the order of TE's CUDA warp reduction."""
+    Mp = x2.shape[0]
+    q = torch.where(negative, -magnitude, magnitude)                                  # (Mp, Kp/16, 16)
+    x_hat = (_div((q * block_scale.float()[..., None]) * A, FOUR_OVER_SIX_AMAX_TO_SCALE) if A is not None
+             else q * scale[..., None])
+    diff = x_hat - x2.view(q.shape)
+    d = diff.abs() if error == "mae" else diff * diff
+    err = d[..., 0]
+    for i in range(1, NVFP4_BLOCK):
+        err = err + d[..., i]                                                         # (Mp, Kp/16)
+    if tile[0] == 1:
+        return err
+    rows = err.view(Mp // NVFP4_BLOCK, NVFP4_BLOCK, -1)                               # (Mp/16, 16, Kp/16)
+    while rows.shape[1] > 1:
+        half = rows.shape[1] // 2
+        rows = rows[:, :half] + rows[:, half:]
+    return rows.repeat_interleave(NVFP4_BLOCK, dim=0).view(err.shape)
+
+
+def _round_blocks(x2, block_scale, scale, noise=None):
+    """§2 steps 3-4 on fp32 (Mp, Kp) with its E4M3 block scales and decode scales (Mp, Kp/16) -> (magnitude
+    fp32, negative bool), both (Mp, Kp/16, 16)."""
+    Mp, Kp = x2.shape
     encode = (1.0 / scale).clamp(max=FLT_MAX)                                         # (Mp, Kp/16)
     v = x2.view(Mp, -1, NVFP4_BLOCK) * encode[..., None]                              # (Mp, Kp/16, 16)
-    noise = uniform_noise(seed, (Mp, Kp)).view(v.shape) if rounding == "stochastic" else None
-    magnitude = round_e2m1_magnitude(v.abs(), noise)
+    magnitude = round_e2m1_magnitude(v.abs(), None if noise is None else noise.view(v.shape))
     keep = (block_scale.float() != 0)[..., None]         # a block whose E4M3 scale is 0 is all code 0 (+0)
-    return torch.where(keep, magnitude, 0.0), (v < 0) & keep, block_scale, scale, outer_scale
+    return torch.where(keep, magnitude, 0.0), (v < 0) & keep
 
 
-def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None):
+def _round_four_over_six(x2, outer, tile, error):
+    """_round_nvfp4 with Four Over Six (§10): both candidates rounded (RTN) and decoded, each block keeping
+    map-to-4 iff its error is strictly smaller (a tie keeps map-to-6)."""
+    (s6, scale6), (s4, scale4), outer_scale, A = _four_over_six_scales(x2, outer, tile)
+    m6, n6 = _round_blocks(x2, s6, scale6)
+    m4, n4 = _round_blocks(x2, s4, scale4)
+    pick4 = (_four_over_six_error(x2, m4, n4, s4, scale4, A, tile, error)
+             < _four_over_six_error(x2, m6, n6, s6, scale6, A, tile, error))          # (Mp, Kp/16)
+    block_scale = torch.where(pick4, s4.view(torch.uint8), s6.view(torch.uint8)).view(torch.float8_e4m3fn)
+    p = pick4[..., None]
+    return (torch.where(p, m4, m6), torch.where(p, n4, n6), block_scale, torch.where(pick4, scale4, scale6),
+            outer_scale)
+
+
+def _round_nvfp4(x2, outer, tile, rounding, seed, four_over_six=None):
+    """The body shared by quantize_nvfp4 and fake_quant: fp32 (Mp, Kp), padded -> (magnitude fp32 and
+    negative bool, both (Mp, Kp/16, 16), then block_scale, scale, outer_scale as _nvfp4_scales).
+    four_over_six: None, or "mae"/"mse" for Four Over Six's per-block choice of scale (§10, RTN only)."""
+    if four_over_six is not None:
+        return _round_four_over_six(x2, outer, tile, four_over_six)
+    block_scale, scale, outer_scale = _nvfp4_scales(x2, outer, tile)
+    noise = uniform_noise(seed, tuple(x2.shape)) if rounding == "stochastic" else None
+    return (*_round_blocks(x2, block_scale, scale, noise), block_scale, scale, outer_scale)
+
+
+def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None,
+                   four_over_six=None):
     """x (..., K) float -> NVFP4, quantized along the last dim; Kp = K rounded up to 16 (outer="tensor") or
     128 (outer=128), zero-padded. With tile=(16, 16) the leading dims are flattened into rows, padded to 16,
     and amax_16 is taken over 16x16 tiles (with outer=128, amax_128 then over 16x128 tiles).
@@ -286,14 +374,32 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
         q = E2M1(x ⊗ (1 ⊘ (s_o ⊗ s_i)));  x_dq = e2m1(q) ⊗ (s_o ⊗ s_i)
     A block whose E4M3 scale is 0 gets all codes 0. E2M1 rounds to nearest even, or stochastically
     (round_e2m1_magnitude) with uniform_noise(draw_seed(generator), (Mp, Kp)). rht_signs: None, or 16 ±1
-    signs: quantize rht16(x) instead (§5), x zero-padded to whole 16-chunks first."""
+    signs: quantize rht16(x) instead (§5), x zero-padded to whole 16-chunks first.
+
+    four_over_six="mae" or "mse" (Four Over Six, §10, bit-exact to TE's _quantize_blockwise_4over6_reference;
+    RTN only, no RHT, else ValueError): two candidate scales per block b (1x16 or 16x16 tile), the better kept.
+    outer="tensor":
+        S_enc = min(1536 ⊘ A, FLT_MAX) (1 if A = 0), S_dec = 1 ⊘ S_enc      (1536 = 6 x 256, not 6 x 448)
+        base = (amax_b ⊘ 6) ⊗ S_enc;  s6 = e4m3(min(base, 448));  s4 = e4m3(min(base ⊗ 1.5, 448))
+        each s: q = E2M1(x ⊗ min(1 ⊘ (s ⊗ S_dec), FLT_MAX)) (RTN), x̂ = ((e2m1(q) ⊗ fp32(s)) ⊗ A) ⊘ 1536
+        err = Σ_b |x̂ - x| ("mae", TE's default) or Σ_b (x̂ - x)² ("mse"), 16 values added left to right (a 16x16
+        tile: its 16 row sums added as a tree); keep s4 and its codes iff err4 < err6 (a tie keeps s6)
+    outer=128 (our extension, TE has none): s_o = amax_128 ⊘ 1536 (1 if 0), so the largest block's map-to-4
+        scale, 256 x 1.5 = 384, still fits E4M3 (with 2688 it would clamp at 448 and 4/6 could not map that
+        block to 4); s6 = e4m3(min((amax_16 ⊘ s_o) ⊘ 6, 448)), s4 = e4m3(min(((amax_16 ⊘ s_o) ⊘ 6) ⊗ 1.5, 448))
+        (2^-9 if amax_16 = 0), and the error is measured on the dequantized x̂ = e2m1(q) ⊗ (s_o ⊗ s).
+    The result is an ordinary NVFP4 (outer_scale = S_dec or s_o) and dequantizes as usual, x_dq = e2m1(q) ⊗
+    (s ⊗ S_dec): that is not TE's error expression bit for bit (S_dec = 1 ⊘ (1536 ⊘ A) is not A ⊘ 1536, and
+    the products are grouped differently), they differ by fp32 rounding (a few ulp); the choice uses TE's
+    expression, the output ours (as for plain NVFP4, TE's own GEMM applies A_x A_w ⊘ (6·6·256·256) instead)."""
     _check(outer, tile, rounding)
+    _check_four_over_six(four_over_six, rounding, rht_signs)
     tile = tuple(tile)
     x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()   # (Mp, Kp)
     if rht_signs is not None:
         x2 = rht16(x2, rht_signs)                                                      # c -> (c ∘ s) H16 / 4
     seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
-    magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed)
+    magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
     codes = pack_e2m1(e2m1_codes(magnitude, negative).view(x2.shape))                  # (Mp, Kp/2)
     M = x.numel() // x.shape[-1]
     outer_scale = outer_scale if outer == "tensor" else _restore(outer_scale, x, M)
@@ -449,6 +555,8 @@ class Recipe:
     rht: tuple = ()                    # backward GEMMs that get RHT-16: subset of ("dgrad", "wgrad")
     rht_signs: str = "fixed"           # "fixed" (NVIDIA_RHT_SIGNS) or "random" (fresh per GEMM per step)
     aligned: bool = False              # backward quantizes the dequantized forward X̂, Ŵ instead of X, W
+    four_over_six: str = "none"        # forward operands with Four Over Six scales (§10): none, weights, activations, all
+    four_over_six_error: str = "mae"   # the error 4/6 picks by: "mae" (TE's default) or "mse"
 
     def __post_init__(self):
         for ok, what in ((self.fmt in ("nvfp4", "mxfp4"), "fmt must be 'nvfp4' or 'mxfp4'"),
@@ -459,7 +567,13 @@ class Recipe:
                          ({self.grad_rounding, self.other_rounding} <= set(ROUNDINGS),
                           f"roundings must be in {ROUNDINGS}"),
                          (set(self.rht) <= {"dgrad", "wgrad"}, "rht must be a subset of ('dgrad', 'wgrad')"),
-                         (self.rht_signs in ("fixed", "random"), "rht_signs must be 'fixed' or 'random'")):
+                         (self.rht_signs in ("fixed", "random"), "rht_signs must be 'fixed' or 'random'"),
+                         (self.four_over_six in FOUR_OVER_SIX_SCOPES,
+                          f"four_over_six must be one of {FOUR_OVER_SIX_SCOPES}"),
+                         (self.four_over_six_error in FOUR_OVER_SIX_ERRORS,
+                          f"four_over_six_error must be one of {FOUR_OVER_SIX_ERRORS}"),
+                         (self.fmt == "nvfp4" or self.four_over_six == "none",
+                          "Four Over Six (four_over_six) is an NVFP4 scale rule: mxfp4 has none")):
             if not ok:
                 raise ValueError(f"FP4 recipe {self.name!r}: {what}")
 
@@ -485,11 +599,19 @@ def get_recipe(recipe):
     return RECIPES[recipe]
 
 
-def quantize(x, recipe, rounding="nearest", tile=(1, 16), generator=None):
+def quantize(x, recipe, rounding="nearest", tile=(1, 16), generator=None, four_over_six=None):
     """x (..., K) -> the recipe's quantized tuple (NVFP4 or MX) along the last dim."""
     if recipe.fmt == "mxfp4":
+        _check_four_over_six(four_over_six, fmt=recipe.fmt)
         return quantize_mxfp4(x, rounding=rounding, generator=generator)
-    return quantize_nvfp4(x, outer=recipe.outer, tile=tile, rounding=rounding, generator=generator)
+    return quantize_nvfp4(x, outer=recipe.outer, tile=tile, rounding=rounding, generator=generator,
+                          four_over_six=four_over_six)
+
+
+def four_over_six_of(recipe, operand):
+    """-> the four_over_six argument for forward operand "activations" (X) or "weights" (W) under `recipe`:
+    its four_over_six_error if recipe.four_over_six is that operand or "all", else None (§10)."""
+    return recipe.four_over_six_error if recipe.four_over_six in (operand, "all") else None
 
 
 def dequantize(q, width):
@@ -501,7 +623,7 @@ def dequantize(q, width):
     return x[..., :width]
 
 
-def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, H=None):
+def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, H=None, four_over_six=None):
     """(Mp, Kp) padded, any float dtype and strides -> fp32 (Mp, Kp): bit for bit
     dequantize(quantize(x2 H or x2)), H = hadamard16(signs) or None, but without building the codes:
     x_dq = ±magnitude ⊗ scale.
@@ -514,20 +636,23 @@ def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, H=None):
         magnitude, negative, scale = _round_mxfp4(x2, rounding, seed)
         scale = _e8m0_value(scale)                                                    # (Mp, Kp/32)
     else:
-        magnitude, negative, _, scale, _ = _round_nvfp4(x2, outer, tile, rounding, seed)   # scale (Mp, Kp/16)
+        magnitude, negative, _, scale, _ = _round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
     x_dq = magnitude * scale[..., None]
     return torch.where(negative, -x_dq, x_dq).view(x2.shape)
 
 
-def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None, dtype=torch.float32):
+def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None, dtype=torch.float32,
+               four_over_six=None):
     """x (..., K) -> (..., K) in `dtype`: quantize along the last dim with the recipe's format, then
     dequantize; equal bit for bit to dequantize(quantize(x, ...)) (tests/test_nvfp4.py), without building the
     codes. rht_signs: None, or 16 ±1 signs to quantize rht16(x) instead (x zero-padded to whole 16-chunks
-    first); the result then keeps that padded width, K rounded up to 16, since rotated padding is not zero."""
+    first); the result then keeps that padded width, K rounded up to 16, since rotated padding is not zero.
+    four_over_six: None, "mae" or "mse": Four Over Six block scales (§10, quantize_nvfp4; NVFP4 RTN only)."""
     recipe, tile = get_recipe(recipe), tuple(tile)
+    _check_four_over_six(four_over_six, rounding, rht_signs, recipe.fmt)
     x2, seed = pad_operand(x, recipe, rounding, tile, generator)                       # (Mp, Kp), seed or None
     H = None if rht_signs is None else hadamard16(rht_signs.to(x2.device))
-    out = _fake_quant_2d(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H)      # (Mp, Kp) fp32
+    out = _fake_quant_2d(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H, four_over_six)   # (Mp, Kp) fp32
     return crop_result(out.to(dtype), x, rht_signs)
 
 
@@ -551,20 +676,21 @@ def fake_quant_mxfp8(x, dtype=torch.float32):
     return dequantize(quantize_mxfp8(x), x.shape[-1]).to(dtype)
 
 
-def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, impl=None, dtype=torch.float32):
+def fake_quant_split(x, recipe, tile=(1, 16), outliers=None, impl=None, dtype=torch.float32, four_over_six=None):
     """x (M, K) -> (M, K) in `dtype`, round to nearest: FP4 (the recipe's format) on every column except the
     outliers, which get MXFP8 (OutControl, §8). `outliers`: None, a LongTensor of MXFP8 column indices
     (the FP4 columns are then the rest, in ascending order), or a pair (outliers, inliers) of LongTensors
     (as select_outlier_channels returns them, both in descending-norm order). Each part is quantized as its
     own contiguous matrix with its columns in that order, as a real kernel sees it after gathering them: the
     order decides which channels share a 16-block (and a 128-block), so it is part of the numerics.
-    impl: the implementation of fake_quant (REFERENCE if None; fastpaths.py has faster ones)."""
+    impl: the implementation of fake_quant (REFERENCE if None; fastpaths.py has faster ones). four_over_six:
+    passed to the FP4 part's fake_quant (§10; the MXFP8 columns have no 4/6)."""
     impl = impl or REFERENCE
     if outliers is None:
-        return impl.fake_quant(x, recipe, tile=tile, dtype=dtype)
+        return impl.fake_quant(x, recipe, tile=tile, dtype=dtype, four_over_six=four_over_six)
     outliers, inliers = split_columns(outliers, x.shape[1])
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    out[:, inliers] = impl.fake_quant(x[:, inliers], recipe, tile=tile, dtype=dtype)
+    out[:, inliers] = impl.fake_quant(x[:, inliers], recipe, tile=tile, dtype=dtype, four_over_six=four_over_six)
     out[:, outliers] = fake_quant_mxfp8(x[:, outliers], dtype)
     return out
 
@@ -631,15 +757,16 @@ def _fprop(x2, weight, recipe, outliers, impl, dtype):
     tensor_core_gemm gives a function: kernels.py on a Blackwell GPU) and no OutControl channels, the GEMM
     multiplies the codes themselves (fp32 accumulation) and X̂, Ŵ are dequantized for the backward; everywhere
     else it is fake-quant, then a matmul in `dtype` (the simulation: the same numbers up to summation order
-    and the bf16 rounding of X̂, Ŵ)."""
+    and the bf16 rounding of X̂, Ŵ). Four Over Six (§10) goes to X and/or W as recipe.four_over_six says."""
+    fx, fw = four_over_six_of(recipe, "activations"), four_over_six_of(recipe, "weights")
     gemm_from_codes = impl.tensor_core_gemm(x2.device) if recipe.fmt == "nvfp4" else None
     if outliers is None and gemm_from_codes is not None:
-        qx = impl.quantize_nvfp4(x2, outer=recipe.outer)
-        qw = impl.quantize_nvfp4(weight, outer=recipe.outer, tile=recipe.weight_tile)
+        qx = impl.quantize_nvfp4(x2, outer=recipe.outer, four_over_six=fx)
+        qw = impl.quantize_nvfp4(weight, outer=recipe.outer, tile=recipe.weight_tile, four_over_six=fw)
         y = gemm_from_codes(qx, qw).to(dtype)
         return y, dequantize(qx, x2.shape[1]).to(dtype), dequantize(qw, weight.shape[1]).to(dtype)
-    x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, impl, dtype)                # (N, in)
-    w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, impl, dtype)  # (out, in)
+    x_hat = fake_quant_split(x2, recipe, (1, 16), outliers, impl, dtype, fx)                # (N, in)
+    w_hat = fake_quant_split(weight, recipe, recipe.weight_tile, outliers, impl, dtype, fw)  # (out, in)
     return x_hat @ w_hat.t(), x_hat, w_hat
 
 
@@ -676,8 +803,10 @@ class FP4LinearFunction(torch.autograd.Function):
         y, x_hat, w_hat = _fprop(x2, weight, recipe, outliers, impl, dtype)  # (N, out), (N, in), (out, in)
         if stats is not None:
             stats.update(sqnr_x=sqnr(x2, x_hat), sqnr_w=sqnr(weight, w_hat))
-            stats.update(zip(("saturated_x", "underflow_x"), block_health(x2, recipe)))
-            stats.update(zip(("saturated_w", "underflow_w"), block_health(weight, recipe, recipe.weight_tile)))
+            stats.update(zip(("saturated_x", "underflow_x"),
+                             block_health(x2, recipe, four_over_six=four_over_six_of(recipe, "activations"))))
+            stats.update(zip(("saturated_w", "underflow_w"), block_health(weight, recipe, recipe.weight_tile,
+                                                                          four_over_six_of(recipe, "weights"))))
         # What the backward keeps. NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (§2): when dgrad would
         # re-quantize W exactly as the forward did (RTN, no RHT), it reuses the forward Ŵ instead. Aligned
         # recipes keep the dequantized X̂, Ŵ (as the GEMM saw them, in x.dtype); the others keep X and W.
@@ -720,14 +849,14 @@ class FP4LinearFunction(torch.autograd.Function):
 SATURATION_LIMIT = 7.0   # a scaled |x| above 7 loses more to the clamp at 6 than rounding loses anywhere in range
 
 
-def block_health(x, recipe, tile=(1, 16)):
+def block_health(x, recipe, tile=(1, 16), four_over_six=None):
     """-> (saturated, underflow): among the non-zero scale blocks of x (..., K) under the recipe's quantizer,
     the fraction whose scale is too small for the block (scaled amax > SATURATION_LIMIT, so the clamp at ±6
     costs more than half the top step: MXFP4's power-of-two floor scale does this in 17% of the blocks of
     randn; NVFP4's fitted E4M3 scale only rounds and never does), and the fraction whose scale underflowed to
     an E4M3 subnormal or zero (< 2^-6: under 4 significant bits, the per-tensor scale's failure mode) or to
-    E8M0's smallest value."""
-    q = quantize(x, recipe, tile=tile)
+    E8M0's smallest value. four_over_six: as the forward quantized x (§10)."""
+    q = quantize(x, recipe, tile=tile, four_over_six=four_over_six)
     x2 = x.reshape(-1, x.shape[-1]).float()                                   # (M, K)
     if isinstance(q, MX):
         block, scale = MX_BLOCK, q.scale.float().view(x2.shape[0], -1)         # (M, Kp/32)
@@ -904,7 +1033,8 @@ class FP4Linear(nn.Linear):
 
     def quantize_weight(self):
         """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks (docs/numerics.md §7)."""
-        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.columns(), self.impl)
+        return fake_quant_split(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.columns(), self.impl,
+                                four_over_six=four_over_six_of(self.recipe, "weights"))
 
     def columns(self):
         """OutControl's split of the input channels: None, or (outliers, inliers) in descending-norm order."""

@@ -52,7 +52,7 @@ class TrainConfig:
     mlp_hidden: int = 0           # override the preset's SwiGLU hidden width (0 = keep)
     # FP4
     fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = bf16 baseline)
-    fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES): the preset the next seven flags override
+    fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES): the preset the next nine flags override
     fp4_outer: str = ""           # NVFP4 outer scale: tensor (NVIDIA) or 128 (TetraJet-v2 double-block); "" = the preset's
     fp4_weight_tile: str = ""     # W's scale tile in fprop and dgrad: 1x16 or 16x16; "" = the preset's
     fp4_rht: str = ""             # backward GEMMs with a 16-point random Hadamard transform: none, dgrad, wgrad, both
@@ -60,6 +60,8 @@ class TrainConfig:
     fp4_grad_rounding: str = ""   # rounding of dY in dgrad and wgrad: nearest or stochastic; "" = the preset's
     fp4_other_rounding: str = ""  # rounding of W (dgrad) and X (wgrad): nearest or stochastic; "" = the preset's
     fp4_aligned: str = ""         # backward from the dequantized forward X^, W^ (true) or from X, W (false); "" = the preset's
+    fp4_4over6: str = ""          # Four Over Six block scales (NVFP4, fprop only): none, weights, activations, all; "" = the preset's
+    fp4_4over6_error: str = ""    # the error Four Over Six picks a block's scale by: mae (TE's default) or mse; "" = the preset's
     fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, cpu, triton (same bits; fastpaths.select)
     bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
     bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
@@ -109,6 +111,8 @@ RECIPE_FLAGS = {
     "fp4_grad_rounding": ("grad_rounding", {r: r for r in fp4.ROUNDINGS}),
     "fp4_other_rounding": ("other_rounding", {r: r for r in fp4.ROUNDINGS}),
     "fp4_aligned": ("aligned", {"true": True, "false": False}),
+    "fp4_4over6": ("four_over_six", {s: s for s in fp4.FOUR_OVER_SIX_SCOPES}),
+    "fp4_4over6_error": ("four_over_six_error", {e: e for e in fp4.FOUR_OVER_SIX_ERRORS}),
 }
 CHOICES.update({flag: list(values) for flag, (_, values) in RECIPE_FLAGS.items()})
 
@@ -180,6 +184,9 @@ def resolve_recipe(cfg):
     if cfg.fp4_rht_signs and not recipe.rht:
         sys.exit(f"error: --fp4-rht-signs {cfg.fp4_rht_signs} has no effect: recipe {name} has no RHT "
                  f"(--fp4-rht none); drop it or set --fp4-rht")
+    if cfg.fp4_4over6_error and recipe.four_over_six == "none":
+        sys.exit(f"error: --fp4-4over6-error {cfg.fp4_4over6_error} has no effect: recipe {name} has no Four Over "
+                 f"Six; drop it or set --fp4-4over6")
     return recipe
 
 
@@ -574,7 +581,8 @@ def nonfinite_report(model, fp4_layers):
            if not p.isfinite().all() or (p.grad is not None and not p.grad.isfinite().all())]
     lines = [f"non-finite parameters or gradients: {', '.join(bad) or 'none'}"]
     for n, m in fp4_layers.items():
-        sat, under = fp4.block_health(m.weight.detach(), m.recipe, m.recipe.weight_tile)
+        sat, under = fp4.block_health(m.weight.detach(), m.recipe, m.recipe.weight_tile,
+                                        fp4.four_over_six_of(m.recipe, "weights"))
         lines.append(f"  {n}: weight blocks saturated {sat:.2%}, underflowed {under:.2%}")
     return "FP4 health at the failure:\n" + "\n".join(lines)
 
