@@ -1,7 +1,6 @@
 """Faults never lose work: SIGTERM mid-run checkpoints and resumes exactly; a NaN stops the run (or is skipped)
 without touching the last good checkpoint; an unwritable --out-dir fails before training.
 Run: python -m pytest tests/test_faults.py -q"""
-import json
 import os
 import signal
 import subprocess

@@ -18,7 +18,6 @@ import argparse
 import sys
 import os
 import time
-from dataclasses import replace
 
 if __package__ in (None, ""):                   # run as a script (python tools/X.py): the repo root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
