@@ -78,7 +78,8 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None, four_over_six=No
 
 
 class FastPath:
-    """What every fast implementation shares: fp4.py's padding and seed draw before its kernel, the crop after,
+    """What every fast implementation shares: fp4.py's padding and seed draw before its kernel, the crop after
+    (fp4.pad_operand / crop_result, fp4.pad_codes_operand / codes_result),
     so a kernel sees exactly the padded (Mp, Kp) operand and the int64 (2,) seed the reference rounds with.
     Each subclass supplies _fake_quant_2d (-> (Mp, Kp) in `dtype`) and _quantize_nvfp4_2d (-> packed codes,
     E4M3 scale bytes, outer scale); both take four_over_six (None, "mae", "mse"; fp4.py §10), already checked
@@ -96,16 +97,9 @@ class FastPath:
     def quantize_nvfp4(self, x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None,
                        four_over_six=None):
         tile = tuple(tile)
-        fp4._check(outer, tile, rounding)
-        fp4._check_four_over_six(four_over_six, rounding, rht_signs)
-        x2 = fp4._as_padded_2d(x, tile[0], fp4.NVFP4_BLOCK if outer == "tensor" else fp4.OUTER_BLOCK).float()
-        seed = fp4.draw_seed(generator, x2.device) if rounding == "stochastic" else None
-        codes, block_scale, outer_scale = self._quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs,
-                                                                  four_over_six)
-        M = x.numel() // x.shape[-1]
-        outer_scale = outer_scale if outer == "tensor" else fp4._restore(outer_scale, x, M)
-        return fp4.NVFP4(fp4._restore(codes.to(torch.uint8), x, M),
-                         fp4._restore(block_scale.view(torch.float8_e4m3fn), x, M), outer_scale)
+        x2, seed = fp4.pad_codes_operand(x, outer, tile, rounding, generator, rht_signs, four_over_six)
+        out = self._quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs, four_over_six)
+        return fp4.codes_result(*out, x, outer)
 
     def tensor_core_gemm(self, device):
         return None

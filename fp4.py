@@ -270,12 +270,20 @@ def _nvfp4_scales(x2, outer, tile):
         S_enc, S_dec = tensor_scales(amax16.amax())                                    # () fp32 each
         block_scale = (amax16 * (S_enc * FP32_ONE_SIXTH)).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)
         return block_scale, block_scale.float() * S_dec, S_dec
-    amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
-    s_o = torch.where(amax128 == 0, 1.0, _div(amax128, NVFP4_AMAX_TO_SCALE))
-    s_o16 = s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)                 # (Mp, Kp/16)
+    s_o, s_o16 = _outer_scales(amax16, NVFP4_AMAX_TO_SCALE)
     s_i = _div(amax16 / s_o16, F4_E2M1_MAX).clamp(max=F8E4M3_MAX)
     block_scale = torch.where(amax16 == 0, DOUBLE_BLOCK_ZERO_SCALE, s_i).to(torch.float8_e4m3fn)
     return block_scale, s_o16 * block_scale.float(), s_o
+
+
+def _outer_scales(amax16, amax_to_scale):
+    """Double-block's fp32 outer scales (§3): amax_16 (Mp, Kp/16) -> (s_o = amax_128 ⊘ amax_to_scale, 1 where
+    amax_128 = 0, (Mp, Kp/128); s_o repeated on its 8 inner blocks, (Mp, Kp/16)). amax_to_scale: 2688, or 1536
+    with Four Over Six (§10)."""
+    Mp, n16 = amax16.shape
+    amax128 = amax16.view(Mp, n16 * NVFP4_BLOCK // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)
+    s_o = torch.where(amax128 == 0, 1.0, _div(amax128, amax_to_scale))
+    return s_o, s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)
 
 
 def _four_over_six_scales(x2, outer, tile):
@@ -290,9 +298,7 @@ def _four_over_six_scales(x2, outer, tile):
         base = _div(amax16, F4_E2M1_MAX) * S_enc                                       # TE's 4/6 order
         s6, s4 = (b.clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn) for b in (base, base * MAP_TO_4))
         return (s6, s6.float() * S_dec), (s4, s4.float() * S_dec), S_dec, A
-    amax128 = amax16.view(Mp, Kp // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)  # (Mp, Kp/128)
-    s_o = torch.where(amax128 == 0, 1.0, _div(amax128, FOUR_OVER_SIX_AMAX_TO_SCALE))
-    s_o16 = s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)                 # (Mp, Kp/16)
+    s_o, s_o16 = _outer_scales(amax16, FOUR_OVER_SIX_AMAX_TO_SCALE)
     base = _div(amax16 / s_o16, F4_E2M1_MAX)
     s6, s4 = (torch.where(amax16 == 0, DOUBLE_BLOCK_ZERO_SCALE, b.clamp(max=F8E4M3_MAX)).to(torch.float8_e4m3fn)
               for b in (base, base * MAP_TO_4))
@@ -392,18 +398,32 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     (s ⊗ S_dec): that is not TE's error expression bit for bit (S_dec = 1 ⊘ (1536 ⊘ A) is not A ⊘ 1536, and
     the products are grouped differently), they differ by fp32 rounding (a few ulp); the choice uses TE's
     expression, the output ours (as for plain NVFP4, TE's own GEMM applies A_x A_w ⊘ (6·6·256·256) instead)."""
-    _check(outer, tile, rounding)
-    _check_four_over_six(four_over_six, rounding, rht_signs)
     tile = tuple(tile)
-    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()   # (Mp, Kp)
+    x2, seed = pad_codes_operand(x, outer, tile, rounding, generator, rht_signs, four_over_six)  # (Mp, Kp)
     if rht_signs is not None:
         x2 = rht16(x2, rht_signs)                                                      # c -> (c ∘ s) H16 / 4
-    seed = draw_seed(generator, x2.device) if rounding == "stochastic" else None
     magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
     codes = pack_e2m1(e2m1_codes(magnitude, negative).view(x2.shape))                  # (Mp, Kp/2)
+    return codes_result(codes, block_scale, outer_scale, x, outer)
+
+
+def pad_codes_operand(x, outer, tile, rounding, generator, rht_signs=None, four_over_six=None):
+    """quantize_nvfp4's prologue, shared with every implementation: check the arguments, then x (..., K) ->
+    (x2 fp32 (Mp, Kp), zero-padded to whole 16- or 128-blocks (and 16 rows with 16x16 tiles); the int64 (2,) SR
+    seed drawn from `generator`, or None for RTN)."""
+    _check(outer, tile, rounding)
+    _check_four_over_six(four_over_six, rounding, rht_signs)
+    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()
+    return x2, (draw_seed(generator, x2.device) if rounding == "stochastic" else None)
+
+
+def codes_result(codes, block_scale, outer_scale, x, outer):
+    """quantize_nvfp4's epilogue: packed codes (Mp, Kp/2), E4M3 block scales (or their bytes) (Mp, Kp/16) and
+    S_dec or s_o of the padded view -> NVFP4 with x's leading shape (padded rows dropped)."""
     M = x.numel() // x.shape[-1]
     outer_scale = outer_scale if outer == "tensor" else _restore(outer_scale, x, M)
-    return NVFP4(_restore(codes, x, M), _restore(block_scale, x, M), outer_scale)
+    return NVFP4(_restore(codes.to(torch.uint8), x, M), _restore(block_scale.view(torch.float8_e4m3fn), x, M),
+                 outer_scale)
 
 
 def dequantize_nvfp4(q, dtype=torch.float32):
