@@ -71,7 +71,7 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None, four_over_six=No
     packed codes code(2j) + 16·code(2j+1) formed in fp32 and returned as int16, scales as raw uint8 bytes
     (fp32 -> uint8 conversions and e4m3 outputs each measured 2-4x slower on 4096x4096). Same values."""
     if H is not None:
-        x2 = fp4._rotate16(x2, H)
+        x2 = fp4._rotate(x2, H)
     magnitude, negative, block_scale, _, outer_scale = fp4._round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
     k = fp4._code_values(magnitude, negative).view(x2.shape[0], -1, 2)                # (Mp, Kp/2, 2)
     return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
@@ -90,7 +90,7 @@ class FastPath:
                    dtype=torch.float32, four_over_six=None):
         recipe, tile = fp4.get_recipe(recipe), tuple(tile)
         fp4._check_four_over_six(four_over_six, rounding, rht_signs, recipe.fmt)
-        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator)
+        x2, seed = fp4.pad_operand(x, recipe, rounding, tile, generator, rht_signs)
         out = self._fake_quant_2d(x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six)
         return fp4.crop_result(out.to(dtype), x, rht_signs)
 
@@ -104,14 +104,18 @@ class FastPath:
     def tensor_core_gemm(self, device):
         return None
 
-    def _refuse_four_over_six(self, four_over_six, where):
-        if four_over_six is not None:
-            raise ValueError(f"path '{self.name}' has no Four Over Six kernel yet ({where}); "
+    def _refuse_four_over_six(self, four_over_six, where, rounding=None, rht_signs=None):
+        """For a kernel without Four Over Six, MS-EDEN or RHT-128: ValueError naming what it lacks."""
+        lacks = [what for what, asked in (("Four Over Six", four_over_six is not None), ("MS-EDEN", rounding == fp4.EDEN),
+                                          ("RHT-128", rht_signs is not None and len(rht_signs) != fp4.NVFP4_BLOCK))
+                 if asked]
+        if lacks:
+            raise ValueError(f"path '{self.name}' has no {' / '.join(lacks)} kernel yet ({where}); "
                              f"use --fp4-path compiled or reference")
 
 
 def _signs_matrix(rht_signs, device):
-    return None if rht_signs is None else fp4.hadamard16(rht_signs.to(device))
+    return fp4.rht_operator(rht_signs, device)
 
 
 class Compiled(FastPath):
@@ -142,12 +146,12 @@ class CPU(FastPath):
         self.kernels = cpu_kernels
 
     def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "cpu_kernels/")
+        self._refuse_four_over_six(four_over_six, "cpu_kernels/", rounding, rht_signs)
         return self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
                                        dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "cpu_kernels/")
+        self._refuse_four_over_six(four_over_six, "cpu_kernels/", rounding, rht_signs)
         return self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device))
 
 # -----------------------------------------------------------------------------
@@ -163,13 +167,13 @@ class Triton(FastPath):
         self.kernels = kernels
 
     def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "kernels.py")
+        self._refuse_four_over_six(four_over_six, "kernels.py", rounding, rht_signs)
         if recipe.fmt != "nvfp4":
             raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
         return self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "kernels.py")
+        self._refuse_four_over_six(four_over_six, "kernels.py", rounding, rht_signs)
         return self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
 
     def tensor_core_gemm(self, device):
@@ -239,6 +243,10 @@ def probe(path, device, recipe):
         checks = [dict(), dict(rounding="stochastic", rht_signs=signs, dtype=torch.bfloat16)]
         if recipe.four_over_six != "none":
             checks.append(dict(tile=recipe.weight_tile, four_over_six=recipe.four_over_six_error))
+        if fp4.EDEN in (recipe.grad_rounding, recipe.other_rounding) or recipe.rht_size != fp4.NVFP4_BLOCK:
+            eden = fp4.EDEN in (recipe.grad_rounding, recipe.other_rounding)
+            checks.append(dict(rounding=fp4.EDEN if eden else "stochastic",
+                               rht_signs=fp4.random_signs(g, n=recipe.rht_size).to(device)))
         for kw in checks:
             same = [i.fake_quant(x, recipe, generator=torch.Generator(device).manual_seed(1), **kw)
                     for i in (impl, fp4.REFERENCE)]

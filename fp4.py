@@ -114,7 +114,18 @@ E8M0_BIAS, E8M0_NAN = 127, 255         # E8M0 byte b means 2^(b - 127); 255 is N
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # NVIDIA's fixed RHT sign vector (TE), + + + - + - - - - - - + - + - -
 NVIDIA_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic")   # E2M1 element rounding (round_e2m1)
+EDEN = "eden"                          # MS-EDEN (Quartet II, §11): RTN elements, SR'd corrected scales
+QUANTIZER_ROUNDINGS = ROUNDINGS + (EDEN,)   # what quantize_nvfp4 / fake_quant / a Recipe's roundings take
+# Quartet II's constants (IST-DASLab/Quartet-II, schemes/quartet_2.py; §11). Their backward scale override
+# (17/16)·0.93 = 0.988125 shrinks the grid's max from 6 to 6 / 0.988125, and the tensor scale's bound 255.99
+# (not 448) leaves room for the EDEN correction to scale a block up.
+EDEN_SCALE_OVERRIDE = 17 / 16 * 0.93   # 0.988125, in Python double as in their code
+EDEN_VAL_MAX = 6.07210636138916        # fl32(6 / 0.988125): the constexpr their Triton kernel divides by
+EDEN_SCALE_BOUND = 255.99000549316406  # fl32(255.99)
+EDEN_GROUP = 128                       # elements per EDEN correction: one Hadamard group, 8 micro-blocks
+RHT_SIZES = (16, 128)                  # RHT-16 (NVIDIA, TetraJet-v2) or RHT-128 (Quartet II)
+RHT128_NORM = 0.0883883461356163       # fl32(1/sqrt(128)) = fl32(2^-3.5): H_128's normalization, one rounding
 # FP4Linear(seed=s) seeds its noise generator with s + NOISE_SEED_OFFSET. Without the offset, seed s would
 # replay the very stream torch.manual_seed(s) used to draw the weights or data, and SR noise correlated with
 # the values it rounds is biased (measured: 16.8 dB instead of 17.25 dB SQNR on randn).
@@ -231,13 +242,27 @@ class NVFP4(NamedTuple):
     outer_scale: torch.Tensor  # fp32: per-tensor decode scale S_dec (0-dim), or per-128 s_o (..., Kp/128)
 
 
-def _check(outer, tile, rounding):
+def _check(outer, tile, rounding, rht_signs=None):
     if outer not in ("tensor", OUTER_BLOCK):
         raise ValueError(f"outer must be 'tensor' or {OUTER_BLOCK}, got {outer!r}")
     if tuple(tile) not in ((1, 16), (16, 16)):
         raise ValueError(f"tile must be (1, 16) or (16, 16), got {tile!r}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding not in QUANTIZER_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {QUANTIZER_ROUNDINGS}, got {rounding!r}")
+    if rounding == EDEN and (outer, tuple(tile)) != ("tensor", (1, 16)):
+        raise ValueError(f"MS-EDEN (rounding='eden') is defined with a per-tensor scale and 1x16 blocks, as in "
+                         f"Quartet II; got outer={outer!r}, tile={tuple(tile)}")
+    if rht_signs is not None and rht_signs.shape not in ((n,) for n in RHT_SIZES):
+        raise ValueError(f"rht_signs must hold 16 (RHT-16) or 128 (RHT-128) signs, got shape {tuple(rht_signs.shape)}")
+
+
+def k_multiple(fmt, outer, rounding, rht_signs=None):
+    """The block K is zero-padded to: 32 (MXFP4), 16 (NVFP4, per-tensor), 128 (double-block, MS-EDEN's
+    correction groups, or RHT-128's chunks)."""
+    if fmt == "mxfp4":
+        return MX_BLOCK
+    big = outer == OUTER_BLOCK or rounding == EDEN or (rht_signs is not None and len(rht_signs) == OUTER_BLOCK)
+    return OUTER_BLOCK if big else NVFP4_BLOCK
 
 
 def _check_four_over_six(four_over_six, rounding="nearest", rht_signs=None, fmt="nvfp4"):
@@ -354,12 +379,63 @@ def _round_four_over_six(x2, outer, tile, error):
             outer_scale)
 
 
+def _tree_sum(t):
+    """(..., n), n a power of two -> (...,) Σ over the last dim in a fixed order: halves added elementwise
+    (t[:n/2] + t[n/2:]) until one is left. The order every implementation uses for MS-EDEN's sums (a SIMD
+    register adds its halves the same way), so they all give the same bits."""
+    while t.shape[-1] > 1:
+        half = t.shape[-1] // 2
+        t = t[..., :half] + t[..., half:]
+    return t[..., 0]
+
+
+def _stochastic_e4m3(t, noise):
+    """fp32 t >= 0 (or NaN), any shape -> E4M3 (same shape): t itself where it is an E4M3 value, else one of its
+    two E4M3 neighbours down < t < up, up iff noise < (t - down) ⊘ (up - down), so E[result] = t (§11 step 5).
+    The neighbours are the nearest E4M3 value r = e4m3(t) and the byte next to it (r's byte - 1 if r > t, else
+    + 1), as Quartet II finds them. t is clamped to 448 first (never reached in practice: the 255.99 bound
+    leaves a factor 1.75 of room). NaN stays NaN."""
+    t = t.clamp(max=F8E4M3_MAX)
+    r = t.to(torch.float8_e4m3fn)
+    rb = r.view(torch.uint8).to(torch.int32)
+    above = r.float() > t
+    down_b, up_b = torch.where(above, rb - 1, rb), torch.where(above, rb, rb + 1)
+    down, up = (b.to(torch.uint8).view(torch.float8_e4m3fn).float() for b in (down_b, up_b))
+    pick = torch.where(r.float() == t, rb, torch.where(noise < (t - down) / (up - down), up_b, down_b))
+    return pick.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def _round_eden(x2, seed):
+    """MS-EDEN (Quartet II, §11) on fp32 (Mp, Kp), Kp a multiple of 128 (already rotated by the caller) ->
+    the outputs of _round_nvfp4: (magnitude, negative (Mp, Kp/16, 16), block_scale e4m3 (Mp, Kp/16), scale
+    (Mp, Kp/16), S_dec). See quantize_nvfp4 for the formulas; the noise is uniform_noise(seed, (Mp, Kp/16)),
+    one uniform per 16-block (the row-major index of its scale)."""
+    Mp, Kp = x2.shape
+    A = x2.abs().amax()
+    S_dec = torch.where(A == 0, 1.0, _div(_div(A, EDEN_SCALE_BOUND), EDEN_VAL_MAX))   # ()
+    amax16 = _tile_amax(x2, (1, NVFP4_BLOCK))                                          # (Mp, Kp/16)
+    s = (_div(amax16, EDEN_VAL_MAX) / S_dec).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn).float()
+    s = torch.where(s == 0, 1.0, s)                                                    # Quartet II: 0 -> 1
+    z = x2.view(Mp, -1, NVFP4_BLOCK) * (1.0 / (s * S_dec)).clamp(max=FLT_MAX)[..., None]   # (Mp, Kp/16, 16)
+    magnitude = round_e2m1_magnitude(z.abs())
+    q = torch.where(z < 0, -magnitude, magnitude)
+    per_group = (Mp, Kp // EDEN_GROUP, EDEN_GROUP)
+    num, den = _tree_sum((z * z).view(per_group)), _tree_sum((z * q).view(per_group))     # (Mp, Kp/128)
+    c = torch.where(den == 0, 1.0, num / den)
+    t = s * c.repeat_interleave(EDEN_GROUP // NVFP4_BLOCK, dim=-1)                     # (Mp, Kp/16)
+    block_scale = _stochastic_e4m3(t, uniform_noise(seed, tuple(t.shape)))
+    return magnitude, z < 0, block_scale, block_scale.float() * S_dec, S_dec
+
+
 def _round_nvfp4(x2, outer, tile, rounding, seed, four_over_six=None):
     """The body shared by quantize_nvfp4 and fake_quant: fp32 (Mp, Kp), padded -> (magnitude fp32 and
     negative bool, both (Mp, Kp/16, 16), then block_scale, scale, outer_scale as _nvfp4_scales).
-    four_over_six: None, or "mae"/"mse" for Four Over Six's per-block choice of scale (§10, RTN only)."""
+    four_over_six: None, or "mae"/"mse" for Four Over Six's per-block choice of scale (§10, RTN only).
+    rounding "eden": MS-EDEN (§11)."""
     if four_over_six is not None:
         return _round_four_over_six(x2, outer, tile, four_over_six)
+    if rounding == EDEN:
+        return _round_eden(x2, seed)
     block_scale, scale, outer_scale = _nvfp4_scales(x2, outer, tile)
     noise = uniform_noise(seed, tuple(x2.shape)) if rounding == "stochastic" else None
     return (*_round_blocks(x2, block_scale, scale, noise), block_scale, scale, outer_scale)
@@ -379,8 +455,23 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
         s_o = amax_128 ⊘ 2688 (1 if 0);  s_i = e4m3(min((amax_16 ⊘ s_o) ⊘ 6, 448)) (2^-9 if amax_16 = 0)
         q = E2M1(x ⊗ (1 ⊘ (s_o ⊗ s_i)));  x_dq = e2m1(q) ⊗ (s_o ⊗ s_i)
     A block whose E4M3 scale is 0 gets all codes 0. E2M1 rounds to nearest even, or stochastically
-    (round_e2m1_magnitude) with uniform_noise(draw_seed(generator), (Mp, Kp)). rht_signs: None, or 16 ±1
-    signs: quantize rht16(x) instead (§5), x zero-padded to whole 16-chunks first.
+    (round_e2m1_magnitude) with uniform_noise(draw_seed(generator), (Mp, Kp)). rht_signs: None, or 16 or 128
+    ±1 signs: quantize rht(x) instead (RHT-16 or RHT-128, §5), x zero-padded to whole chunks first.
+
+    rounding="eden" (MS-EDEN, Quartet II, §11; outer="tensor", 1x16 only; Kp = K rounded up to 128; meant for
+    an x already rotated by a fresh RHT-128, rht_signs of 128, which is what makes it unbiased):
+        A = amax|x|;  S_dec = (A ⊘ 255.99) ⊘ v (1 if A = 0), v = fl(6 / 0.988125) = 6.072106
+        s_b = e4m3(min((amax_b ⊘ v) ⊘ S_dec, 448)), 1 where that is 0
+        z = x ⊗ min(1 ⊘ (s_b ⊗ S_dec), FLT_MAX);  q = E2M1(z), round to nearest even
+        per 128-group g (8 blocks): c_g = Σ z² ⊘ Σ z·q (1 if Σ z·q = 0), sums in _tree_sum's order
+        t_b = s_b ⊗ c_g;  s'_b = t_b stochastically rounded to a neighbouring E4M3 value (_stochastic_e4m3,
+        one uniform per block: uniform_noise(draw_seed(generator), (Mp, Kp/16)))
+        x_dq = e2m1(q) ⊗ (s'_b ⊗ S_dec)
+    Where this departs from Quartet II's kernel (eden_1x16s_fp4_kernel), all deliberate: E2M1 ties go to even
+    (theirs away from zero: hardware and every other quantizer here round to even; ties have probability ~0
+    on real data); z multiplies by the rounded reciprocal instead of dividing (TE's order, as for plain NVFP4:
+    1 ulp); the sums run in _tree_sum's order (theirs is tl.sum's, the compiler's); S_dec is stored as the
+    outer scale (theirs is folded into the bf16 output).
 
     four_over_six="mae" or "mse" (Four Over Six, §10, bit-exact to TE's _quantize_blockwise_4over6_reference;
     RTN only, no RHT, else ValueError): two candidate scales per block b (1x16 or 16x16 tile), the better kept.
@@ -401,7 +492,7 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     tile = tuple(tile)
     x2, seed = pad_codes_operand(x, outer, tile, rounding, generator, rht_signs, four_over_six)  # (Mp, Kp)
     if rht_signs is not None:
-        x2 = rht16(x2, rht_signs)                                                      # c -> (c ∘ s) H16 / 4
+        x2 = rht(x2, rht_signs)                                                        # c -> (c ∘ s) H / √n
     magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
     codes = pack_e2m1(e2m1_codes(magnitude, negative).view(x2.shape))                  # (Mp, Kp/2)
     return codes_result(codes, block_scale, outer_scale, x, outer)
@@ -411,10 +502,10 @@ def pad_codes_operand(x, outer, tile, rounding, generator, rht_signs=None, four_
     """quantize_nvfp4's prologue, shared with every implementation: check the arguments, then x (..., K) ->
     (x2 fp32 (Mp, Kp), zero-padded to whole 16- or 128-blocks (and 16 rows with 16x16 tiles); the int64 (2,) SR
     seed drawn from `generator`, or None for RTN)."""
-    _check(outer, tile, rounding)
+    _check(outer, tile, rounding, rht_signs)
     _check_four_over_six(four_over_six, rounding, rht_signs)
-    x2 = _as_padded_2d(x, tile[0], NVFP4_BLOCK if outer == "tensor" else OUTER_BLOCK).float()
-    return x2, (draw_seed(generator, x2.device) if rounding == "stochastic" else None)
+    x2 = _as_padded_2d(x, tile[0], k_multiple("nvfp4", outer, rounding, rht_signs)).float()
+    return x2, (draw_seed(generator, x2.device) if rounding != "nearest" else None)
 
 
 def codes_result(codes, block_scale, outer_scale, x, outer):
@@ -509,9 +600,9 @@ def sqnr(x, x_dq):
 # -----------------------------------------------------------------------------
 # Random Hadamard transform (§5)
 
-def random_signs(generator=None, device=None):
-    """16 random ±1 fp32 signs for rht16, drawn as torch.randint(0, 2, (16,), generator=generator)."""
-    bits = torch.randint(0, 2, (NVFP4_BLOCK,), generator=generator, device=device)
+def random_signs(generator=None, device=None, n=NVFP4_BLOCK):
+    """n (16 or 128) random ±1 fp32 signs for rht, drawn as torch.randint(0, 2, (n,), generator=generator)."""
+    bits = torch.randint(0, 2, (n,), generator=generator, device=device)
     return (1 - 2 * bits).float()
 
 
@@ -560,6 +651,51 @@ def _rotate16(x, H):
         out = out + c[..., i:i + 1] * H[i]                   # (..., 1) * (16,) -> (..., 16)
     return out.reshape(x.shape)
 
+
+def rht128(x, signs):
+    """x (..., K), K a multiple of 128, and 128 ±1 signs s -> fp32, every contiguous 128-chunk c of the last
+    dim replaced by ((c ∘ s) H₁₂₈) ⊗ fl(1/√128): Quartet II's RHT-128 (§5, §11), H₁₂₈ the Sylvester ±1 matrix,
+    signs on the inputs as for RHT-16. (A H)(B H)ᵀ = A Bᵀ up to rounding (H is orthogonal).
+    Why 128 points: MS-EDEN's correction is unbiased only in expectation over the rotation, and it is
+    computed per 128-group, so the rotation must mix exactly that group.
+    Exactly: c ∘ s (exact), then the fast Walsh-Hadamard butterfly in fp32, stages h = 1, 2, 4, ..., 64: within
+    every 2h-block, the pair (a, b) = (y[j], y[j + h]) becomes (a + b, a - b); then one multiply by
+    RHT128_NORM = fl(2^-3.5). 7 adds per element instead of a matmul's 128, in an order every implementation
+    can follow (not RHT-16's matrix order: its products by ±¼ are exact, these by 2^-3.5 would not be)."""
+    if x.shape[-1] % OUTER_BLOCK:
+        raise ValueError(f"rht128 needs the last dim to be a multiple of 128, got {x.shape[-1]}; zero-pad it first")
+    return _rotate128(x, signs.to(x.device).float())
+
+
+def _rotate128(x, signs):
+    """rht128's body: x (..., K) -> fp32 (..., K), signs (128,) fp32 on x's device."""
+    y = x.float().reshape(-1, OUTER_BLOCK) * signs                          # (n, 128)
+    n, h = y.shape[0], 1
+    while h < OUTER_BLOCK:
+        y = y.view(n, OUTER_BLOCK // (2 * h), 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]                                       # (n, 128/2h, h) each
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(x.shape) * RHT128_NORM)
+
+
+def rht(x, signs):
+    """rht16 or rht128, by the number of signs (16 or 128)."""
+    return rht16(x, signs) if len(signs) == NVFP4_BLOCK else rht128(x, signs)
+
+
+def _rotate(x, R):
+    """The quantizers' RHT: R = hadamard16(signs) (16, 16) for RHT-16, or the 128 signs (128,) for RHT-128."""
+    return _rotate16(x, R) if R.dim() == 2 else _rotate128(x, R)
+
+
+def rht_operator(signs, device):
+    """16 or 128 signs -> what _fake_quant_2d takes as H: hadamard16(signs) or the 128 signs (None -> None)."""
+    if signs is None:
+        return None
+    signs = signs.to(device).float()
+    return hadamard16(signs) if len(signs) == NVFP4_BLOCK else signs
+
 # -----------------------------------------------------------------------------
 # Recipes: which quantizer each operand of each GEMM gets (§6). Every knob is independent and has an
 # "off" value, so an ablation is one line: `dataclasses.replace(RECIPES["tetrajet"], rht=())`.
@@ -570,10 +706,11 @@ class Recipe:
     fmt: str = "nvfp4"                 # element/scale format: "nvfp4" or "mxfp4"
     outer: object = "tensor"           # NVFP4 outer scale: "tensor" (NVIDIA) or 128 (TetraJet-v2 double-block)
     weight_tile: tuple = (1, 16)       # W's scale tile in fprop and dgrad: (1, 16) or (16, 16) (NVFP4 only)
-    grad_rounding: str = "stochastic"  # dY in dgrad and wgrad
-    other_rounding: str = "nearest"    # the other backward operand: W (dgrad) and X (wgrad)
-    rht: tuple = ()                    # backward GEMMs that get RHT-16: subset of ("dgrad", "wgrad")
+    grad_rounding: str = "stochastic"  # dY in dgrad and wgrad: "nearest", "stochastic" or "eden" (MS-EDEN, §11)
+    other_rounding: str = "nearest"    # the other backward operand: W (dgrad) and X (wgrad), same choices
+    rht: tuple = ()                    # backward GEMMs that get an RHT: subset of ("dgrad", "wgrad")
     rht_signs: str = "fixed"           # "fixed" (NVIDIA_RHT_SIGNS) or "random" (fresh per GEMM per step)
+    rht_size: int = 16                 # RHT points: 16 (NVIDIA, TetraJet-v2) or 128 (Quartet II)
     aligned: bool = False              # backward quantizes the dequantized forward X̂, Ŵ instead of X, W
     four_over_six: str = "none"        # forward operands with Four Over Six scales (§10): none, weights, activations, all
     four_over_six_error: str = "mae"   # the error 4/6 picks by: "mae" (TE's default) or "mse"
@@ -584,10 +721,19 @@ class Recipe:
                          (self.weight_tile in ((1, 16), (16, 16)), "weight_tile must be (1, 16) or (16, 16)"),
                          (self.fmt == "nvfp4" or (self.outer, self.weight_tile) == ("tensor", (1, 16)),
                           "mxfp4 has no outer scale and no 2-D tiles: keep outer='tensor', weight_tile=(1, 16)"),
-                         ({self.grad_rounding, self.other_rounding} <= set(ROUNDINGS),
-                          f"roundings must be in {ROUNDINGS}"),
+                         ({self.grad_rounding, self.other_rounding} <= set(QUANTIZER_ROUNDINGS),
+                          f"roundings must be in {QUANTIZER_ROUNDINGS}"),
+                         (EDEN not in (self.grad_rounding, self.other_rounding) or
+                          (self.fmt, self.outer) == ("nvfp4", "tensor"),
+                          "MS-EDEN (rounding 'eden') needs fmt='nvfp4' and outer='tensor', as in Quartet II"),
+                         (self.other_rounding != EDEN or self.weight_tile == (1, 16),
+                          "MS-EDEN on the other operand needs weight_tile=(1, 16) (dgrad quantizes Wᵀ with W's tile)"),
                          (set(self.rht) <= {"dgrad", "wgrad"}, "rht must be a subset of ('dgrad', 'wgrad')"),
                          (self.rht_signs in ("fixed", "random"), "rht_signs must be 'fixed' or 'random'"),
+                         (self.rht_size in RHT_SIZES, f"rht_size must be one of {RHT_SIZES}"),
+                         (self.rht_size == NVFP4_BLOCK or self.rht_signs == "random",
+                          "RHT-128 needs rht_signs='random' (the fixed signs are NVIDIA's 16)"),
+                         (self.rht_size == NVFP4_BLOCK or self.fmt == "nvfp4", "RHT-128 is for NVFP4 recipes"),
                          (self.four_over_six in FOUR_OVER_SIX_SCOPES,
                           f"four_over_six must be one of {FOUR_OVER_SIX_SCOPES}"),
                          (self.four_over_six_error in FOUR_OVER_SIX_ERRORS,
@@ -605,6 +751,11 @@ RECIPES = {
     # and the backward starts from the forward's dequantized tensors
     "tetrajet": Recipe("tetrajet", outer=OUTER_BLOCK, other_rounding="stochastic", rht=("dgrad", "wgrad"),
                        rht_signs="random", aligned=True),
+    # Quartet II (arXiv 2601.22813, §11): forward per-tensor RTN with Four Over Six (MSE); backward from the
+    # forward's X̂, Ŵ, every operand MS-EDEN after a fresh RHT-128
+    "quartet2": Recipe("quartet2", grad_rounding=EDEN, other_rounding=EDEN, rht=("dgrad", "wgrad"),
+                       rht_signs="random", rht_size=OUTER_BLOCK, aligned=True, four_over_six="all",
+                       four_over_six_error="mse"),
     # OCP MXFP4: power-of-two scales per 32, SR on gradients
     "mxfp4": Recipe("mxfp4", fmt="mxfp4"),
 }
@@ -645,13 +796,13 @@ def dequantize(q, width):
 
 def _fake_quant_2d(x2, fmt, outer, tile, rounding, seed, H=None, four_over_six=None):
     """(Mp, Kp) padded, any float dtype and strides -> fp32 (Mp, Kp): bit for bit
-    dequantize(quantize(x2 H or x2)), H = hadamard16(signs) or None, but without building the codes:
-    x_dq = ±magnitude ⊗ scale.
+    dequantize(quantize(rht(x2) or x2)), H = rht_operator(signs) (hadamard16(signs), or the 128 signs of
+    RHT-128) or None, but without building the codes: x_dq = ±magnitude ⊗ scale.
     One function of elementwise math, the RHT's multiply-adds and block reductions, with no cast or RHT pass
     of its own, so that a faster implementation can fuse all of it into a few loops (fastpaths.py)."""
     x2 = x2.float()
     if H is not None:
-        x2 = _rotate16(x2, H)
+        x2 = _rotate(x2, H)
     if fmt == "mxfp4":
         magnitude, negative, scale = _round_mxfp4(x2, rounding, seed)
         scale = _e8m0_value(scale)                                                    # (Mp, Kp/32)
@@ -665,29 +816,33 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, r
                four_over_six=None):
     """x (..., K) -> (..., K) in `dtype`: quantize along the last dim with the recipe's format, then
     dequantize; equal bit for bit to dequantize(quantize(x, ...)) (tests/test_nvfp4.py), without building the
-    codes. rht_signs: None, or 16 ±1 signs to quantize rht16(x) instead (x zero-padded to whole 16-chunks
-    first); the result then keeps that padded width, K rounded up to 16, since rotated padding is not zero.
+    codes. rounding: "nearest", "stochastic" or "eden" (MS-EDEN, §11, NVFP4 per-tensor only). rht_signs: None,
+    or 16 or 128 ±1 signs to quantize rht(x) instead (x zero-padded to whole chunks first); the result then
+    keeps that padded width, K rounded up to 16 or 128, since rotated padding is not zero.
     four_over_six: None, "mae" or "mse": Four Over Six block scales (§10, quantize_nvfp4; NVFP4 RTN only)."""
     recipe, tile = get_recipe(recipe), tuple(tile)
     _check_four_over_six(four_over_six, rounding, rht_signs, recipe.fmt)
-    x2, seed = pad_operand(x, recipe, rounding, tile, generator)                       # (Mp, Kp), seed or None
-    H = None if rht_signs is None else hadamard16(rht_signs.to(x2.device))
+    x2, seed = pad_operand(x, recipe, rounding, tile, generator, rht_signs)            # (Mp, Kp), seed or None
+    H = rht_operator(rht_signs, x2.device)
     out = _fake_quant_2d(x2, recipe.fmt, recipe.outer, tile, rounding, seed, H, four_over_six)   # (Mp, Kp) fp32
     return crop_result(out.to(dtype), x, rht_signs)
 
 
-def pad_operand(x, recipe, rounding, tile, generator):
+def pad_operand(x, recipe, rounding, tile, generator, rht_signs=None):
     """fake_quant's prologue, shared with every implementation: x (..., K) -> (x2 (Mp, Kp) zero-padded to
-    whole blocks, in x's dtype; the int64 (2,) SR seed drawn from `generator`, or None for RTN)."""
-    _check(recipe.outer, tile, rounding)
-    multiple = MX_BLOCK if recipe.fmt == "mxfp4" else NVFP4_BLOCK if recipe.outer == "tensor" else OUTER_BLOCK
-    x2 = _as_padded_2d(x, tile[0], multiple)
-    return x2, (draw_seed(generator, x2.device) if rounding == "stochastic" else None)
+    whole blocks (k_multiple), in x's dtype; the int64 (2,) seed drawn from `generator` for SR and MS-EDEN,
+    or None for RTN)."""
+    _check(recipe.outer, tile, rounding, rht_signs)
+    if recipe.fmt == "mxfp4" and rounding == EDEN:
+        raise ValueError("MS-EDEN (rounding='eden') is an NVFP4 quantizer; recipe "
+                         f"{recipe.name!r} is mxfp4")
+    x2 = _as_padded_2d(x, tile[0], k_multiple(recipe.fmt, recipe.outer, rounding, rht_signs))
+    return x2, (draw_seed(generator, x2.device) if rounding != "nearest" else None)
 
 
 def crop_result(out, x, rht_signs):
-    """fake_quant's epilogue: (Mp, Kp) -> (*x.shape[:-1], K), or K rounded up to 16 after an RHT."""
-    width = x.shape[-1] if rht_signs is None else -(-x.shape[-1] // NVFP4_BLOCK) * NVFP4_BLOCK
+    """fake_quant's epilogue: (Mp, Kp) -> (*x.shape[:-1], K), or K rounded up to 16 or 128 after an RHT."""
+    width = x.shape[-1] if rht_signs is None else -(-x.shape[-1] // len(rht_signs)) * len(rht_signs)
     return _restore(out, x, x.numel() // x.shape[-1])[..., :width]
 
 
@@ -744,15 +899,15 @@ REFERENCE = Reference()
 
 def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, impl=REFERENCE, dtype=torch.float32):
     """a (M, K), b (P, K) -> (M, P) in `dtype` = Q(a H) Q(b H)ᵀ ≈ a bᵀ. `a` is the gradient dY (rounded with
-    grad_rounding), `b` the other operand (other_rounding); H is RHT-16 if the recipe applies it to this GEMM
-    (both operands zero-padded to whole 16-chunks), else the identity. Random draws from `generator`, in this
+    grad_rounding), `b` the other operand (other_rounding); H is the recipe's RHT-16 or RHT-128 if it applies
+    one to this GEMM (both operands zero-padded to whole chunks, the same signs for both), else the identity. Random draws from `generator`, in this
     order: signs, noise for a, noise for b (each SR operand draws its own, independent noise). `stats`: a
     dict that receives the SQNR of the dY operand."""
     signs = None
     if gemm in recipe.rht:
-        signs = (random_signs(generator, a.device) if recipe.rht_signs == "random"
+        signs = (random_signs(generator, a.device, recipe.rht_size) if recipe.rht_signs == "random"
                  else torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32, device=a.device))
-    width = a.shape[1] if signs is None else -(-a.shape[1] // NVFP4_BLOCK) * NVFP4_BLOCK   # RHT: K up to 16
+    width = a.shape[1] if signs is None else -(-a.shape[1] // len(signs)) * len(signs)   # RHT: K up to 16 or 128
     gemm_from_codes = impl.tensor_core_gemm(a.device) if recipe.fmt == "nvfp4" else None
     if gemm_from_codes is not None:                          # the same draws, then a GEMM from the codes
         qa = impl.quantize_nvfp4(a, outer=recipe.outer, rounding=recipe.grad_rounding, generator=generator,
@@ -766,7 +921,7 @@ def _backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), stats=None, im
         b_dq = impl.fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, rht_signs=signs, dtype=dtype)
         out = a_dq @ b_dq.t()
     if stats is not None:                                    # against what the quantizer saw: a H
-        a_seen = a if signs is None else rht16(torch.nn.functional.pad(a.float(), (0, width - a.shape[1])), signs)
+        a_seen = a if signs is None else rht(torch.nn.functional.pad(a.float(), (0, width - a.shape[1])), signs)
         stats[f"sqnr_dy_{gemm}"] = sqnr(a_seen, a_dq)
     return out
 

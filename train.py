@@ -52,13 +52,14 @@ class TrainConfig:
     mlp_hidden: int = 0           # override the preset's SwiGLU hidden width (0 = keep)
     # FP4
     fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = bf16 baseline)
-    fp4_recipe: str = "tetrajet"  # tetrajet, nvidia or mxfp4 (see fp4.RECIPES): the preset the next nine flags override
+    fp4_recipe: str = "tetrajet"  # tetrajet, nvidia, quartet2 or mxfp4 (see fp4.RECIPES): the preset the next ten flags override
     fp4_outer: str = ""           # NVFP4 outer scale: tensor (NVIDIA) or 128 (TetraJet-v2 double-block); "" = the preset's
     fp4_weight_tile: str = ""     # W's scale tile in fprop and dgrad: 1x16 or 16x16; "" = the preset's
-    fp4_rht: str = ""             # backward GEMMs with a 16-point random Hadamard transform: none, dgrad, wgrad, both
+    fp4_rht: str = ""             # backward GEMMs with a random Hadamard transform: none, dgrad, wgrad, both; "" = the preset's
     fp4_rht_signs: str = ""       # RHT signs: fixed (TE's vector) or random (fresh per GEMM per step); "" = the preset's
-    fp4_grad_rounding: str = ""   # rounding of dY in dgrad and wgrad: nearest or stochastic; "" = the preset's
-    fp4_other_rounding: str = ""  # rounding of W (dgrad) and X (wgrad): nearest or stochastic; "" = the preset's
+    fp4_rht_size: str = ""        # RHT points: 16 (NVIDIA, TetraJet-v2) or 128 (Quartet II); "" = the preset's
+    fp4_grad_rounding: str = ""   # rounding of dY in dgrad and wgrad: nearest, stochastic or eden (MS-EDEN); "" = the preset's
+    fp4_other_rounding: str = ""  # rounding of W (dgrad) and X (wgrad): nearest, stochastic or eden; "" = the preset's
     fp4_aligned: str = ""         # backward from the dequantized forward X^, W^ (true) or from X, W (false); "" = the preset's
     fp4_4over6: str = ""          # Four Over Six block scales (NVFP4, fprop only): none, weights, activations, all; "" = the preset's
     fp4_4over6_error: str = ""    # the error Four Over Six picks a block's scale by: mae (TE's default) or mse; "" = the preset's
@@ -108,8 +109,9 @@ RECIPE_FLAGS = {
     "fp4_weight_tile": ("weight_tile", {"1x16": (1, 16), "16x16": (16, 16)}),
     "fp4_rht": ("rht", {"none": (), "dgrad": ("dgrad",), "wgrad": ("wgrad",), "both": ("dgrad", "wgrad")}),
     "fp4_rht_signs": ("rht_signs", {"fixed": "fixed", "random": "random"}),
-    "fp4_grad_rounding": ("grad_rounding", {r: r for r in fp4.ROUNDINGS}),
-    "fp4_other_rounding": ("other_rounding", {r: r for r in fp4.ROUNDINGS}),
+    "fp4_rht_size": ("rht_size", {str(n): n for n in fp4.RHT_SIZES}),
+    "fp4_grad_rounding": ("grad_rounding", {r: r for r in fp4.QUANTIZER_ROUNDINGS}),
+    "fp4_other_rounding": ("other_rounding", {r: r for r in fp4.QUANTIZER_ROUNDINGS}),
     "fp4_aligned": ("aligned", {"true": True, "false": False}),
     "fp4_4over6": ("four_over_six", {s: s for s in fp4.FOUR_OVER_SIX_SCOPES}),
     "fp4_4over6_error": ("four_over_six_error", {e: e for e in fp4.FOUR_OVER_SIX_ERRORS}),
@@ -181,9 +183,10 @@ def resolve_recipe(cfg):
         recipe = replace(preset, name=name, **changes)
     except ValueError as e:
         sys.exit(f"error: {e} (set by --fp4-recipe {cfg.fp4_recipe} and the --fp4-* recipe flags)")
-    if cfg.fp4_rht_signs and not recipe.rht:
-        sys.exit(f"error: --fp4-rht-signs {cfg.fp4_rht_signs} has no effect: recipe {name} has no RHT "
-                 f"(--fp4-rht none); drop it or set --fp4-rht")
+    for flag in ("fp4_rht_signs", "fp4_rht_size"):
+        if getattr(cfg, flag) and not recipe.rht:
+            sys.exit(f"error: --{flag.replace('_', '-')} {getattr(cfg, flag)} has no effect: recipe {name} has no "
+                     f"RHT (--fp4-rht none); drop it or set --fp4-rht")
     if cfg.fp4_4over6_error and recipe.four_over_six == "none":
         sys.exit(f"error: --fp4-4over6-error {cfg.fp4_4over6_error} has no effect: recipe {name} has no Four Over "
                  f"Six; drop it or set --fp4-4over6")

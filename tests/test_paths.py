@@ -126,3 +126,50 @@ def test_the_start_up_probe_passes(impl, recipe):
     if impl.name == "triton" and DEVICE != "cuda":
         pytest.skip("select() takes triton on CUDA only")
     assert fastpaths.probe(impl.name, torch.device(device_of(impl)), fp4.get_recipe(recipe)) is None
+
+
+# Four Over Six (§10), MS-EDEN and RHT-128 (§11): the 2026 recipes' quantizers on every path
+SIGNS128 = fp4.random_signs(torch.Generator().manual_seed(6), n=128)
+COMPILED_NEW = {("mse", "tensor", (1, 16)), ("mae", 128, (16, 16))}
+
+
+@pytest.mark.parametrize("error", ["mae", "mse"])
+@pytest.mark.parametrize("outer,tile", [(o, t) for o in ("tensor", 128) for t in ((1, 16), (16, 16))])
+def test_four_over_six_equals_the_reference_bit_for_bit(impl, error, outer, tile):
+    compiled_subset(impl, (error, outer, tile), COMPILED_NEW)
+    recipe = fp4.Recipe("nvidia" if outer == "tensor" else "tetrajet", outer=outer)
+    x = awkward(cols=200).to(device_of(impl))
+    x[11, 7] = float("nan")
+    for in_dtype, dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        got, ref = [i.fake_quant(x.to(in_dtype), recipe, tile=tile, dtype=dtype, four_over_six=error)
+                    for i in (impl, fp4.REFERENCE)]
+        assert equal_with_nan(got, ref), (in_dtype, dtype)
+    got, ref = [i.quantize_nvfp4(x, outer=outer, tile=tile, four_over_six=error) for i in (impl, fp4.REFERENCE)]
+    assert same_quantized(got, ref)
+
+
+@pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])
+def test_ms_eden_and_rht128_equal_the_reference_bit_for_bit(impl, rounding, n_signs):
+    # MS-EDEN (the per-128 correction, the stochastically rounded E4M3 scale) and the RHT-128 butterfly, on
+    # contiguous and transposed (wgrad) operands, K = 200 padded to 256, a NaN row block and an Inf
+    compiled_subset(impl, (rounding, n_signs), {("eden", 128)})
+    dev = device_of(impl)
+    signs = None if n_signs is None else SIGNS128.to(dev)
+    x = awkward(cols=200).to(dev)
+    x[11, 7] = float("nan")
+    xt = awkward(rows=384, cols=64).to(dev).t()                                        # (64, 384), strided
+    for operand in (x, xt, x[:17]):
+        for in_dtype, dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+            got, ref = [i.fake_quant(operand.to(in_dtype), "nvidia", rounding, generator=torch.Generator(dev).manual_seed(3),
+                                     rht_signs=signs, dtype=dtype) for i in (impl, fp4.REFERENCE)]
+            assert equal_with_nan(got, ref), (tuple(operand.shape), in_dtype, dtype)
+    got, ref = [i.quantize_nvfp4(x, rounding=rounding, generator=torch.Generator(dev).manual_seed(3), rht_signs=signs)
+                for i in (impl, fp4.REFERENCE)]
+    assert same_quantized(got, ref)
+
+
+def test_quartet2_layer_outputs_and_grads_equal_the_reference(impl, monkeypatch):
+    if impl.name == "triton":
+        monkeypatch.setattr(impl.kernels, "fp4_gemm_supported", lambda device: False)
+    got, ref = (layer_outputs_and_grads(i, "quartet2", device_of(impl), torch.float32) for i in (impl, fp4.REFERENCE))
+    assert all(equal_with_nan(g, r) for g, r in zip(got, ref))
