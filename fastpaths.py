@@ -105,10 +105,11 @@ class FastPath:
         return None
 
     def _refuse_four_over_six(self, four_over_six, where, rounding=None, rht_signs=None):
-        """For a kernel without Four Over Six, MS-EDEN or RHT-128: ValueError naming what it lacks."""
-        lacks = [what for what, asked in (("Four Over Six", four_over_six is not None), ("MS-EDEN", rounding == fp4.EDEN),
-                                          ("RHT-128", rht_signs is not None and len(rht_signs) != fp4.NVFP4_BLOCK))
-                 if asked]
+        """ValueError naming what the kernels lack of what this call asks: Four Over Six, MS-EDEN or RHT-128
+        (each kernel module lists what it has in its SUPPORTS)."""
+        asked = (("four_over_six", "Four Over Six", four_over_six is not None), ("eden", "MS-EDEN", rounding == fp4.EDEN),
+                 ("rht128", "RHT-128", rht_signs is not None and len(rht_signs) != fp4.NVFP4_BLOCK))
+        lacks = [what for key, what, wanted in asked if wanted and key not in self.kernels.SUPPORTS]
         if lacks:
             raise ValueError(f"path '{self.name}' has no {' / '.join(lacks)} kernel yet ({where}); "
                              f"use --fp4-path compiled or reference")
@@ -148,11 +149,13 @@ class CPU(FastPath):
     def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
         self._refuse_four_over_six(four_over_six, "cpu_kernels/", rounding, rht_signs)
         return self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
-                                       dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
+                                       dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32,
+                                       eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
         self._refuse_four_over_six(four_over_six, "cpu_kernels/", rounding, rht_signs)
-        return self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device))
+        return self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device),
+                                           eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
 # -----------------------------------------------------------------------------
 # triton: kernels.py (CUDA)
@@ -170,11 +173,13 @@ class Triton(FastPath):
         self._refuse_four_over_six(four_over_six, "kernels.py", rounding, rht_signs)
         if recipe.fmt != "nvfp4":
             raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
-        return self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs)
+        return self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs,
+                                             eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
         self._refuse_four_over_six(four_over_six, "kernels.py", rounding, rht_signs)
-        return self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs)
+        return self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs,
+                                           eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
     def tensor_core_gemm(self, device):
         """kernels.fp4_gemm on a GPU with FP4 tensor cores (Blackwell), else None (dequantize + matmul)."""

@@ -44,6 +44,10 @@ import triton.language as tl
 
 import fp4
 
+# What these kernels have of fp4.py's 2026 additions (fastpaths refuses the rest by name): any of
+# "four_over_six" (§10), "eden" (MS-EDEN, §11), "rht128" (signs: the 128 of fp4.rht128)
+SUPPORTS = frozenset()
+
 TILE_ROWS = 16          # rows per program: one 16x16 weight tile tall
 TILE_COLS = 128         # columns per program: one double-block outer block wide (8 blocks of 16)
 RNE_MAGIC = tl.constexpr(8388608.0)   # 2^23: (v + 2^23) - 2^23 rounds 0 <= v < 2^22 to the nearest integer,
@@ -226,14 +230,14 @@ def _launch(x2, outer, tile, seed, signs, fake):
     return codes, scales.view(torch.float8_e4m3fn), outer_scale
 
 
-def quantize_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None):
+def quantize_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, eden=False, four_over_six=None):
     """fp32 (Mp, Kp), padded as fp4.quantize_nvfp4 pads -> (codes uint8 (Mp, Kp/2), block_scale e4m3
     (Mp, Kp/16), outer_scale: 0-dim S_dec or (Mp, Kp/128) s_o). seed: None (RTN) or fp4.draw_seed's (2,)
     int64 (SR). signs: None, or 16 ±1 to quantize x2 H instead of x2 (fused RHT-16)."""
     return _launch(x2, outer, tile, seed, signs, fake=False)
 
 
-def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None):
+def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, eden=False, four_over_six=None):
     """(Mp, Kp) float -> fp32 (Mp, Kp): dequantize(quantize(x2)) in one pass (two with a per-tensor scale);
     fp4._fake_quant_2d's twin."""
     return _launch(x2, outer, tile, seed, signs, fake=True)

@@ -77,6 +77,10 @@ def _build_and_load():
     return lib
 
 
+# What these kernels have of fp4.py's 2026 additions (fastpaths refuses the rest by name): any of
+# "four_over_six" (§10), "eden" (MS-EDEN, §11), "rht128" (H = the 128 signs of fp4.rht128)
+SUPPORTS = frozenset()
+
 FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2}   # fp4_cpu.c's fmt
 
 
@@ -94,7 +98,7 @@ def _check(x2, fmt, outer, tile, dtype):
     return x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()   # fp16/fp64: as the reference
 
 
-def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32):
+def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32, eden=False, four_over_six=None):
     """x2 (Mp, Kp) fp32 or bf16 on the CPU, padded as fp4.fake_quant pads it (rows to tile[0], K to 16, 32 or
     128), any strides -> (Mp, Kp) contiguous in `dtype` (fp32 or bf16) = fp4._fake_quant_2d(x2, fmt, outer, tile,
     rounding, seed, H).to(dtype), bit for bit. fmt "nvfp4" (outer "tensor" or 128) or "mxfp4" (outer "tensor",
@@ -110,7 +114,7 @@ def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32):
     return out
 
 
-def quantize_nvfp4(x2, outer, tile, seed, H=None):
+def quantize_nvfp4(x2, outer, tile, seed, H=None, eden=False, four_over_six=None):
     """x2 (Mp, Kp) as fake_quant -> (codes uint8 (Mp, Kp/2) packed, block_scale float8_e4m3fn (Mp, Kp/16),
     outer_scale: S_dec fp32 () or s_o fp32 (Mp, Kp/128)) = fp4.quantize_nvfp4's, bit for bit, before it crops
     the padded rows."""
