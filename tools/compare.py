@@ -43,6 +43,8 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     # NVIDIA's recipe with Four Over Six block scales (docs/numerics.md §10) on both forward operands, X and W
     # (TE's nvfp4_4over6="all"; our 4/6 is forward only, so the backward stays the nvidia recipe's)
     "nvidia-4over6": "--fp4 --fp4-recipe nvidia --fp4-4over6 all",
+    # Quartet II (docs/numerics.md §11): 4/6 (MSE) forward, MS-EDEN after a fresh RHT-128 in both backward GEMMs
+    "quartet2": "--fp4 --fp4-recipe quartet2",
     "mxfp4": "--fp4 --fp4-recipe mxfp4",
     "tetrajet": "--fp4 --fp4-recipe tetrajet",
     "tetrajet+osci": "--fp4 --fp4-recipe tetrajet --osci-reset",

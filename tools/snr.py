@@ -12,8 +12,9 @@ Protocols (tensors X (M, K), W (N, K), dY (M, N)):
   gaussian  every entry N(0, 1)
   outlier   N(0, 1) + Bernoulli(0.005) · N(0, 100²): rare huge values, the published anchor's protocol
             (AMD ALTO NVFP4 report), where one outlier sets a per-tensor scale for everything else.
-Recipe `tetrajet+oc` is TetraJet-v2 with OutControl: the top 10% of X's channels by L2 norm (rounded up to
-32), computed on the same X, kept in MXFP8.
+Besides fp4.RECIPES (nvidia, tetrajet, quartet2, mxfp4): `tetrajet+oc` is TetraJet-v2 with OutControl (the
+top 10% of X's channels by L2 norm, rounded up to 32, computed on the same X, kept in MXFP8); `nvidia-4over6`
+is NVIDIA's recipe with Four Over Six scales on both forward operands (TE's nvfp4_4over6="all", MAE).
 """
 
 import argparse
@@ -29,6 +30,7 @@ import fp4
 
 OUTLIER_P, OUTLIER_STD = 0.005, 100.0
 HEADERS = ("O (dB)", "dX (dB)", "dW (dB)")
+VARIANTS = {"tetrajet+oc": ("tetrajet", {}), "nvidia-4over6": ("nvidia", {"four_over_six": "all"})}  # label -> (base, changes)
 
 
 def make_tensor(shape, dist, gen):
@@ -68,8 +70,8 @@ def recipes(args):
     """The recipes to compare, each with the requested ablations applied -> {label: (Recipe, use OutControl)}."""
     out = {}
     for name in args.recipes:
-        base = fp4.RECIPES[name.replace("+oc", "")]
-        changes = {}
+        base_name, changes = VARIANTS.get(name, (name, {}))
+        base, changes = fp4.RECIPES[base_name], dict(changes, name=name)
         if args.no_rht:
             changes["rht"] = ()
         if args.no_sr:
@@ -122,8 +124,8 @@ def print_table(title, rows, labels):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", default=["nvidia", "tetrajet", "mxfp4", "tetrajet+oc"],
-                   choices=[*fp4.RECIPES, "tetrajet+oc"])
+    p.add_argument("--recipes", nargs="+", default=["nvidia", "nvidia-4over6", "tetrajet", "tetrajet+oc", "quartet2",
+                                                    "mxfp4"], choices=[*fp4.RECIPES, *VARIANTS])
     p.add_argument("--dist", nargs="+", default=["outlier", "gaussian"], choices=["outlier", "gaussian"])
     p.add_argument("--k", nargs="+", type=int, default=[128, 512, 2048], help="in features (fprop's K)")
     p.add_argument("--m", type=int, default=1024, help="tokens (wgrad's K)")
