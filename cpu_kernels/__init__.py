@@ -70,32 +70,48 @@ def _build_and_load():
         os.replace(tmp, path)
     lib = ctypes.CDLL(str(path))
     p, i, i64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32
-    lib.fake_quant.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, i, u32, u32, p]
+    lib.fake_quant.argtypes = [p, i, i64, i64, p, i, i64, i64, i, i, i, u32, u32, p, i, i, i]
     lib.fake_quant.restype = None
-    lib.quantize_nvfp4.argtypes = [p, i, i64, i64, p, p, p, i64, i64, i, i, i, u32, u32, p]
+    lib.quantize_nvfp4.argtypes = [p, i, i64, i64, p, p, p, i64, i64, i, i, i, u32, u32, p, i, i, i]
     lib.quantize_nvfp4.restype = None
     return lib
 
 
 # What these kernels have of fp4.py's 2026 additions (fastpaths refuses the rest by name): any of
 # "four_over_six" (§10), "eden" (MS-EDEN, §11), "rht128" (H = the 128 signs of fp4.rht128)
-SUPPORTS = frozenset()
+SUPPORTS = frozenset({"four_over_six", "eden", "rht128"})
 
 FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2}   # fp4_cpu.c's fmt
+FOUR_OVER_SIX = {None: 0, "mae": 1, "mse": 2}                                     # fp4_cpu.c's fos
 
 
-def _check(x2, fmt, outer, tile, dtype):
-    """-> x2 as fp32 or bf16, after the checks both kernels need; one clear error otherwise."""
+def _check(x2, fmt, outer, tile, dtype, seed, H, eden, four_over_six):
+    """-> (x2 as fp32 or bf16, the RHT's size 0/16/128), after the checks both kernels need; one clear error
+    otherwise."""
     if (fmt, outer) not in FORMATS or (fmt == "mxfp4" and tuple(tile) != (1, 16)):
         raise ValueError(f"fp4_cpu.c has no {fmt} kernel with outer={outer!r}, tile={tile}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"the cpu path writes fp32 or bf16, got {dtype}; use --fp4-path compiled for others")
     if x2.device.type != "cpu":
         raise ValueError(f"the cpu path runs on the CPU; got a tensor on {x2.device}")
-    block = 32 if fmt == "mxfp4" else 128 if outer == 128 else 16
+    hsize = 0 if H is None else 16 if tuple(H.shape) == (16, 16) else 128 if tuple(H.shape) == (128,) else None
+    if hsize is None:
+        raise ValueError(f"H must be fp4.hadamard16(signs) (16, 16) or RHT-128's signs (128,), got {tuple(H.shape)}")
+    if four_over_six not in FOUR_OVER_SIX:
+        raise ValueError(f"four_over_six must be None, 'mae' or 'mse', got {four_over_six!r}")
+    if four_over_six is not None and (fmt != "nvfp4" or eden or seed is not None or H is not None):
+        raise ValueError("Four Over Six is for NVFP4 with round to nearest and no RHT only (fp4._check_four_over_six)")
+    if eden and (fmt, outer, tuple(tile)) != ("nvfp4", "tensor", (1, 16)):
+        raise ValueError(f"MS-EDEN is defined for NVFP4 with outer='tensor' and 1x16 blocks, got {fmt}, "
+                         f"outer={outer!r}, tile={tuple(tile)}")
+    if eden and seed is None:
+        raise ValueError("MS-EDEN needs the seed of its scales' noise (fp4.draw_seed)")
+    if hsize == 128 and fmt != "nvfp4":
+        raise ValueError("RHT-128 is for NVFP4 (fp4.Recipe)")
+    block = 32 if fmt == "mxfp4" else 128 if (outer == 128 or eden or hsize == 128) else 16
     if x2.shape[0] % tile[0] or x2.shape[1] % block:
         raise ValueError(f"shape {tuple(x2.shape)} is not padded to whole {tile[0]}-row tiles and {block}-blocks")
-    return x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()   # fp16/fp64: as the reference
+    return (x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()), hsize   # fp16/fp64: as the reference
 
 
 def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32, eden=False, four_over_six=None):
@@ -103,14 +119,17 @@ def fake_quant(x2, fmt, outer, tile, seed, H=None, dtype=torch.float32, eden=Fal
     128), any strides -> (Mp, Kp) contiguous in `dtype` (fp32 or bf16) = fp4._fake_quant_2d(x2, fmt, outer, tile,
     rounding, seed, H).to(dtype), bit for bit. fmt "nvfp4" (outer "tensor" or 128) or "mxfp4" (outer "tensor",
     tile (1, 16)). seed: None (round to nearest) or fp4.draw_seed's int64 (2,) (stochastic rounding with
-    fp4.uniform_noise). H: None or fp4.hadamard16(signs) (RHT-16 first)."""
-    x2 = _check(x2, fmt, outer, tile, dtype)
+    fp4.uniform_noise). H: None, fp4.hadamard16(signs) (RHT-16 first) or the 128 signs (RHT-128 first, fp4.rht128).
+    eden: MS-EDEN (fp4._round_eden; seed then seeds the block scales' noise, the elements round to nearest).
+    four_over_six: None, "mae" or "mse" (fp4._round_four_over_six; RTN, no RHT)."""
+    x2, hsize = _check(x2, fmt, outer, tile, dtype, seed, H, eden, four_over_six)
     H = None if H is None else H.float().contiguous()
     s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
     out = torch.empty(x2.shape, dtype=dtype)
     library().fake_quant(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), x2.stride(1), out.data_ptr(),
-                         int(dtype == torch.bfloat16), *x2.shape, tile[0], FORMATS[fmt, outer], int(seed is not None),
-                         s0, s1, None if H is None else H.data_ptr())
+                         int(dtype == torch.bfloat16), *x2.shape, tile[0], FORMATS[fmt, outer],
+                         int(seed is not None and not eden), s0, s1, None if H is None else H.data_ptr(), hsize,
+                         int(bool(eden)), FOUR_OVER_SIX[four_over_six])
     return out
 
 
@@ -118,7 +137,7 @@ def quantize_nvfp4(x2, outer, tile, seed, H=None, eden=False, four_over_six=None
     """x2 (Mp, Kp) as fake_quant -> (codes uint8 (Mp, Kp/2) packed, block_scale float8_e4m3fn (Mp, Kp/16),
     outer_scale: S_dec fp32 () or s_o fp32 (Mp, Kp/128)) = fp4.quantize_nvfp4's, bit for bit, before it crops
     the padded rows."""
-    x2 = _check(x2, "nvfp4", outer, tile, torch.float32)
+    x2, hsize = _check(x2, "nvfp4", outer, tile, torch.float32, seed, H, eden, four_over_six)
     H = None if H is None else H.float().contiguous()
     s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
     Mp, Kp = x2.shape
@@ -127,5 +146,6 @@ def quantize_nvfp4(x2, outer, tile, seed, H=None, eden=False, four_over_six=None
     outer_scale = torch.empty(() if outer == "tensor" else (Mp, Kp // 128), dtype=torch.float32)
     library().quantize_nvfp4(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), x2.stride(1),
                              codes.data_ptr(), block_scale.data_ptr(), outer_scale.data_ptr(), Mp, Kp, tile[0],
-                             FORMATS["nvfp4", outer], int(seed is not None), s0, s1, None if H is None else H.data_ptr())
+                             FORMATS["nvfp4", outer], int(seed is not None and not eden), s0, s1,
+                             None if H is None else H.data_ptr(), hsize, int(bool(eden)), FOUR_OVER_SIX[four_over_six])
     return codes, block_scale.view(torch.float8_e4m3fn), outer_scale

@@ -201,6 +201,63 @@ static inline void rotate16(float *v, int n, const float *H) {
     for (; c < n; c += BLOCK) rotate16_one(v + c, H);
 }
 
+/* RHT-128 of n contiguous fp32 values in place (n a multiple of 128), chunk by chunk, as fp4._rotate128: y = c * s
+ * (the 128 signs, exact), then the butterfly stages h = 1, 2, 4, ..., 64 in that order, within every 2h-block
+ * (a, b) = (y[j], y[j + h]) -> (a + b, a - b), then one multiply by fl(2^-3.5). With AVX2 the chunk is 16
+ * vectors of 8: stages h >= 8 add whole vectors, h = 1, 2, 4 add a vector to its lane-swapped self and blend
+ * (a + b where the pair's first element sits: IEEE addition commutes, so b + a is the same bits; a - b is
+ * computed as swapped - self in the second element's lane, which is a - b itself). */
+#define RHT128_NORM 0.0883883461356163f    /* fl32(1/sqrt(128)) */
+static inline void rotate128_one(float *y, const float *signs) {
+    for (int e = 0; e < OUTER; e++) y[e] = y[e] * signs[e];
+    for (int h = 1; h < OUTER; h *= 2)
+        for (int blk = 0; blk < OUTER; blk += 2 * h)
+            for (int j = blk; j < blk + h; j++) {
+                float a = y[j], b = y[j + h];
+                y[j] = a + b;
+                y[j + h] = a - b;
+            }
+    for (int e = 0; e < OUTER; e++) y[e] = y[e] * RHT128_NORM;
+}
+
+static inline void rotate128(float *v, int n, const float *signs) {
+    for (int c = 0; c < n; c += OUTER) {
+#ifdef __AVX2__
+        float *y = v + c;
+        __m256 a[16];
+        for (int k = 0; k < 16; k++) a[k] = _mm256_mul_ps(_mm256_loadu_ps(y + 8 * k), _mm256_loadu_ps(signs + 8 * k));
+        for (int k = 0; k < 16; k++) {                                       /* h = 1 */
+            __m256 sw = _mm256_permute_ps(a[k], _MM_SHUFFLE(2, 3, 0, 1));
+            a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xAA);
+        }
+        for (int k = 0; k < 16; k++) {                                       /* h = 2 */
+            __m256 sw = _mm256_permute_ps(a[k], _MM_SHUFFLE(1, 0, 3, 2));
+            a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xCC);
+        }
+        for (int k = 0; k < 16; k++) {                                       /* h = 4 */
+            __m256 sw = _mm256_permute2f128_ps(a[k], a[k], 0x01);
+            a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xF0);
+        }
+        for (int hv = 1; hv < 16; hv *= 2)                                   /* h = 8 hv */
+            for (int blk = 0; blk < 16; blk += 2 * hv)
+                for (int k = blk; k < blk + hv; k++) {
+                    __m256 p = a[k], q = a[k + hv];
+                    a[k] = _mm256_add_ps(p, q);
+                    a[k + hv] = _mm256_sub_ps(p, q);
+                }
+        for (int k = 0; k < 16; k++) _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(a[k], _mm256_set1_ps(RHT128_NORM)));
+#else
+        rotate128_one(v + c, signs);
+#endif
+    }
+}
+
+/* the RHT the quantizer was given: hsize 16 (H = fp4.hadamard16(signs)) or 128 (H = the 128 signs) */
+static inline void rotate(float *v, int n, const float *H, int hsize) {
+    if (hsize == OUTER) rotate128(v, n, H);
+    else rotate16(v, n, H);
+}
+
 /* max |v[e]| over 16 values; NaN if any is NaN (torch.amax propagates NaN) */
 static inline float amax16(const float *v) {
     float m = 0.0f;
@@ -362,15 +419,227 @@ static inline uint8_t e4m3_byte(float s) {
 }
 
 /* ------------------------------------------------------------------------------------------------------
- * One scale tile: rows v[0..tile_rows) of a loaded block, n columns starting at column c0 of row r0 ->
- * the scales of its n/16 chunks (from the tile's amax), then every row's chunks quantized into out. */
-static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0, int64_t c0, int64_t K,
-                          void *out, int out_bf16, const CodesOut *co, int fmt, float enc_sixth, float s_dec,
-                          int sr, uint32_t s0, uint32_t s1) {
+ * What a quantization needs besides the data: the output, the recipe, and the per-tensor numbers of pass 1. */
+enum { FOS_NONE = 0, FOS_MAE = 1, FOS_MSE = 2 };   /* Four Over Six's error (fp4.FOUR_OVER_SIX_ERRORS) */
+typedef struct {
+    int64_t K;                         /* row length of the (M, K) view: element (r, c) has flat index r*K + c */
+    void *out;                         /* fake_quant's output, or NULL */
+    int out_bf16;
+    const CodesOut *co;                /* quantize_nvfp4's outputs, or NULL */
+    int fmt, sr, eden, fos;            /* format, element SR, MS-EDEN, Four Over Six (FOS_*) */
+    uint32_t s0, s1;                   /* the seeds: of the elements' noise (sr), or of the scales' (eden) */
+    float enc_sixth, s_dec, s_enc, A;  /* per-tensor: S_enc * fl(1/6), S_dec, S_enc, the tensor's amax */
+} Job;
+
+#define FOS_AMAX_TO_SCALE 1536.0f      /* Four Over Six: 6 * 256 */
+#define MAP_TO_4 1.5f                  /* the map-to-4 candidate: 1.5 x the map-to-6 scale */
+#define EDEN_VAL_MAX 6.07210636138916f     /* fl32(6 / 0.988125), Quartet II's grid max */
+#define EDEN_SCALE_BOUND 255.99000549316406f   /* fl32(255.99) */
+
+/* E4M3 byte (sign ignored) -> its value; NaN for S.1111.111 */
+static inline float e4m3_value(uint32_t b) {
+    b &= 0x7Fu;
+    if (b == 0x7Fu) return NAN;
+    uint32_t e = b >> 3, m = b & 7u;
+    return e == 0 ? (float)m * (1.0f / 512.0f) : bits_to_float(((e + 120u) << 23) | (m << 20));
+}
+
+/* fp4._stochastic_e4m3 of one t >= 0 (or NaN) with its uniform u -> the E4M3 byte: t where it is on the grid,
+ * else its neighbour above iff u < (t - down) / (up - down), the neighbours found from r = e4m3(t) */
+static inline uint32_t stochastic_e4m3_byte(float t, float u) {
+    t = min_keep_nan(t, E4M3_MAX);
+    float r = round_e4m3(t);
+    uint32_t rb = e4m3_byte(r);
+    if (r == t) return rb;
+    int above = r > t;
+    uint32_t down_b = above ? rb - 1 : rb, up_b = above ? rb : rb + 1;
+    float down = e4m3_value(down_b), up = e4m3_value(up_b);
+    return u < (t - down) / (up - down) ? up_b : down_b;     /* (NaN t: the compare fails, rb = NaN stays) */
+}
+
+static inline float block_noise(uint32_t i, uint32_t s0, uint32_t s1) {      /* fp4.uniform_noise's element i */
+    return (float)(int32_t)(pcg_hash(pcg_hash(i ^ s0) ^ s1) >> 8) * NOISE_ULP;
+}
+
+/* Four Over Six's error of one 16-block of one row for one candidate (E4M3 scale s, decode scale sc), as
+ * fp4._four_over_six_error: q = ±E2M1(x * min(1/sc, FLT_MAX)) (RTN, 0 if s = 0), x̂ = ((q * s) * A) / 1536
+ * (per-tensor) or q * sc (outer 128), d = |x̂ - x| or (x̂ - x)², summed left to right */
+static inline float fos_block_error(const float *x, float s, float sc, const Job *j) {
+    const float enc = min_keep_nan(1.0f / sc, FLT_MAX);
+    const int keep = s != 0.0f;
+    float err = 0.0f;
+    for (int e = 0; e < BLOCK; e++) {
+        float val = x[e] * enc;
+        float mag = keep ? round_e2m1(val, 0, 0, 0, 0) : 0.0f;
+        float q = (keep && val < 0.0f) ? -mag : mag;
+        float xhat = j->fmt == NVFP4_TENSOR ? ((q * s) * j->A) / FOS_AMAX_TO_SCALE : q * sc;
+        float diff = xhat - x[e];
+        float d = j->fos == FOS_MSE ? diff * diff : fabsf(diff);
+        err = e == 0 ? d : err + d;
+    }
+    return err;
+}
+
+#ifdef __AVX2__
+/* in-register 8x8 transpose: a[i][j] <- a[j][i] (load_transposed_8x8's network) */
+static inline void transpose8(__m256 *a) {
+    __m256 t[8];
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(a[j], a[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(a[j], a[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        a[j] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        a[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        a[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        a[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; i++) a[i] = t[i];
+}
+
+/* fos_block_error for the 8 blocks of a 128-row at once, both candidates: the row is transposed so that lane b
+ * holds block b and element e of every block is one vector; the 16-term sums then run down the vectors, in
+ * the same left-to-right order per block. err[k]: candidate k's 8 block errors. */
+static inline void fos_row_errors_avx2(const float *v, const float s[2][MAX_GROUP / BLOCK],
+                                       const float sc[2][MAX_GROUP / BLOCK], const Job *j, __m256 err[2]) {
+    __m256 t[16];
+    for (int b = 0; b < 8; b++) {
+        t[b] = _mm256_loadu_ps(v + BLOCK * b);
+        t[8 + b] = _mm256_loadu_ps(v + BLOCK * b + 8);
+    }
+    transpose8(t);
+    transpose8(t + 8);                      /* t[e] = (v[e], v[16 + e], ..., v[112 + e]) */
+    const __m256 neg_zero = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+    const __m256 A = _mm256_set1_ps(j->A), div = _mm256_set1_ps(FOS_AMAX_TO_SCALE);
+    const __m256i no = _mm256_setzero_si256();
+    for (int k = 0; k < 2; k++) {
+        __m256 sv = _mm256_loadu_ps(s[k]), scv = _mm256_loadu_ps(sc[k]);
+        /* min_keep_nan(1 / sc, FLT_MAX): vminps returns its second operand when either is NaN */
+        __m256 enc = _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_div_ps(_mm256_set1_ps(1.0f), scv));
+        __m256 keep = _mm256_cmp_ps(sv, zero, _CMP_NEQ_UQ);
+        __m256 acc = zero;
+        for (int e = 0; e < BLOCK; e++) {
+            __m256 x = t[e], val = _mm256_mul_ps(x, enc);
+            __m256 mag = _mm256_and_ps(round_e2m1_8(val, 0, no, no, no), keep);
+            __m256 neg = _mm256_and_ps(_mm256_cmp_ps(val, zero, _CMP_LT_OQ), keep);
+            __m256 q = _mm256_xor_ps(mag, _mm256_and_ps(neg, neg_zero));
+            __m256 xhat = j->fmt == NVFP4_TENSOR ? _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(q, sv), A), div)
+                                                 : _mm256_mul_ps(q, scv);
+            __m256 diff = _mm256_sub_ps(xhat, x);
+            __m256 d = j->fos == FOS_MSE ? _mm256_mul_ps(diff, diff) : _mm256_andnot_ps(neg_zero, diff);
+            acc = e == 0 ? d : _mm256_add_ps(acc, d);
+        }
+        err[k] = acc;
+    }
+}
+#endif
+
+/* Four Over Six's choice for one tile (fp4._round_four_over_six): pick[b] = 1 iff map-to-4's error is strictly
+ * below map-to-6's (a tie, or a NaN, keeps map-to-6). With 16x16 tiles the 16 row errors of a block are added
+ * as a tree: rows i + i+8, then i + i+4, ... (TE's warp reduction). */
+static void fos_pick(float v[][MAX_GROUP], int tile_rows, int nb, const float s[2][MAX_GROUP / BLOCK],
+                     const float sc[2][MAX_GROUP / BLOCK], const Job *j, int *pick) {
+    float err[2][MAX_TILE_ROWS][MAX_GROUP / BLOCK];
+    for (int r = 0; r < tile_rows; r++) {
+#ifdef __AVX2__
+        if (nb == MAX_GROUP / BLOCK) {
+            __m256 e[2];
+            fos_row_errors_avx2(v[r], s, sc, j, e);
+            _mm256_storeu_ps(err[0][r], e[0]);
+            _mm256_storeu_ps(err[1][r], e[1]);
+            continue;
+        }
+#endif
+        for (int k = 0; k < 2; k++)
+            for (int b = 0; b < nb; b++) err[k][r][b] = fos_block_error(v[r] + BLOCK * b, s[k][b], sc[k][b], j);
+    }
+    for (int half = tile_rows / 2; half >= 1; half /= 2)
+        for (int k = 0; k < 2; k++)
+            for (int r = 0; r < half; r++)
+                for (int b = 0; b < nb; b++) err[k][r][b] = err[k][r][b] + err[k][r + half][b];
+    for (int b = 0; b < nb; b++) pick[b] = err[1][0][b] < err[0][0][b];
+}
+
+/* MS-EDEN's scales for one row of n (a multiple of 128) values (fp4._round_eden): from the tile amax, the first
+ * E4M3 scale s (1 if 0) and its encode factor; per 128-group c = Σ z² / Σ z q (1 if Σ z q = 0), both sums in
+ * _tree_sum's order (halves added elementwise); then the scale s * c rounded stochastically to E4M3 with block
+ * (row, b)'s uniform. The elements are rounded with encode (from s) and dequantized with the new scale. */
+static void eden_scales(const float *v, int n, const float *tile_amax, int64_t row, int64_t c0, const Job *j,
+                        float *encode, float *block_scale) {
     const int nb = n / BLOCK;
+    float s[MAX_GROUP / BLOCK];
+    for (int b = 0; b < nb; b++) {
+        float sb = round_e4m3(min_keep_nan((tile_amax[b] / EDEN_VAL_MAX) / j->s_dec, E4M3_MAX));
+        s[b] = sb == 0.0f ? 1.0f : sb;
+        encode[b] = min_keep_nan(1.0f / (s[b] * j->s_dec), FLT_MAX);
+    }
+    for (int g = 0; g < n / OUTER; g++) {
+        const float *x = v + OUTER * g;
+        const float *enc = encode + g * (OUTER / BLOCK);
+        float num, den;
+#ifdef __AVX2__
+        __m256 zz[16], zq[16];
+        const __m256i no = _mm256_setzero_si256();
+        for (int k = 0; k < 16; k++) {
+            __m256 z = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), _mm256_set1_ps(enc[k / 2]));
+            __m256 mag = round_e2m1_8(z, 0, no, no, no);
+            __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
+            __m256 q = _mm256_xor_ps(mag, _mm256_and_ps(neg, _mm256_set1_ps(-0.0f)));
+            zz[k] = _mm256_mul_ps(z, z);
+            zq[k] = _mm256_mul_ps(z, q);
+        }
+        for (int h = 8; h >= 1; h /= 2)
+            for (int k = 0; k < h; k++) {
+                zz[k] = _mm256_add_ps(zz[k], zz[k + h]);
+                zq[k] = _mm256_add_ps(zq[k], zq[k + h]);
+            }
+        float sums[2];
+        __m256 fin[2] = {zz[0], zq[0]};
+        for (int i = 0; i < 2; i++) {
+            __m128 w = _mm_add_ps(_mm256_castps256_ps128(fin[i]), _mm256_extractf128_ps(fin[i], 1));
+            w = _mm_add_ps(w, _mm_movehl_ps(w, w));
+            w = _mm_add_ss(w, _mm_shuffle_ps(w, w, 1));
+            sums[i] = _mm_cvtss_f32(w);
+        }
+        num = sums[0], den = sums[1];
+#else
+        float zz[OUTER], zq[OUTER];
+        for (int e = 0; e < OUTER; e++) {
+            float z = x[e] * enc[e / BLOCK];
+            float mag = round_e2m1(z, 0, 0, 0, 0);
+            float q = z < 0.0f ? -mag : mag;
+            zz[e] = z * z;
+            zq[e] = z * q;
+        }
+        for (int h = OUTER / 2; h >= 1; h /= 2)
+            for (int e = 0; e < h; e++) {
+                zz[e] = zz[e] + zz[e + h];
+                zq[e] = zq[e] + zq[e + h];
+            }
+        num = zz[0], den = zq[0];
+#endif
+        float c = den == 0.0f ? 1.0f : num / den;
+        for (int b = g * (OUTER / BLOCK); b < (g + 1) * (OUTER / BLOCK); b++) {
+            uint32_t i = (uint32_t)(row * (j->K / BLOCK) + c0 / BLOCK + b);
+            block_scale[b] = e4m3_value(stochastic_e4m3_byte(s[b] * c, block_noise(i, j->s0, j->s1)));
+        }
+    }
+}
+
+/* One scale tile: rows v[0..tile_rows) of a loaded block, n columns starting at column c0 of row r0 ->
+ * the scales of its n/16 chunks (from the tile's amax), then every row's chunks quantized into out. */
+static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0, int64_t c0, const Job *j) {
+    const int nb = n / BLOCK, fmt = j->fmt, sr = j->sr;
+    const int64_t K = j->K;
+    const uint32_t s0 = j->s0, s1 = j->s1;
+    const CodesOut *co = j->co;
     float tile_amax[MAX_GROUP / BLOCK], encode[MAX_GROUP / BLOCK], scale[MAX_GROUP / BLOCK];
     float block_scale[MAX_GROUP / BLOCK], s_o = 1.0f;               /* the E4M3 scales, the outer scale */
-    int keep[MAX_GROUP / BLOCK];
+    int keep[MAX_GROUP / BLOCK], have_encode = 0;
     for (int b = 0; b < nb; b++) {
         float m = 0.0f;
         for (int r = 0; r < tile_rows; r++) {
@@ -379,7 +648,44 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
         }
         tile_amax[b] = m;
     }
-    if (fmt == NVFP4_OUTER128) {
+    if (j->fos) {                    /* Four Over Six: two candidates per block (fp4._four_over_six_scales) */
+        float s[2][MAX_GROUP / BLOCK], sc[2][MAX_GROUP / BLOCK];
+        int pick[MAX_GROUP / BLOCK];
+        if (fmt == NVFP4_OUTER128) {
+            float a128 = 0.0f;
+            for (int b = 0; b < nb; b++) a128 = max_keep_nan(a128, tile_amax[b]);
+            s_o = a128 == 0.0f ? 1.0f : a128 / FOS_AMAX_TO_SCALE;
+            for (int b = 0; b < nb; b++) {
+                float base = (tile_amax[b] / s_o) / E2M1_MAX;
+                int zero = tile_amax[b] == 0.0f;
+                s[0][b] = zero ? ZERO_BLOCK_SCALE : round_e4m3(min_keep_nan(base, E4M3_MAX));
+                s[1][b] = zero ? ZERO_BLOCK_SCALE : round_e4m3(min_keep_nan(base * MAP_TO_4, E4M3_MAX));
+                sc[0][b] = s_o * s[0][b];
+                sc[1][b] = s_o * s[1][b];
+            }
+        } else {
+            for (int b = 0; b < nb; b++) {
+                float base = (tile_amax[b] / E2M1_MAX) * j->s_enc;
+                s[0][b] = round_e4m3(min_keep_nan(base, E4M3_MAX));
+                s[1][b] = round_e4m3(min_keep_nan(base * MAP_TO_4, E4M3_MAX));
+                sc[0][b] = s[0][b] * j->s_dec;
+                sc[1][b] = s[1][b] * j->s_dec;
+            }
+        }
+        fos_pick(v, tile_rows, nb, s, sc, j, pick);
+        for (int b = 0; b < nb; b++) {
+            block_scale[b] = s[pick[b]][b];
+            scale[b] = sc[pick[b]][b];
+            keep[b] = block_scale[b] != 0.0f;
+        }
+    } else if (j->eden) {            /* MS-EDEN (1x16 tiles, n a multiple of 128) */
+        eden_scales(v[0], n, tile_amax, r0, c0, j, encode, block_scale);
+        for (int b = 0; b < nb; b++) {
+            scale[b] = block_scale[b] * j->s_dec;
+            keep[b] = 1;                                            /* fp4._round_eden has no zero-scale mask */
+        }
+        have_encode = 1;
+    } else if (fmt == NVFP4_OUTER128) {
         float a128 = 0.0f;
         for (int b = 0; b < nb; b++) a128 = max_keep_nan(a128, tile_amax[b]);
         s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
@@ -403,6 +709,7 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             }
         }
     } else {
+        const float enc_sixth = j->enc_sixth, s_dec = j->s_dec;
         #pragma omp simd
         for (int b = 0; b < nb; b++) {
             float s_b = round_e4m3(min_keep_nan(tile_amax[b] * enc_sixth, E4M3_MAX));
@@ -412,9 +719,13 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
         }
     }
     /* (MXFP4's x / X is exactly x * (1/X): X and 1/X are powers of two, 2^-127 and 2^127 included) */
-    #pragma omp simd
-    for (int b = 0; b < nb; b++) encode[b] = min_keep_nan(1.0f / scale[b], FLT_MAX);
+    if (!have_encode) {
+        #pragma omp simd
+        for (int b = 0; b < nb; b++) encode[b] = min_keep_nan(1.0f / scale[b], FLT_MAX);
+    }
+    const int out_bf16 = j->out_bf16;
     const size_t out_size = out_bf16 ? 2 : 4;
+    void *out = j->out;
 #ifdef __AVX2__
     if (!co) {
         for (int r = 0; r < tile_rows; r++) {
@@ -452,7 +763,7 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
 /* Pass 1 of the per-tensor recipe: A = max |x H| (or |x|) over the whole tensor, NaN if any element is.
  * `rotated`: NULL, or an (M, K) fp32 buffer that receives x H, so that pass 2 need not rotate again. */
 static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t M, int64_t K,
-                         const float *H, float *rotated) {
+                         const float *H, int hsize, float *rotated) {
     const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
     float A = 0.0f;
     int nan = 0;
@@ -465,7 +776,7 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
         for (int64_t c0 = 0; c0 < K; c0 += G) {
             load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
             for (int r = 0; r < rows; r++) {
-                if (H) rotate16(v[r], G, H);
+                if (H) rotate(v[r], G, H, hsize);
                 if (rotated) memcpy(rotated + (r0 + r) * K + c0, v[r], G * sizeof(float));
                 for (int b = 0; b < G; b += BLOCK) {
                     float a = amax16(v[r] + b);
@@ -486,23 +797,34 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
  *   tile_rows                           1 or 16 (TR above)
  *   fmt                                 NVFP4_TENSOR, NVFP4_OUTER128 (s_o per 1x128 / 16x128) or MXFP4
  *   sr, s0, s1                          stochastic rounding and its two uint32 seeds
- *   H                                   NULL, or the 16x16 RHT matrix (fp4.hadamard16), row-major
+ *   H, hsize                            NULL, or the 16x16 RHT matrix (fp4.hadamard16), row-major (hsize 16),
+ *                                       or the 128 signs of RHT-128 (hsize 128)
+ *   eden                                MS-EDEN (NVFP4_TENSOR, 1x16, K a multiple of 128; s0, s1 seed the
+ *                                       scales' noise, the elements round to nearest: sr = 0)
+ *   fos                                 Four Over Six's error, FOS_NONE / FOS_MAE / FOS_MSE (NVFP4, RTN)
  * The work is blocks of `rows` x G elements (16 rows for 16x16 tiles and for transposed inputs, else 1), one
  * OpenMP thread per contiguous range of row blocks. */
 static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
                 const CodesOut *co, int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1,
-                const float *H) {
-    float enc_sixth = 0.0f, s_dec = 0.0f, *rotated = NULL;
+                const float *H, int hsize, int eden, int fos) {
+    Job j = {K, out, out_bf16, co, fmt, sr, eden, fos, s0, s1, 0.0f, 0.0f, 0.0f, 0.0f};
+    float *rotated = NULL;
     if (fmt == NVFP4_TENSOR) {       /* fp4.tensor_scales: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc */
         rotated = H ? malloc(M * K * sizeof(float)) : NULL;     /* (NVIDIA's wgrad operands: rotate once) */
-        float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H, rotated);
+        float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H, hsize, rotated);
         if (rotated) {                                           /* pass 2 reads x H, contiguous */
             x = rotated, x_bf16 = 0, row_stride = K, col_stride = 1, H = NULL;
         }
-        float S_enc = A == 0.0f ? 1.0f : min_keep_nan(AMAX_TO_SCALE / A, FLT_MAX);
-        s_dec = 1.0f / S_enc;
-        enc_sixth = S_enc * ONE_SIXTH;
-        if (co) co->outer[0] = s_dec;
+        j.A = A;
+        if (eden) {                  /* fp4._round_eden: S_dec = (A / 255.99) / fl(6 / 0.988125) (1 if A = 0) */
+            j.s_dec = A == 0.0f ? 1.0f : (A / EDEN_SCALE_BOUND) / EDEN_VAL_MAX;
+        } else {
+            float S_enc = A == 0.0f ? 1.0f : min_keep_nan((fos ? FOS_AMAX_TO_SCALE : AMAX_TO_SCALE) / A, FLT_MAX);
+            j.s_enc = S_enc;
+            j.s_dec = 1.0f / S_enc;
+            j.enc_sixth = S_enc * ONE_SIXTH;
+        }
+        if (co) co->outer[0] = j.s_dec;
     }
     const int G = K % MAX_GROUP == 0 ? MAX_GROUP : fmt == MXFP4 ? MX_BLOCK : BLOCK;  /* columns per step */
     const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
@@ -512,23 +834,22 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
         for (int64_t c0 = 0; c0 < K; c0 += G) {
             load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
             if (H)
-                for (int r = 0; r < rows; r++) rotate16(v[r], G, H);
-            for (int t = 0; t < rows; t += tile_rows)
-                quantize_tile(v + t, tile_rows, G, r0 + t, c0, K, out, out_bf16, co, fmt, enc_sixth, s_dec,
-                              sr, s0, s1);
+                for (int r = 0; r < rows; r++) rotate(v[r], G, H, hsize);
+            for (int t = 0; t < rows; t += tile_rows) quantize_tile(v + t, tile_rows, G, r0 + t, c0, &j);
         }
     }
     free(rotated);
 }
 
 void fake_quant(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
-                int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1, const float *H) {
-    run(x, x_bf16, row_stride, col_stride, out, out_bf16, NULL, M, K, tile_rows, fmt, sr, s0, s1, H);
+                int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1, const float *H,
+                int hsize, int eden, int fos) {
+    run(x, x_bf16, row_stride, col_stride, out, out_bf16, NULL, M, K, tile_rows, fmt, sr, s0, s1, H, hsize, eden, fos);
 }
 
 void quantize_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, uint8_t *codes,
                     uint8_t *scales, float *outer, int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0,
-                    uint32_t s1, const float *H) {
+                    uint32_t s1, const float *H, int hsize, int eden, int fos) {
     CodesOut co = {codes, scales, outer};
-    run(x, x_bf16, row_stride, col_stride, NULL, 0, &co, M, K, tile_rows, fmt, sr, s0, s1, H);
+    run(x, x_bf16, row_stride, col_stride, NULL, 0, &co, M, K, tile_rows, fmt, sr, s0, s1, H, hsize, eden, fos);
 }
