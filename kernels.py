@@ -16,12 +16,22 @@ What one launch computes (one program per 16 rows x 128 columns of the padded (M
 
     x      = load the (16, 128) tile                          # 8 blocks of 16 along K per row
     x      = x H on every 16-chunk                            # optional RHT-16, fp4.rht16's order
+         or the row's 128-chunk rotated                       # optional RHT-128, fp4.rht128's butterfly
     amax16 = max |x| over each 1x16 block (or 16x16 tile: max over the 16 rows too)
     per-tensor (numerics.md §2): A = amax|x| from a first pass; S_enc = 2688 / A; S_dec = 1 / S_enc
         s_b = e4m3(min(amax16 * (S_enc * fl(1/6)), 448));   scale = s_b * S_dec
     double-block (numerics.md §3): one 128-block per row of the tile, so a single pass:
         s_o = amax128 / 2688;  s_i = e4m3(min(amax16 / s_o / 6, 448));   scale = s_o * s_i
+    Four Over Six (§10, RTN, no RHT): the same with 1536 for 2688 and two candidates per block, s6 (map to 6)
+        and s4 = e4m3(1.5 x the unrounded s6); each is rounded and its error summed (_four_over_six_errors:
+        column i of every 16-chunk loaded on its own, so the 16 errors add left to right; a 16x16 tile's row
+        sums as a tree); the block keeps s4 iff err4 < err6, and the elements below are rounded with it
+    MS-EDEN (§11, per-tensor, 1x16, 128 columns = one correction group per tile row):
+        S_dec = (A / 255.99) / 6.0721;  s_b = e4m3(min(amax16 / 6.0721 / S_dec, 448)) (1 if 0);  scale = s_b * S_dec
     q      = E2M1(x * min(1 / scale, FLT_MAX))                # RTN, or SR with u = uniform_noise(seed, i)
+    MS-EDEN after the elements: c = Σz² / Σz·q over the row's 128 (fp4._tree_sum's order, _tree_sum here);
+        s_b = s_b * c stochastically rounded to a neighbouring E4M3 value with u = uniform_noise(seed, block);
+        scale = s_b * S_dec (q itself is not rounded again)
     store    fake-quant: ±q * scale (fp32)   |   quantize: packed codes, E4M3 scale bytes, outer scale
 
 Exactness notes (why the kernel does some things by hand):
@@ -33,7 +43,9 @@ Exactness notes (why the kernel does some things by hand):
     interpreter rounds fp32 -> float8e4nv ties away from zero and flushes subnormals, which TE does not.
   - round-half-even is (v + 2^23) - 2^23, exact for 0 <= v < 2^22 in IEEE fp32 arithmetic.
   - the RHT is fp4.rht16's 16 multiply-adds in the same order (not a tl.dot, whose summation order is
-    the compiler's).
+    the compiler's); RHT-128 is fp4._rotate128's butterfly, stage by stage.
+  - sums whose order fp4.py fixes are not tl.sum (the compiler's order): a tree of halves is tl.split of a
+    reshape, one exact add per step (_add_halves), and the 4/6 error's left-to-right sum adds loaded columns.
 """
 
 import contextlib
@@ -44,14 +56,17 @@ import triton.language as tl
 
 import fp4
 
-# What these kernels have of fp4.py's 2026 additions (fastpaths refuses the rest by name): any of
+# What these kernels have of fp4.py's 2026 additions (fastpaths refuses the rest by name): all three,
 # "four_over_six" (§10), "eden" (MS-EDEN, §11), "rht128" (signs: the 128 of fp4.rht128)
-SUPPORTS = frozenset()
+SUPPORTS = frozenset({"four_over_six", "eden", "rht128"})
 
 TILE_ROWS = 16          # rows per program: one 16x16 weight tile tall
 TILE_COLS = 128         # columns per program: one double-block outer block wide (8 blocks of 16)
 RNE_MAGIC = tl.constexpr(8388608.0)   # 2^23: (v + 2^23) - 2^23 rounds 0 <= v < 2^22 to the nearest integer,
                                       # ties to even (a constexpr: @triton.jit code reads no other globals)
+RHT128_NORM = tl.constexpr(fp4.RHT128_NORM)       # fl32(2^-3.5), RHT-128's one rounding multiply
+EDEN_VAL_MAX = tl.constexpr(fp4.EDEN_VAL_MAX)     # MS-EDEN's grid max 6 / 0.988125 and tensor-scale bound 255.99
+EDEN_SCALE_BOUND = tl.constexpr(fp4.EDEN_SCALE_BOUND)
 EXACT = dict(enable_fp_fusion=False)  # the quantizer's compile options: Triton fuses a*b+c into an FMA by default,
                                       # fp4.py rounds the product and the sum separately
 
@@ -113,6 +128,98 @@ def _round_e2m1(a, noise, SR: tl.constexpr):
         return (t + tl.where(noise < x - t, 1.0, 0.0)) * step
     return ((x + RNE_MAGIC) - RNE_MAGIC) * step
 
+
+@triton.jit
+def _uniform(idx, seed_ptr):
+    """fp4.uniform_noise at int64 indices idx (already masked to 32 bits): u in [0, 1) in steps of 2^-24."""
+    seed0, seed1 = tl.load(seed_ptr), tl.load(seed_ptr + 1)            # read on the GPU: no host sync
+    return (_pcg_hash(_pcg_hash(idx ^ seed0) ^ seed1) >> 8).to(tl.float32) * (2.0 ** -24)
+
+
+@triton.jit
+def _add_halves(t, R: tl.constexpr, N: tl.constexpr):
+    """(R, N) -> (R, N/2): t[:, :N/2] + t[:, N/2:], one add per output (fp4._tree_sum's step; split, not tl.sum,
+    whose order would be the compiler's)."""
+    a, b = tl.split(tl.permute(tl.reshape(t, (R, 2, N // 2)), (0, 2, 1)))
+    return a + b
+
+
+@triton.jit
+def _tree_sum(t, R: tl.constexpr, LOG2N: tl.constexpr):
+    """fp4._tree_sum over the last dim of (R, 2^LOG2N) -> (R,): halves added until one is left."""
+    for i in tl.static_range(LOG2N):                                   # unrolled: the shape halves each step
+        t = _add_halves(t, R, (1 << LOG2N) >> i)
+    return tl.reshape(t, (R,))
+
+
+@triton.jit
+def _rotate128(x, h_ptr, R: tl.constexpr):
+    """fp4._rotate128 on (R, 128): x ∘ signs, the butterfly stages h = 1, 2, ..., 64 ((a, b) = (y[j], y[j + h])
+    in every 2h-block -> (a + b, a - b)), then one multiply by fp4.RHT128_NORM."""
+    y = x * tl.load(h_ptr + tl.arange(0, 128))[None, :]
+    for s in tl.static_range(7):                                       # unrolled: h = 2^s
+        a, b = tl.split(tl.permute(tl.reshape(y, (R, 64 >> s, 2, 1 << s)), (0, 1, 3, 2)))   # (R, 64/h, h) each
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, 128))
+    return y * RHT128_NORM
+
+
+@triton.jit
+def _e4m3_value(b):
+    """int32 E4M3 byte 0..126 -> its value (fp32): (1 + m/8)·2^(e-7), or m·2^-9 for e = 0."""
+    e, m = b >> 3, b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, m.to(tl.float32) * (2.0 ** -9), normal)
+
+
+@triton.jit
+def _stochastic_e4m3(t, noise):
+    """fp4._stochastic_e4m3, as values: t >= 0 (or NaN) -> t where it is an E4M3 value, else its neighbour below
+    or above (the nearest E4M3 value r and the one next to it), up iff noise < (t - down) ⊘ (up - down)."""
+    t = _min(t, 448.0)
+    r = _round_e4m3(t)
+    rb = _e4m3_byte(r).to(tl.int32)
+    above = r > t
+    down = tl.where(above, _e4m3_value(rb - 1), r)
+    up = tl.where(above, r, _e4m3_value(rb + 1))
+    return tl.where(r == t, r, tl.where(noise < tl.math.div_rn(t - down, up - down), up, down))
+
+
+@triton.jit
+def _candidate_error(xi, encode, s, scale, A, PER_TENSOR: tl.constexpr, MSE: tl.constexpr):
+    """One element column (R, NB) of a Four Over Six candidate (fp4._four_over_six_error): RTN with its E4M3 block
+    scale s and decode scale -> |x̂ - x| or (x̂ - x)², x̂ = ((±e2m1 ⊗ s) ⊗ A) ⊘ 1536 (per tensor) or ±e2m1 ⊗ scale."""
+    v = xi * encode
+    keep = s != 0.0
+    m = tl.where(keep, _round_e2m1(tl.abs(v), v, False), 0.0)
+    q = tl.where((v < 0.0) & keep, -m, m)
+    if PER_TENSOR:
+        x_hat = tl.math.div_rn((q * s) * A, tl.full(q.shape, 1536.0, tl.float32))
+    else:
+        x_hat = q * scale
+    diff = x_hat - xi
+    if MSE:
+        return diff * diff
+    return tl.abs(diff)
+
+
+@triton.jit
+def _four_over_six_errors(x_ptr, starts, cmask, enc6, s6, scale6, enc4, s4, scale4, A, PER_TENSOR: tl.constexpr,
+                          MSE: tl.constexpr, TILE16: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr):
+    """Both candidates' errors per block, (BM, NB): the 16 element errors of a row block added left to right
+    (column i of every 16-chunk loaded on its own, i = 0..15); a 16x16 tile's 16 row sums then as a tree."""
+    for i in tl.static_range(16):
+        xi = tl.load(x_ptr + starts + i, mask=cmask, other=0.0).to(tl.float32)             # (BM, NB)
+        d6 = _candidate_error(xi, enc6, s6, scale6, A, PER_TENSOR, MSE)
+        d4 = _candidate_error(xi, enc4, s4, scale4, A, PER_TENSOR, MSE)
+        if i == 0:
+            err6, err4 = d6, d4
+        else:
+            err6, err4 = err6 + d6, err4 + d4
+    if TILE16:      # rows i + i+8, then i + i+4, ...: the tree over the tile's rows, on its transpose (NB, 16)
+        err6 = tl.broadcast_to(_tree_sum(tl.trans(err6), NB, 4)[None, :], (BM, NB))
+        err4 = tl.broadcast_to(_tree_sum(tl.trans(err4), NB, 4)[None, :], (BM, NB))
+    return err6, err4
+
 # -----------------------------------------------------------------------------
 # the kernel
 
@@ -120,15 +227,19 @@ def _round_e2m1(a, noise, SR: tl.constexpr):
 @triton.jit
 def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_ptr, seed_ptr, M, Kp,
                   FAKE: tl.constexpr, DOUBLE_BLOCK: tl.constexpr, TILE16: tl.constexpr, SR: tl.constexpr,
-                  RHT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                  RHT: tl.constexpr, EDEN: tl.constexpr, FOUR_OVER_SIX: tl.constexpr, BM: tl.constexpr,
+                  BK: tl.constexpr):
+    """RHT: 0 (none), 16 (h_ptr: hadamard16(signs)) or 128 (h_ptr: the 128 signs). FOUR_OVER_SIX: 0 (off),
+    1 ("mae") or 2 ("mse"). EDEN: MS-EDEN (per-tensor, 1x16, SR False: its noise is per block)."""
     NB: tl.constexpr = BK // 16                                         # 16-blocks per tile row
     rows = tl.program_id(0) * BM + tl.arange(0, BM)                     # (BM,)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)                     # (BK,)
     mask = (rows[:, None] < M) & (cols[None, :] < Kp)                   # (BM, BK)
     offs = rows[:, None].to(tl.int64) * Kp + cols[None, :]
-    if RHT:   # xb[r, b, j] = Σ_i x[r, 16b + i]·H[i, j], i = 0..15 in order (fp4.rht16); loads column i of each chunk
-        starts = rows[:, None].to(tl.int64) * Kp + (tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :]
-        cmask = (rows[:, None] < M) & ((tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :] < Kp)
+    # the first element of each 16-chunk, (BM, NB): the RHT-16 and Four Over Six load column i of every chunk
+    starts = rows[:, None].to(tl.int64) * Kp + (tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :]
+    cmask = (rows[:, None] < M) & ((tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :] < Kp)
+    if RHT == 16:   # xb[r, b, j] = Σ_i x[r, 16b + i]·H[i, j], i = 0..15 in order (fp4.rht16)
         xb = tl.zeros((BM, NB, 16), tl.float32)
         for i in tl.static_range(16):
             xi = tl.load(x_ptr + starts + i, mask=cmask, other=0.0).to(tl.float32)   # (BM, NB)
@@ -138,11 +249,44 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
             else:
                 xb = xb + xi[:, :, None] * hi[None, None, :]
     else:
-        xb = tl.reshape(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), (BM, NB, 16))  # pad reads 0
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (BM, BK), pad reads 0
+        if RHT == 128:                                                  # the tile row is one 128-chunk
+            x = _rotate128(x, h_ptr, BM)
+        xb = tl.reshape(x, (BM, NB, 16))
     amax16 = _amax(tl.abs(xb), 2)                                       # (BM, NB)
     if TILE16:                                                          # one amax per 16x16 tile
         amax16 = tl.broadcast_to(_amax(amax16, 0)[None, :], (BM, NB))
-    if DOUBLE_BLOCK:                                                    # numerics.md §3
+    if EDEN:                                                            # numerics.md §11, A from the amax pass
+        A = tl.load(amax_ptr)
+        s_dec = tl.where(A == 0.0, 1.0, tl.math.div_rn(tl.math.div_rn(A, EDEN_SCALE_BOUND), EDEN_VAL_MAX))
+        s_b = tl.math.div_rn(tl.math.div_rn(amax16, tl.full(amax16.shape, EDEN_VAL_MAX, tl.float32)), s_dec)
+        s_b = _round_e4m3(_min(s_b, 448.0))
+        block_scale = tl.where(s_b == 0.0, 1.0, s_b)                    # before the correction
+        scale = block_scale * s_dec
+    elif FOUR_OVER_SIX > 0:                                             # numerics.md §10: two candidates per block
+        if DOUBLE_BLOCK:
+            A = 0.0                                                     # (the error is on the dequantized value)
+            amax128 = _amax(amax16, 1)
+            s_o = tl.where(amax128 == 0.0, 1.0, tl.math.div_rn(amax128, tl.full(amax128.shape, 1536.0, tl.float32)))
+            base = tl.math.div_rn(tl.math.div_rn(amax16, s_o[:, None]), tl.full(amax16.shape, 6.0, tl.float32))
+            s6 = tl.where(amax16 == 0.0, 2.0 ** -9, _round_e4m3(_min(base, 448.0)))
+            s4 = tl.where(amax16 == 0.0, 2.0 ** -9, _round_e4m3(_min(base * 1.5, 448.0)))
+            scale6, scale4 = s_o[:, None] * s6, s_o[:, None] * s4
+        else:
+            A = tl.load(amax_ptr)
+            s_enc = tl.where(A == 0.0, 1.0, _min(tl.math.div_rn(1536.0, A), 3.4028234663852886e38))
+            s_dec = tl.math.div_rn(1.0, s_enc)
+            base = tl.math.div_rn(amax16, tl.full(amax16.shape, 6.0, tl.float32)) * s_enc
+            s6, s4 = _round_e4m3(_min(base, 448.0)), _round_e4m3(_min(base * 1.5, 448.0))
+            scale6, scale4 = s6 * s_dec, s4 * s_dec
+        enc6 = _min(tl.math.div_rn(tl.full(scale6.shape, 1.0, tl.float32), scale6), 3.4028234663852886e38)
+        enc4 = _min(tl.math.div_rn(tl.full(scale4.shape, 1.0, tl.float32), scale4), 3.4028234663852886e38)
+        err6, err4 = _four_over_six_errors(x_ptr, starts, cmask, enc6, s6, scale6, enc4, s4, scale4, A,
+                                           not DOUBLE_BLOCK, FOUR_OVER_SIX == 2, TILE16, BM, NB)
+        pick4 = err4 < err6                                             # a tie keeps map-to-6
+        block_scale = tl.where(pick4, s4, s6)
+        scale = tl.where(pick4, scale4, scale6)                         # the elements below: the chosen rounding
+    elif DOUBLE_BLOCK:                                                  # numerics.md §3
         amax128 = _amax(amax16, 1)                                      # (BM,)
         s_o = tl.where(amax128 == 0.0, 1.0, tl.math.div_rn(amax128, tl.full(amax128.shape, 2688.0, tl.float32)))
         s_i = tl.math.div_rn(tl.math.div_rn(amax16, s_o[:, None]), tl.full(amax16.shape, 6.0, tl.float32))
@@ -158,15 +302,21 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
     encode = _min(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 3.4028234663852886e38)
     v = xb * encode[:, :, None]                                         # (BM, NB, 16)
     if SR:
-        idx = tl.reshape(offs & 0xFFFFFFFF, (BM, NB, 16))
-        seed0, seed1 = tl.load(seed_ptr), tl.load(seed_ptr + 1)        # read on the GPU: no host sync
-        u = (_pcg_hash(_pcg_hash(idx ^ seed0) ^ seed1) >> 8).to(tl.float32) * (2.0 ** -24)
+        u = _uniform(tl.reshape(offs & 0xFFFFFFFF, (BM, NB, 16)), seed_ptr)
     else:
         u = v
     q = _round_e2m1(tl.abs(v), u, SR)
-    keep = (block_scale != 0.0)[:, :, None]
+    keep = (block_scale != 0.0)[:, :, None]                             # (always true for MS-EDEN: s_b >= 2^-9)
     q = tl.where(keep, q, 0.0)
     negative = (v < 0.0) & keep
+    scols = tl.program_id(1) * NB + tl.arange(0, NB)                    # this tile's block-scale columns
+    if EDEN:   # c = Σz² ⊘ Σz·q over the row's 128-group (tree order); s_b ⊗ c rounded stochastically to E4M3
+        zq = tl.where(negative, -q, q) * v
+        num, den = _tree_sum(tl.reshape(v * v, (BM, BK)), BM, 7), _tree_sum(tl.reshape(zq, (BM, BK)), BM, 7)
+        c = tl.where(den == 0.0, 1.0, tl.math.div_rn(num, den))         # (BM,)
+        ub = _uniform((rows[:, None].to(tl.int64) * (Kp // 16) + scols[None, :]) & 0xFFFFFFFF, seed_ptr)
+        block_scale = _stochastic_e4m3(block_scale * c[:, None], ub)   # one uniform per 16-block
+        scale = block_scale * s_dec
     if FAKE:
         x_dq = q * scale[:, :, None]
         tl.store(out_ptr + offs, tl.reshape(tl.where(negative, -x_dq, x_dq), (BM, BK)), mask=mask)
@@ -177,7 +327,6 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
         pcols = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
         tl.store(codes_ptr + rows[:, None].to(tl.int64) * (Kp // 2) + pcols[None, :], (lo | (hi << 4)).to(tl.uint8),
                  mask=(rows[:, None] < M) & (pcols[None, :] < Kp // 2))
-        scols = tl.program_id(1) * NB + tl.arange(0, NB)
         tl.store(scale_ptr + rows[:, None].to(tl.int64) * (Kp // 16) + scols[None, :], _e4m3_byte(block_scale),
                  mask=(rows[:, None] < M) & (scols[None, :] < Kp // 16))
         if DOUBLE_BLOCK:
@@ -199,20 +348,30 @@ def _on(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch(x2, outer, tile, seed, signs, fake):
+def _launch(x2, outer, tile, seed, signs, fake, eden=False, four_over_six=None):
     if not x2.is_floating_point() or x2.dim() != 2:
         raise ValueError(f"kernels: expected a 2-D float tensor, got {x2.dtype} of shape {tuple(x2.shape)}")
     tile = tuple(tile)
     M, Kp = x2.shape
-    if Kp % (fp4.OUTER_BLOCK if outer == fp4.OUTER_BLOCK else fp4.NVFP4_BLOCK) or (tile == (16, 16) and M % 16):
+    rht = 0 if signs is None else len(signs)
+    if rht not in (0, *fp4.RHT_SIZES):
+        raise ValueError(f"kernels: signs must be None, 16 (RHT-16) or 128 (RHT-128) signs, got {rht}")
+    if eden and (outer != "tensor" or tile != (1, 16) or seed is None):
+        raise ValueError(f"kernels: MS-EDEN needs outer='tensor', tile=(1, 16) and a seed, got outer={outer!r}, "
+                         f"tile={tile}, seed={'set' if seed is not None else None}")
+    if four_over_six is not None and (four_over_six not in fp4.FOUR_OVER_SIX_ERRORS or seed is not None or rht or eden):
+        raise ValueError(f"kernels: Four Over Six takes four_over_six in {fp4.FOUR_OVER_SIX_ERRORS}, RTN and no RHT "
+                         f"(got {four_over_six!r}, seed={'set' if seed is not None else None}, {rht} signs, eden={eden})")
+    block = fp4.OUTER_BLOCK if outer == fp4.OUTER_BLOCK or eden or rht == fp4.OUTER_BLOCK else fp4.NVFP4_BLOCK
+    if Kp % block or (tile == (16, 16) and M % 16):
         raise ValueError(f"kernels: shape {tuple(x2.shape)} is not padded to whole blocks for outer={outer!r}, "
-                         f"tile={tile}; pad it as fp4._as_padded_2d does")
+                         f"tile={tile}, eden={eden}, {rht} signs; pad it as fp4._as_padded_2d does")
     x2 = x2.contiguous()                             # bf16 stays bf16: the kernel upcasts as it loads
     dev = x2.device
-    h = fp4.hadamard16(signs.to(dev)).contiguous() if signs is not None else None
+    h = None if signs is None else fp4.rht_operator(signs, dev).contiguous()   # hadamard16(signs), or the 128 signs
     amax = torch.zeros((), device=dev)
     if outer == "tensor":
-        amax = _abs_max(fp4.rht16(x2, signs) if signs is not None else x2)               # the amax pass
+        amax = _abs_max(fp4.rht(x2, signs) if signs is not None else x2)               # the amax pass
     out = torch.empty(x2.shape, device=dev) if fake else torch.empty(0, device=dev)
     codes = torch.empty(M, Kp // 2, dtype=torch.uint8, device=dev)
     scales = torch.empty(M, Kp // 16, dtype=torch.uint8, device=dev)
@@ -222,25 +381,32 @@ def _launch(x2, outer, tile, seed, signs, fake):
         _nvfp4_kernel[grid](x2, out, codes, scales, outer_scale, amax, h if h is not None else amax,
                             seed.to(dev) if seed is not None else amax, M, Kp,         # (amax: unread placeholders)
                             FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
-                            SR=seed is not None, RHT=signs is not None, BM=TILE_ROWS, BK=TILE_COLS, **EXACT)
+                            SR=seed is not None and not eden, RHT=rht, EDEN=eden,
+                            FOUR_OVER_SIX=0 if four_over_six is None else 1 + fp4.FOUR_OVER_SIX_ERRORS.index(four_over_six),
+                            BM=TILE_ROWS, BK=TILE_COLS, **EXACT)
     if fake:
         return out
-    if outer == "tensor":
-        outer_scale = fp4.tensor_scales(amax)[1]                          # S_dec, as the kernel computed it
+    if outer == "tensor":                                                 # S_dec, as the kernel computed it
+        if eden:
+            outer_scale = torch.where(amax == 0, 1.0, fp4._div(fp4._div(amax, fp4.EDEN_SCALE_BOUND), fp4.EDEN_VAL_MAX))
+        else:
+            outer_scale = fp4.tensor_scales(amax, fp4.NVFP4_AMAX_TO_SCALE if four_over_six is None
+                                            else fp4.FOUR_OVER_SIX_AMAX_TO_SCALE)[1]
     return codes, scales.view(torch.float8_e4m3fn), outer_scale
 
 
 def quantize_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, eden=False, four_over_six=None):
     """fp32 (Mp, Kp), padded as fp4.quantize_nvfp4 pads -> (codes uint8 (Mp, Kp/2), block_scale e4m3
     (Mp, Kp/16), outer_scale: 0-dim S_dec or (Mp, Kp/128) s_o). seed: None (RTN) or fp4.draw_seed's (2,)
-    int64 (SR). signs: None, or 16 ±1 to quantize x2 H instead of x2 (fused RHT-16)."""
-    return _launch(x2, outer, tile, seed, signs, fake=False)
+    int64 (SR, or MS-EDEN's scale noise with eden=True). signs: None, or 16 or 128 ±1 to quantize rht(x2)
+    instead (fused RHT-16 / RHT-128). eden: MS-EDEN (fp4 rounding "eden"). four_over_six: None, "mae", "mse"."""
+    return _launch(x2, outer, tile, seed, signs, False, eden, four_over_six)
 
 
 def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, eden=False, four_over_six=None):
     """(Mp, Kp) float -> fp32 (Mp, Kp): dequantize(quantize(x2)) in one pass (two with a per-tensor scale);
-    fp4._fake_quant_2d's twin."""
-    return _launch(x2, outer, tile, seed, signs, fake=True)
+    fp4._fake_quant_2d's twin. Arguments as quantize_nvfp4."""
+    return _launch(x2, outer, tile, seed, signs, True, eden, four_over_six)
 
 # -----------------------------------------------------------------------------
 # The FP4 GEMM: C = dequantize(A) dequantize(B)ᵀ straight from the codes, on tensor cores that multiply
@@ -361,6 +527,17 @@ if __name__ == "__main__":
                         ref.block_scale.view(torch.uint8)) and torch.equal(got[2], ref.outer_scale))
                 same_dq = torch.equal(fake_quant_nvfp4(x, outer, tile, s), fp4._fake_quant_2d(x, "nvfp4", outer, tile, rounding, s))
                 print(f"outer={outer!s:6s} tile={tile} {rounding:10s} codes/scales equal: {same}, fake-quant equal: {same_dq}")
+    signs128 = fp4.random_signs(torch.Generator().manual_seed(0), n=128).to(device)
+    for name, outer, tile, rounding, signs, fos in (("4/6 mae", "tensor", (1, 16), "nearest", None, "mae"),
+                                                     ("4/6 mse 16x16", 128, (16, 16), "nearest", None, "mse"),
+                                                     ("MS-EDEN RHT-128", "tensor", (1, 16), "eden", signs128, None),
+                                                     ("SR RHT-128", 128, (1, 16), "stochastic", signs128, None)):
+        ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, rht_signs=signs, four_over_six=fos,
+                                 generator=torch.Generator(device).manual_seed(0))
+        got = quantize_nvfp4(x, outer, tile, seed if rounding != "nearest" else None, signs, rounding == "eden", fos)
+        same = (torch.equal(got[0], ref.codes) and torch.equal(got[1].view(torch.uint8),
+                ref.block_scale.view(torch.uint8)) and torch.equal(got[2], ref.outer_scale))
+        print(f"{name:16s} outer={outer!s:6s} tile={tile} codes/scales equal: {same}")
     qa, qb = fp4.quantize_mxfp4(x[:256]), fp4.quantize_mxfp4(x[-128:])     # the GEMM: MXFP4 runs everywhere,
     ref = fp4.dequantize(qa, shape[1]) @ fp4.dequantize(qb, shape[1]).t()    # NVFP4 only on FP4 tensor cores
     print(f"fp4_gemm mxfp4 max |error| / max |C|: {((fp4_gemm(qa, qb) - ref).abs().max() / ref.abs().max()).item():.1e}")
@@ -385,7 +562,10 @@ if __name__ == "__main__":
         for name, fn, nbytes in (("quantize per-tensor", lambda: quantize_nvfp4(x), n * 4.5625),
                                  ("quantize double-block", lambda: quantize_nvfp4(x, 128), n * 4.5625),
                                  ("quantize double-block SR", lambda: quantize_nvfp4(x, 128, seed=seed), n * 4.5625),
-                                 ("fake-quant double-block", lambda: fake_quant_nvfp4(x, 128), n * 8)):
+                                 ("fake-quant double-block", lambda: fake_quant_nvfp4(x, 128), n * 8),
+                                 ("quantize per-tensor 4/6", lambda: quantize_nvfp4(x, four_over_six="mae"), n * 4.5625),
+                                 ("quantize MS-EDEN RHT-128", lambda: quantize_nvfp4(x, seed=seed, signs=signs128, eden=True),
+                                  n * 4.5625)):
             t = ms(fn)
             print(f"{name:28s} {t:.3f} ms  {nbytes / t / 1e6:6.0f} GB/s  ({nbytes / t / (n * 8 / copy):.0%} of copy)")
         if fp4_gemm_supported(device):                                   # 4096^3 GEMM: FP4 codes vs bf16

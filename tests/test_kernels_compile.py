@@ -4,7 +4,7 @@ Python and skips compilation, so it cannot see what only the compiler rejects. (
 plain global, RNE_MAGIC, which the interpreter allowed and which made every GPU launch fail to compile.)
 
 Checked here, for H100 (sm_90) and B200 (sm_100):
-  - the quantizer, in the variants training launches, compiles; its PTX has no fused multiply-add and no
+  - the quantizer, in the variants training launches (Four Over Six, MS-EDEN and RHT-128 included), compiles; its PTX has no fused multiply-add and no
     approximate division (div.full), so it rounds as fp4.py does, one operation at a time;
   - the FP4 GEMM compiles, and on sm_100 it runs on the block-scaled FP4 tensor cores: tcgen05.mma kind::mxf4nvf4
     with a scale per 16 (NVFP4) and kind::mxf4 with a scale per 32 (MXFP4).
@@ -24,17 +24,27 @@ pytest.importorskip("triton")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ARCHS = (90, 100)   # compute capability: H100/H200, B200
 
-# (name, FAKE, DOUBLE_BLOCK, TILE16, SR, RHT, input dtype): the launches fp4.py makes for the three NVFP4
-# recipes (forward RTN, backward SR + RHT, 16x16 weights), with both input dtypes
+# (name, FAKE, DOUBLE_BLOCK, TILE16, SR, RHT (0, 16 or 128), EDEN, FOUR_OVER_SIX (0, 1 mae, 2 mse), input dtype):
+# the launches fp4.py makes for the NVFP4 recipes (forward RTN, backward SR + RHT, 16x16 weights; Four Over Six
+# forward operands; Quartet II's MS-EDEN and RHT-128 backward), with both input dtypes
 QUANTIZER = [
-    ("fake double-block SR RHT", True, True, False, True, True, "fp32"),
-    ("fake double-block RTN", True, True, False, False, False, "bf16"),
-    ("fake per-tensor 16x16 RTN", True, False, True, False, False, "bf16"),
-    ("fake per-tensor SR RHT", True, False, False, True, True, "bf16"),
-    ("codes double-block SR RHT", False, True, False, True, True, "fp32"),
-    ("codes double-block 16x16 SR", False, True, True, True, False, "bf16"),
-    ("codes per-tensor 16x16 RTN", False, False, True, False, False, "fp32"),
-    ("codes per-tensor RTN RHT", False, False, False, False, True, "fp32"),
+    ("fake double-block SR RHT", True, True, False, True, 16, False, 0, "fp32"),
+    ("fake double-block RTN", True, True, False, False, 0, False, 0, "bf16"),
+    ("fake per-tensor 16x16 RTN", True, False, True, False, 0, False, 0, "bf16"),
+    ("fake per-tensor SR RHT", True, False, False, True, 16, False, 0, "bf16"),
+    ("codes double-block SR RHT", False, True, False, True, 16, False, 0, "fp32"),
+    ("codes double-block 16x16 SR", False, True, True, True, 0, False, 0, "bf16"),
+    ("codes per-tensor 16x16 RTN", False, False, True, False, 0, False, 0, "fp32"),
+    ("codes per-tensor RTN RHT", False, False, False, False, 16, False, 0, "fp32"),
+    ("fake per-tensor 4/6 mae", True, False, False, False, 0, False, 1, "bf16"),
+    ("fake per-tensor 16x16 4/6 mse", True, False, True, False, 0, False, 2, "fp32"),
+    ("codes double-block 4/6 mse", False, True, False, False, 0, False, 2, "fp32"),
+    ("codes double-block 16x16 4/6 mae", False, True, True, False, 0, False, 1, "bf16"),
+    ("fake per-tensor MS-EDEN RHT-128", True, False, False, False, 128, True, 0, "bf16"),
+    ("codes per-tensor MS-EDEN RHT-128", False, False, False, False, 128, True, 0, "fp32"),
+    ("codes per-tensor MS-EDEN", False, False, False, False, 0, True, 0, "bf16"),
+    ("fake per-tensor SR RHT-128", True, False, False, True, 128, False, 0, "fp32"),
+    ("codes double-block RTN RHT-128", False, True, False, False, 128, False, 0, "bf16"),
 ]
 # (name, scale pointer type, GROUP, OUTER): NVFP4 with a per-tensor and a per-128 outer scale, and MXFP4
 GEMM = [("nvfp4 per-tensor", "*fp8e4nv", 16, 1), ("nvfp4 per-128", "*fp8e4nv", 16, 2), ("mxfp4", "*u8", 32, 0)]
@@ -63,11 +73,11 @@ def compile_one(fn, signature, constexprs, arch, fusion):
 quantizer, gemm, archs = json.loads(sys.argv[1])
 out = {}
 for arch in archs:
-    for name, fake, double, tile16, sr, rht, xdtype in quantizer:
+    for name, fake, double, tile16, sr, rht, eden, four_over_six, xdtype in quantizer:
         sig = {"x_ptr": "*" + xdtype, "out_ptr": "*fp32", "codes_ptr": "*u8", "scale_ptr": "*u8", "outer_ptr": "*fp32",
                "amax_ptr": "*fp32", "h_ptr": "*fp32", "seed_ptr": "*i64", "M": "i32", "Kp": "i32"}
-        const = dict(FAKE=fake, DOUBLE_BLOCK=double, TILE16=tile16, SR=sr, RHT=rht, BM=kernels.TILE_ROWS,
-                     BK=kernels.TILE_COLS)
+        const = dict(FAKE=fake, DOUBLE_BLOCK=double, TILE16=tile16, SR=sr, RHT=rht, EDEN=eden,
+                     FOUR_OVER_SIX=four_over_six, BM=kernels.TILE_ROWS, BK=kernels.TILE_COLS)
         out[f"{arch} {name}"] = compile_one(kernels._nvfp4_kernel, sig, const, arch, kernels.EXACT["enable_fp_fusion"])
     for name, stype, group, outer in gemm:
         sig = {"a_ptr": "*u8", "sa_ptr": stype, "oa_ptr": "*fp32", "b_ptr": "*u8", "sb_ptr": stype, "ob_ptr": "*fp32",
