@@ -1188,6 +1188,7 @@ class FP4Linear(nn.Linear):
         self._generator, self._rng_state = None, None
         self.outliers = self.inliers = self.channel_norm = self.stats = None
         self.calibrating = False
+        self.high_precision = False          # True inside fp4.high_precision(): a plain linear, no FP4 at all
 
     @classmethod
     def from_linear(cls, linear, recipe="tetrajet", seed=0, impl=REFERENCE):
@@ -1219,6 +1220,9 @@ class FP4Linear(nn.Linear):
                              self.in_features)
 
     def forward(self, x):
+        if self.high_precision:                              # the shadow network of fp4.high_precision
+            y = nn.functional.linear(x, self.weight.to(x.dtype))
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.calibrating and self.training:               # OutControl: per-channel L2 norm over tokens
             norm = x.detach().reshape(-1, self.in_features).float().norm(dim=0)    # (in,)
             self.channel_norm = norm if self.channel_norm is None else self.channel_norm + norm
@@ -1259,6 +1263,21 @@ def record_stats(layers):
     finally:
         for layer in layers.values():
             layer.stats = None
+
+
+@contextlib.contextmanager
+def high_precision(layers):
+    """with high_precision(layers): the given FP4Linear layers run as plain linears in the activation dtype (the
+    weight cast to it, as model.Linear does): the same network without FP4, for a shadow gradient of the same
+    batch with the same weights (train.py --fp4-probe, tools/estimator.py). No random number is drawn inside,
+    so the FP4 noise streams continue unchanged after it."""
+    for layer in layers:
+        layer.high_precision = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.high_precision = False
 
 
 def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, blocks="transformer.h", seed=0,

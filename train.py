@@ -75,6 +75,7 @@ class TrainConfig:
     out_control_frac: float = 0.1  # fraction of input channels kept in MXFP8 (rounded up to 32, at most half)
     out_control_step: float = 0.1  # calibration starts at this step, or this fraction (< 1) of max_iters
     out_control_window: int = 50  # calibration steps (input-channel norms summed over them)
+    fp4_probe: bool = False       # at every eval: cosine and relative error of the FP4 gradient vs the high-precision one, same batch
     # optimizer (AdamW on fp32 master weights)
     lr: float = 3e-3              # peak learning rate
     min_lr: float = 3e-4          # final learning rate
@@ -257,6 +258,39 @@ def fp4_report(step, layers, stats, osci, outctl):
             f"{mean.get('saturated_w', 0):.2%} | underflow x {mean.get('underflow_x', 0):.2%} w "
             f"{mean.get('underflow_w', 0):.2%} | oscillating {osc:.3%} reset {reset} | outliers {total['outliers']}")
     return {"total": total, "layers": per_layer}, line
+
+
+def fp4_probe(model, layers, batch, ddp=False):
+    """--fp4-probe: the gradient of `batch` with FP4 and with the same weights in high precision (fp4.high_precision:
+    the shadow network) -> {"grad_cosine", "grad_rel_error"} = cos(g_fp4, g) and ‖g_fp4 − g‖/‖g‖ over all
+    parameters, of this process's batch (under DDP without the all-reduce: model.no_sync). Touches nothing the
+    run continues with: the gradients are put back, and each layer's noise generator is restored, so a run with
+    the probe trains bit for bit like one without (tests/test_train.py)."""
+    params, layers = list(model.parameters()), list(layers.values())
+    saved_grads = [p.grad for p in params]
+    saved_rng = [(l._generator.get_state() if l._generator is not None else None, l._rng_state) for l in layers]
+    was_training = model.training
+    model.eval()                                          # eval: OutControl's calibration skips these forwards
+    grads = []
+    try:
+        for shadow in (False, True):
+            for p in params:
+                p.grad = None
+            with fp4.high_precision(layers) if shadow else nullcontext(), model.no_sync() if ddp else nullcontext():
+                model(*batch)[1].backward()
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                                    for p in params]))
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        for l, (state, pending) in zip(layers, saved_rng):
+            if state is None:
+                l._generator, l._rng_state = None, pending
+            else:
+                l._generator.set_state(state)
+        model.train(was_training)
+    g4, g = grads
+    return {"grad_cosine": (g4 @ g / (g4.norm() * g.norm())).item(), "grad_rel_error": ((g4 - g).norm() / g.norm()).item()}
 
 
 def resolve_schedules(cfg):
@@ -494,6 +528,11 @@ def main(argv=None):
             log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}")
             if fp4_layers:
                 record["fp4"], line = fp4_report(step, fp4_layers, stats, osci, outctl)
+                if cfg.fp4_probe:                          # the same batch at every eval: comparable over the run
+                    probe_batch = get_batch(splits["train"], cfg, rank, world, torch.Generator().manual_seed(cfg.seed + 20_000), device)
+                    record["fp4"]["probe"] = fp4_probe(model, fp4_layers, probe_batch, ddp)
+                    line += (f" | grad vs high precision: cosine {record['fp4']['probe']['grad_cosine']:.4f} rel. error "
+                             f"{record['fp4']['probe']['grad_rel_error']:.4f}")
                 log(line)
             if master:
                 with open(log_path, "a") as f:

@@ -7,6 +7,8 @@ Hadamard signs differ per seed: the table shows the mean ± standard deviation o
     python tools/snr.py                                   # outlier + Gaussian protocols, K in {128, 512, 2048}
     python tools/snr.py --dist outlier --k 2048 --no-rht  # an ablation: every recipe without its RHT
     python tools/snr.py --checkpoint out/ckpt.pt          # real X, W, dY of every FP4 layer of a trained model
+    python tools/snr.py --grad --checkpoint out/ckpt.pt   # bias, noise, gain, cosine per GEMM and of the whole
+                                                          # model's gradient: tools/estimator.py
 
 Protocols (tensors X (M, K), W (N, K), dY (M, N)):
   gaussian  every entry N(0, 1)
@@ -14,7 +16,9 @@ Protocols (tensors X (M, K), W (N, K), dY (M, N)):
             (AMD ALTO NVFP4 report), where one outlier sets a per-tensor scale for everything else.
 Besides fp4.RECIPES (nvidia, tetrajet, quartet2, mxfp4): `tetrajet+oc` is TetraJet-v2 with OutControl (the
 top 10% of X's channels by L2 norm, rounded up to 32, computed on the same X, kept in MXFP8); `nvidia-4over6`
-is NVIDIA's recipe with Four Over Six scales on both forward operands (TE's nvfp4_4over6="all", MAE).
+is NVIDIA's recipe with Four Over Six scales on both forward operands (TE's nvfp4_4over6="all", MAE); the
+TetraJet-v2 ablations `tetrajet-rtn2` (its second backward operand rounded to nearest), `tetrajet-norht` and
+`tetrajet-unaligned` change one knob each.
 """
 
 import argparse
@@ -30,7 +34,12 @@ import fp4
 
 OUTLIER_P, OUTLIER_STD = 0.005, 100.0
 HEADERS = ("O (dB)", "dX (dB)", "dW (dB)")
-VARIANTS = {"tetrajet+oc": ("tetrajet", {}), "nvidia-4over6": ("nvidia", {"four_over_six": "all"})}  # label -> (base, changes)
+VARIANTS = {                                   # label -> (base recipe, the fields it changes)
+    "tetrajet+oc": ("tetrajet", {}), "nvidia-4over6": ("nvidia", {"four_over_six": "all"}),
+    "tetrajet-rtn2": ("tetrajet", {"other_rounding": "nearest"}), "tetrajet-norht": ("tetrajet", {"rht": ()}),
+    "tetrajet-unaligned": ("tetrajet", {"aligned": False}),
+}
+GRAD_RECIPES = ["nvidia", "nvidia-4over6", "tetrajet", "quartet2", "mxfp4"]   # --grad's default set
 
 
 def make_tensor(shape, dist, gen):
@@ -124,8 +133,9 @@ def print_table(title, rows, labels):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", default=["nvidia", "nvidia-4over6", "tetrajet", "tetrajet+oc", "quartet2",
-                                                    "mxfp4"], choices=[*fp4.RECIPES, *VARIANTS])
+    p.add_argument("--recipes", nargs="+", choices=[*fp4.RECIPES, *VARIANTS],
+                   help="default: nvidia nvidia-4over6 tetrajet tetrajet+oc quartet2 mxfp4 (with --grad: "
+                        + " ".join(GRAD_RECIPES) + ")")
     p.add_argument("--dist", nargs="+", default=["outlier", "gaussian"], choices=["outlier", "gaussian"])
     p.add_argument("--k", nargs="+", type=int, default=[128, 512, 2048], help="in features (fprop's K)")
     p.add_argument("--m", type=int, default=1024, help="tokens (wgrad's K)")
@@ -136,7 +146,19 @@ def main(argv=None):
     p.add_argument("--weight-tile", choices=["1x16", "16x16"], help="ablation: W's scale tile (NVFP4 recipes)")
     p.add_argument("--aligned", choices=["on", "off"], help="ablation: force backward operand alignment on/off")
     p.add_argument("--checkpoint", help="also measure on real X, W, dY of this train.py checkpoint")
+    p.add_argument("--grad", action="store_true", help="the gradient-estimator report (tools/estimator.py) instead")
+    p.add_argument("--draws", type=int, default=32, help="--grad: independent FP4 draws per GEMM and of the model")
+    p.add_argument("--loss-batches", type=int, default=8, help="--grad: validation batches for the forward loss delta")
+    p.add_argument("--json", help="--grad: write every number to this file")
+    p.add_argument("--plot", help="--grad: bias against noise, one point per recipe and GEMM (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.recipes is None:
+        args.recipes = GRAD_RECIPES if args.grad else ["nvidia", "nvidia-4over6", "tetrajet", "tetrajet+oc", "quartet2",
+                                                       "mxfp4"]
+    if args.grad:
+        return grad_report(p, args)
+    if args.json or args.plot:
+        p.error("--json and --plot belong to --grad")
     chosen = recipes(args)
     results = {}
     for dist in args.dist:
@@ -158,6 +180,31 @@ def main(argv=None):
                 results[("checkpoint", name, label)] = rows[-1]
             print_table(f"{name}: X {tuple(x.shape)}, W {tuple(w.shape)}", rows, list(chosen))
     return results
+
+
+def grad_report(p, args):
+    """snr.py --grad: tools/estimator.py on the checkpoint's layers (and whole model), or on the synthetic protocols."""
+    from tools import estimator
+    if any(r.endswith("+oc") for r in args.recipes):
+        p.error("--grad has no OutControl variant (its channels would be calibrated on the measured batch itself)")
+    if args.draws < 2:
+        p.error("--draws must be at least 2 (noise and the bias floor need two draws)")
+    chosen = {label: recipe for label, (recipe, _) in recipes(args).items()}
+    if args.checkpoint:
+        operands = {n: (x.float(), w.float(), dy.float()) for n, (x, w, dy) in capture_from_checkpoint(args.checkpoint).items()}
+    else:
+        operands = {}
+        for dist in args.dist:
+            for k in args.k:
+                gen = torch.Generator().manual_seed(1234 + k)
+                operands[f"{dist} K={k}"] = tuple(make_tensor(s, dist, gen) for s in ((args.m, k), (args.n, k), (args.m, args.n)))
+    report = estimator.run(args, chosen, operands)
+    estimator.print_report(report)
+    if args.json:
+        estimator.write_json(report, args.json)
+    if args.plot:
+        estimator.plot(report, args.plot)
+    return report
 
 
 if __name__ == "__main__":
