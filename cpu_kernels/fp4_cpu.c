@@ -271,6 +271,39 @@ static inline float amax16(const float *v) {
     return nan ? NAN : m;
 }
 
+#ifdef __AVX2__
+/* amax on the bits: for |x| (sign cleared) the int32 order is the fp32 order, and every NaN is above Inf, so
+ * an integer max propagates NaN by itself; canon_nan8 then makes any NaN the quiet NaN amax16 returns */
+static inline __m256i abs_bits8(const float *p) {
+    return _mm256_and_si256(_mm256_loadu_si256((const __m256i *)p), _mm256_set1_epi32(0x7FFFFFFF));
+}
+static inline __m256 canon_nan8(__m256i m) {
+    __m256i nan = _mm256_cmpgt_epi32(m, _mm256_set1_epi32(0x7F800000));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(m, _mm256_set1_epi32(0x7FC00000), nan));
+}
+/* lanes (per 128-bit half) [a0|a1, a2|a3, b0|b1, b2|b3] of the int max, as hadd's layout */
+static inline __m256i hmax_pair(__m256i a, __m256i b) {
+    __m256 fa = _mm256_castsi256_ps(a), fb = _mm256_castsi256_ps(b);
+    return _mm256_max_epi32(_mm256_castps_si256(_mm256_shuffle_ps(fa, fb, _MM_SHUFFLE(2, 0, 2, 0))),
+                            _mm256_castps_si256(_mm256_shuffle_ps(fa, fb, _MM_SHUFFLE(3, 1, 3, 1))));
+}
+/* the 8 block amaxes of a row of 128 as abs bits, block b in lane b */
+static inline __m256i block_amax_bits8(const float *v) {
+    __m256i m[8];
+    for (int b = 0; b < 8; b++) m[b] = _mm256_max_epi32(abs_bits8(v + BLOCK * b), abs_bits8(v + BLOCK * b + 8));
+    __m256i h0 = hmax_pair(hmax_pair(m[0], m[1]), hmax_pair(m[2], m[3]));
+    __m256i h1 = hmax_pair(hmax_pair(m[4], m[5]), hmax_pair(m[6], m[7]));
+    return _mm256_max_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+static inline float hmax_bits8(__m256i m) {              /* -> the fp32 max of the 8 lanes, NaN if any */
+    __m128i w = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    w = _mm_max_epi32(w, _mm_shuffle_epi32(w, _MM_SHUFFLE(1, 0, 3, 2)));
+    w = _mm_max_epi32(w, _mm_shuffle_epi32(w, _MM_SHUFFLE(2, 3, 0, 1)));
+    uint32_t u = (uint32_t)_mm_cvtsi128_si32(w);
+    return u > 0x7F800000u ? NAN : bits_to_float(u);
+}
+#endif
+
 /* ------------------------------------------------------------------------------------------------------
  * One row of a tile, n values v, given each element's encode factor, decode scale and keep flag (its
  * 16-chunk's, expanded per element so that the whole row is one vector loop: 5-9% faster than a loop per
@@ -504,8 +537,9 @@ static inline void transpose8(__m256 *a) {
 /* fos_block_error for the 8 blocks of a 128-row at once, both candidates: the row is transposed so that lane b
  * holds block b and element e of every block is one vector; the 16-term sums then run down the vectors, in
  * the same left-to-right order per block. err[k]: candidate k's 8 block errors. */
-static inline void fos_row_errors_avx2(const float *v, const float s[2][MAX_GROUP / BLOCK],
-                                       const float sc[2][MAX_GROUP / BLOCK], const Job *j, __m256 err[2]) {
+static inline __attribute__((always_inline)) void fos_row_errors_avx2(
+        const float *v, const float s[2][MAX_GROUP / BLOCK], const float sc[2][MAX_GROUP / BLOCK], const Job *j,
+        __m256 err[2], __m256 keep_q[2][BLOCK]) {
     __m256 t[16];
     for (int b = 0; b < 8; b++) {
         t[b] = _mm256_loadu_ps(v + BLOCK * b);
@@ -527,6 +561,7 @@ static inline void fos_row_errors_avx2(const float *v, const float s[2][MAX_GROU
             __m256 mag = _mm256_and_ps(round_e2m1_8(val, 0, no, no, no), keep);
             __m256 neg = _mm256_and_ps(_mm256_cmp_ps(val, zero, _CMP_LT_OQ), keep);
             __m256 q = _mm256_xor_ps(mag, _mm256_and_ps(neg, neg_zero));
+            if (keep_q) keep_q[k][e] = q;
             __m256 xhat = j->fmt == NVFP4_TENSOR ? _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(q, sv), A), div)
                                                  : _mm256_mul_ps(q, scv);
             __m256 diff = _mm256_sub_ps(xhat, x);
@@ -534,6 +569,30 @@ static inline void fos_row_errors_avx2(const float *v, const float s[2][MAX_GROU
             acc = e == 0 ? d : _mm256_add_ps(acc, d);
         }
         err[k] = acc;
+    }
+}
+#endif
+
+#ifdef __AVX2__
+/* Four Over Six on a 1x16-tiled row of 128 for fake_quant, fused: the two candidates' ±q from the error pass are
+ * kept (block b in lane b), the picked one is multiplied by its decode scale and transposed back: the values
+ * _round_blocks would give for the picked scale (±q * sc is ±(q * sc) exactly; a zero scale has q = +0). */
+static inline void fos_row_fake_avx2(const float *v, const float s[2][MAX_GROUP / BLOCK],
+                                     const float sc[2][MAX_GROUP / BLOCK], const Job *j, void *out) {
+    __m256 err[2], q[2][BLOCK], o[BLOCK];
+    fos_row_errors_avx2(v, s, sc, j, err, q);
+    __m256 pick = _mm256_cmp_ps(err[1], err[0], _CMP_LT_OQ);
+    __m256 scale = _mm256_blendv_ps(_mm256_loadu_ps(sc[0]), _mm256_loadu_ps(sc[1]), pick);
+    for (int e = 0; e < BLOCK; e++) o[e] = _mm256_mul_ps(_mm256_blendv_ps(q[0][e], q[1][e], pick), scale);
+    transpose8(o);
+    transpose8(o + 8);                      /* o[b]: block b's elements 0..7, o[8 + b]: 8..15 */
+    for (int b = 0; b < 8; b++) {
+        if (j->out_bf16) {
+            store_bf16_16((uint16_t *)out + BLOCK * b, o[b], o[8 + b]);
+        } else {
+            _mm256_storeu_ps((float *)out + BLOCK * b, o[b]);
+            _mm256_storeu_ps((float *)out + BLOCK * b + 8, o[8 + b]);
+        }
     }
 }
 #endif
@@ -548,7 +607,7 @@ static void fos_pick(float v[][MAX_GROUP], int tile_rows, int nb, const float s[
 #ifdef __AVX2__
         if (nb == MAX_GROUP / BLOCK) {
             __m256 e[2];
-            fos_row_errors_avx2(v[r], s, sc, j, e);
+            fos_row_errors_avx2(v[r], s, sc, j, e, NULL);
             _mm256_storeu_ps(err[0][r], e[0]);
             _mm256_storeu_ps(err[1][r], e[1]);
             continue;
@@ -630,6 +689,98 @@ static void eden_scales(const float *v, int n, const float *tile_amax, int64_t r
     }
 }
 
+#ifdef __AVX2__
+/* round_e4m3 of 8 values */
+static inline __m256 round_e4m3_8(__m256 v) {
+    __m256 sub = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(512.0f)),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                               _mm256_set1_ps(1.0f / 512.0f));
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 20), _mm256_set1_epi32(1));
+    __m256i normal = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFFF)), lsb),
+                                      _mm256_set1_epi32((int)0xFFF00000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub,
+                            _mm256_cmp_ps(v, _mm256_set1_ps(E4M3_MIN_NORMAL), _CMP_LT_OQ));
+}
+
+/* e4m3_value of 8 bytes in 0..0x7E: (b + 960) << 20 is the fp32 bits of a normal one, m * 2^-9 a subnormal */
+static inline __m256 e4m3_value_8(__m256i b) {
+    __m256 normal = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(960)), 20));
+    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(1.0f / 512.0f));
+    return _mm256_blendv_ps(normal, sub, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), b)));
+}
+
+/* MS-EDEN's whole row of 128 (8 blocks, tile_amax given) for fake_quant, fused: the scale math of eden_scales
+ * with the 8 blocks in the 8 lanes (stochastic_e4m3_byte's steps on vectors: r = e4m3(t), its byte, the
+ * neighbour bytes, their values; t itself where r = t, NaN where t is), the elements rounded once and kept,
+ * then written as ±q * (s' * S_dec). Same operations as eden_scales + dequantize_row_avx2, same bits. */
+static inline void eden_row_avx2(const float *v, const float *tile_amax, int64_t row, int64_t c0, const Job *j,
+                                 void *out) {
+    const __m256 zero = _mm256_setzero_ps(), neg_zero = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 s_dec = _mm256_set1_ps(j->s_dec);
+    const __m256i no = _mm256_setzero_si256();
+    __m256 sb = _mm256_div_ps(_mm256_div_ps(_mm256_loadu_ps(tile_amax), _mm256_set1_ps(EDEN_VAL_MAX)), s_dec);
+    sb = round_e4m3_8(_mm256_min_ps(_mm256_set1_ps(E4M3_MAX), sb));       /* min_keep_nan */
+    sb = _mm256_blendv_ps(sb, one, _mm256_cmp_ps(sb, zero, _CMP_EQ_OQ));
+    __m256 enc = _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_div_ps(one, _mm256_mul_ps(sb, s_dec)));
+    float encb[8];
+    _mm256_storeu_ps(encb, enc);
+    __m256 q[16], zz[16], zq[16];
+    for (int k = 0; k < 16; k++) {
+        __m256 z = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), _mm256_set1_ps(encb[k / 2]));
+        __m256 mag = round_e2m1_8(z, 0, no, no, no);
+        q[k] = _mm256_xor_ps(mag, _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_LT_OQ), neg_zero));
+        zz[k] = _mm256_mul_ps(z, z);
+        zq[k] = _mm256_mul_ps(z, q[k]);
+    }
+    for (int h = 8; h >= 1; h /= 2)
+        for (int k = 0; k < h; k++) {
+            zz[k] = _mm256_add_ps(zz[k], zz[k + h]);
+            zq[k] = _mm256_add_ps(zq[k], zq[k + h]);
+        }
+    float sums[2];
+    __m256 fin[2] = {zz[0], zq[0]};
+    for (int i = 0; i < 2; i++) {
+        __m128 w = _mm_add_ps(_mm256_castps256_ps128(fin[i]), _mm256_extractf128_ps(fin[i], 1));
+        w = _mm_add_ps(w, _mm_movehl_ps(w, w));
+        w = _mm_add_ss(w, _mm_shuffle_ps(w, w, 1));
+        sums[i] = _mm_cvtss_f32(w);
+    }
+    float c = sums[1] == 0.0f ? 1.0f : sums[0] / sums[1];
+    /* stochastic_e4m3 of t = s * c, 8 blocks */
+    __m256 t = _mm256_min_ps(_mm256_set1_ps(E4M3_MAX), _mm256_mul_ps(sb, _mm256_set1_ps(c)));
+    __m256 r = round_e4m3_8(t);
+    __m256i rb = _mm256_blendv_epi8(
+        _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(r), 20), _mm256_set1_epi32(960)),
+        _mm256_cvttps_epi32(_mm256_mul_ps(r, _mm256_set1_ps(512.0f))),
+        _mm256_castps_si256(_mm256_cmp_ps(r, _mm256_set1_ps(E4M3_MIN_NORMAL), _CMP_LT_OQ)));
+    __m256i above = _mm256_castps_si256(_mm256_cmp_ps(r, t, _CMP_GT_OQ));          /* -1 where r > t */
+    __m256i down_b = _mm256_add_epi32(rb, above), up_b = _mm256_add_epi32(down_b, _mm256_set1_epi32(1));
+    __m256 down = e4m3_value_8(down_b), up = e4m3_value_8(up_b);
+    __m256 frac = _mm256_div_ps(_mm256_sub_ps(t, down), _mm256_sub_ps(up, down));
+    __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(row * (j->K / BLOCK) + c0 / BLOCK)),
+                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i h = pcg_hash8(_mm256_xor_si256(pcg_hash8(_mm256_xor_si256(i, _mm256_set1_epi32((int)j->s0))),
+                                           _mm256_set1_epi32((int)j->s1)));
+    __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(NOISE_ULP));
+    __m256 s2 = _mm256_blendv_ps(down, up, _mm256_cmp_ps(u, frac, _CMP_LT_OQ));
+    s2 = _mm256_blendv_ps(s2, r, _mm256_cmp_ps(r, t, _CMP_EQ_OQ));
+    s2 = _mm256_blendv_ps(s2, t, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));             /* NaN stays NaN */
+    float scb[8];
+    _mm256_storeu_ps(scb, _mm256_mul_ps(s2, s_dec));
+    for (int b = 0; b < 8; b++) {
+        __m256 sc = _mm256_set1_ps(scb[b]);
+        __m256 lo = _mm256_mul_ps(q[2 * b], sc), hi = _mm256_mul_ps(q[2 * b + 1], sc);
+        if (j->out_bf16) {
+            store_bf16_16((uint16_t *)out + BLOCK * b, lo, hi);
+        } else {
+            _mm256_storeu_ps((float *)out + BLOCK * b, lo);
+            _mm256_storeu_ps((float *)out + BLOCK * b + 8, hi);
+        }
+    }
+}
+#endif
+
 /* One scale tile: rows v[0..tile_rows) of a loaded block, n columns starting at column c0 of row r0 ->
  * the scales of its n/16 chunks (from the tile's amax), then every row's chunks quantized into out. */
 static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0, int64_t c0, const Job *j) {
@@ -640,6 +791,13 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
     float tile_amax[MAX_GROUP / BLOCK], encode[MAX_GROUP / BLOCK], scale[MAX_GROUP / BLOCK];
     float block_scale[MAX_GROUP / BLOCK], s_o = 1.0f;               /* the E4M3 scales, the outer scale */
     int keep[MAX_GROUP / BLOCK], have_encode = 0;
+#ifdef __AVX2__
+    if (nb == MAX_GROUP / BLOCK) {
+        __m256i m = block_amax_bits8(v[0]);
+        for (int r = 1; r < tile_rows; r++) m = _mm256_max_epi32(m, block_amax_bits8(v[r]));
+        _mm256_storeu_ps(tile_amax, canon_nan8(m));
+    } else
+#endif
     for (int b = 0; b < nb; b++) {
         float m = 0.0f;
         for (int r = 0; r < tile_rows; r++) {
@@ -672,6 +830,12 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
                 sc[1][b] = s[1][b] * j->s_dec;
             }
         }
+#ifdef __AVX2__
+        if (!co && tile_rows == 1 && nb == MAX_GROUP / BLOCK) {
+            fos_row_fake_avx2(v[0], s, sc, j, (char *)j->out + (r0 * K + c0) * (j->out_bf16 ? 2 : 4));
+            return;
+        }
+#endif
         fos_pick(v, tile_rows, nb, s, sc, j, pick);
         for (int b = 0; b < nb; b++) {
             block_scale[b] = s[pick[b]][b];
@@ -679,6 +843,12 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             keep[b] = block_scale[b] != 0.0f;
         }
     } else if (j->eden) {            /* MS-EDEN (1x16 tiles, n a multiple of 128) */
+#ifdef __AVX2__
+        if (!co && n == MAX_GROUP) {
+            eden_row_avx2(v[0], tile_amax, r0, c0, j, (char *)j->out + (r0 * K + c0) * (j->out_bf16 ? 2 : 4));
+            return;
+        }
+#endif
         eden_scales(v[0], n, tile_amax, r0, c0, j, encode, block_scale);
         for (int b = 0; b < nb; b++) {
             scale[b] = block_scale[b] * j->s_dec;
@@ -773,6 +943,27 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
     #pragma omp parallel for schedule(static) reduction(max:A) reduction(|:nan)
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
+#ifdef __AVX2__
+        __m256i m = _mm256_setzero_si256();
+        if (!H && !x_bf16 && col_stride == 1 && K % 8 == 0) {      /* fp32 rows: read them in place */
+            for (int r = 0; r < rows; r++) {
+                const float *p = (const float *)x + (r0 + r) * row_stride;
+                for (int64_t c = 0; c < K; c += 8) m = _mm256_max_epi32(m, abs_bits8(p + c));
+            }
+        } else {
+            for (int64_t c0 = 0; c0 < K; c0 += G) {
+                load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
+                for (int r = 0; r < rows; r++) {
+                    if (H) rotate(v[r], G, H, hsize);
+                    if (rotated) memcpy(rotated + (r0 + r) * K + c0, v[r], G * sizeof(float));
+                    for (int e = 0; e < G; e += 8) m = _mm256_max_epi32(m, abs_bits8(v[r] + e));
+                }
+            }
+        }
+        float a = hmax_bits8(m);
+        nan |= a != a;
+        A = A > a ? A : a;
+#else
         for (int64_t c0 = 0; c0 < K; c0 += G) {
             load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
             for (int r = 0; r < rows; r++) {
@@ -785,6 +976,7 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
                 }
             }
         }
+#endif
     }
     return nan ? NAN : A;
 }
