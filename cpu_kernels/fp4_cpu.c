@@ -220,32 +220,51 @@ static inline void rotate128_one(float *y, const float *signs) {
     for (int e = 0; e < OUTER; e++) y[e] = y[e] * RHT128_NORM;
 }
 
+#ifdef __AVX2__
+/* one 128-chunk: src -> dst (may be the same), and the running abs-bits max of the rotated values */
+static inline __attribute__((always_inline)) __m256i rotate128_avx2(const float *src, float *dst,
+                                                                    const float *signs, __m256i amax) {
+    __m256 a[16];
+    #pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) a[k] = _mm256_mul_ps(_mm256_loadu_ps(src + 8 * k), _mm256_loadu_ps(signs + 8 * k));
+    #pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) {                                       /* h = 1 */
+        __m256 sw = _mm256_permute_ps(a[k], _MM_SHUFFLE(2, 3, 0, 1));
+        a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xAA);
+    }
+    #pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) {                                       /* h = 2 */
+        __m256 sw = _mm256_permute_ps(a[k], _MM_SHUFFLE(1, 0, 3, 2));
+        a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xCC);
+    }
+    #pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) {                                       /* h = 4 */
+        __m256 sw = _mm256_permute2f128_ps(a[k], a[k], 0x01);
+        a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xF0);
+    }
+    #pragma GCC unroll 4
+    for (int hv = 1; hv < 16; hv *= 2)                                   /* h = 8 hv */
+        #pragma GCC unroll 16
+        for (int k = 0; k < 16; k++)
+            if (!(k & hv)) {
+                __m256 p = a[k], q = a[k + hv];
+                a[k] = _mm256_add_ps(p, q);
+                a[k + hv] = _mm256_sub_ps(p, q);
+            }
+    #pragma GCC unroll 16
+    for (int k = 0; k < 16; k++) {
+        __m256 y = _mm256_mul_ps(a[k], _mm256_set1_ps(RHT128_NORM));
+        _mm256_storeu_ps(dst + 8 * k, y);
+        amax = _mm256_max_epi32(amax, _mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7FFFFFFF)));
+    }
+    return amax;
+}
+#endif
+
 static inline void rotate128(float *v, int n, const float *signs) {
     for (int c = 0; c < n; c += OUTER) {
 #ifdef __AVX2__
-        float *y = v + c;
-        __m256 a[16];
-        for (int k = 0; k < 16; k++) a[k] = _mm256_mul_ps(_mm256_loadu_ps(y + 8 * k), _mm256_loadu_ps(signs + 8 * k));
-        for (int k = 0; k < 16; k++) {                                       /* h = 1 */
-            __m256 sw = _mm256_permute_ps(a[k], _MM_SHUFFLE(2, 3, 0, 1));
-            a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xAA);
-        }
-        for (int k = 0; k < 16; k++) {                                       /* h = 2 */
-            __m256 sw = _mm256_permute_ps(a[k], _MM_SHUFFLE(1, 0, 3, 2));
-            a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xCC);
-        }
-        for (int k = 0; k < 16; k++) {                                       /* h = 4 */
-            __m256 sw = _mm256_permute2f128_ps(a[k], a[k], 0x01);
-            a[k] = _mm256_blend_ps(_mm256_add_ps(a[k], sw), _mm256_sub_ps(sw, a[k]), 0xF0);
-        }
-        for (int hv = 1; hv < 16; hv *= 2)                                   /* h = 8 hv */
-            for (int blk = 0; blk < 16; blk += 2 * hv)
-                for (int k = blk; k < blk + hv; k++) {
-                    __m256 p = a[k], q = a[k + hv];
-                    a[k] = _mm256_add_ps(p, q);
-                    a[k + hv] = _mm256_sub_ps(p, q);
-                }
-        for (int k = 0; k < 16; k++) _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(a[k], _mm256_set1_ps(RHT128_NORM)));
+        rotate128_avx2(v + c, v + c, signs, _mm256_setzero_si256());
 #else
         rotate128_one(v + c, signs);
 #endif
@@ -950,6 +969,15 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
                 const float *p = (const float *)x + (r0 + r) * row_stride;
                 for (int64_t c = 0; c < K; c += 8) m = _mm256_max_epi32(m, abs_bits8(p + c));
             }
+        } else if (H && hsize == OUTER) {     /* RHT-128: rotate from the rows (in place, or as loaded) into the buffer */
+            const int direct = !x_bf16 && col_stride == 1;
+            for (int64_t c0 = 0; c0 < K; c0 += OUTER) {
+                if (!direct) load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, OUTER, v);
+                for (int r = 0; r < rows; r++) {
+                    const float *src = direct ? (const float *)x + (r0 + r) * row_stride + c0 : v[r];
+                    m = rotate128_avx2(src, rotated ? rotated + (r0 + r) * K + c0 : v[r], H, m);
+                }
+            }
         } else {
             for (int64_t c0 = 0; c0 < K; c0 += G) {
                 load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
@@ -1020,10 +1048,15 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
     }
     const int G = K % MAX_GROUP == 0 ? MAX_GROUP : fmt == MXFP4 ? MX_BLOCK : BLOCK;  /* columns per step */
     const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
+    const int in_place = rows == 1 && !x_bf16 && col_stride == 1 && !H;
     #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
         for (int64_t c0 = 0; c0 < K; c0 += G) {
+            if (in_place) {          /* one fp32 row, nothing to rotate: quantize_tile reads it where it is */
+                quantize_tile((float (*)[MAX_GROUP])((float *)x + r0 * row_stride + c0), 1, G, r0, c0, &j);
+                continue;
+            }
             load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
             if (H)
                 for (int r = 0; r < rows; r++) rotate(v[r], G, H, hsize);
