@@ -1,7 +1,8 @@
 """
 cpu_kernels/: the C quantizers (fp4_cpu.c) for CPUs, the `cpu` implementation in fastpaths.py. This module builds
 fp4_cpu.c with the system C compiler on first use and calls it through ctypes: NVFP4 and MXFP4 fake quantization
-(bit for bit fp4.fake_quant) and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), ~1.5-2x faster
+(bit for bit fp4.fake_quant) and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), with RHT-16 or
+RHT-128, Four Over Six and MS-EDEN (SUPPORTS; RHT-128 also with the double-block outer scale), ~1.5-2x faster
 than fp4.py through torch.compile on a laptop CPU (docs/LOG.md). tests/test_paths.py ties it to the reference.
 
     lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4

@@ -13,6 +13,12 @@
  *     v = x * min(1 / scale, FLT_MAX);  q = E2M1 magnitude of |v| (RTN or SR, fp4.round_e2m1_magnitude)
  *     fake_quant: out = ±q * scale (0 for a block whose scale is 0), stored as fp32 or bf16 (round to nearest
  *     even);  quantize_nvfp4: the E2M1 codes of ±q, packed, and the scale bytes
+ *   and fp4.py's 2026 additions, each bit for bit its reference function:
+ *     RHT-128 (fp4._rotate128): x <- x * signs per 128-chunk, butterfly h = 1, 2, ..., 64, times fl(2^-3.5)
+ *     Four Over Six (fp4._round_four_over_six): map-to-6 and map-to-4 scales per block (1536 = 6 * 256), each
+ *       rounded (RTN) and its error taken in TE's expression; map-to-4 kept iff strictly smaller
+ *     MS-EDEN (fp4._round_eden): S_dec from 255.99 and 6.0721; per 128-group c = sum z^2 / sum z q (tree order);
+ *       the scale s * c rounded stochastically to E4M3 with one uniform per block (row * K/16 + block)
  *
  * Why C: torch.compile fuses the same math into one loop, but its code recomputes each block's scales in
  * scalar code between vector loads, and the SR noise in 64-bit lanes. Here each row of a 128-column block is
