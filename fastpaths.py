@@ -73,7 +73,7 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, H=None, four_over_six=No
     if H is not None:
         x2 = fp4._rotate(x2, H)
     magnitude, negative, block_scale, _, outer_scale = fp4._round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
-    k = fp4._code_values(magnitude, negative).view(x2.shape[0], -1, 2)                # (Mp, Kp/2, 2)
+    k = fp4._code_values(magnitude, negative).reshape(x2.shape[0], -1, 2)                # (Mp, Kp/2, 2)
     return (k[..., 0] + k[..., 1] * 16.0).to(torch.int16), block_scale.view(torch.uint8), outer_scale
 
 

@@ -494,7 +494,7 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
     if rht_signs is not None:
         x2 = rht(x2, rht_signs)                                                        # c -> (c ∘ s) H / √n
     magnitude, negative, block_scale, _, outer_scale = _round_nvfp4(x2, outer, tile, rounding, seed, four_over_six)
-    codes = pack_e2m1(e2m1_codes(magnitude, negative).view(x2.shape))                  # (Mp, Kp/2)
+    codes = pack_e2m1(e2m1_codes(magnitude, negative).reshape(x2.shape))               # (Mp, Kp/2)
     return codes_result(codes, block_scale, outer_scale, x, outer)
 
 

@@ -144,8 +144,12 @@ def test_four_over_six_equals_the_reference_bit_for_bit(impl, error, outer, tile
         got, ref = [i.fake_quant(x.to(in_dtype), recipe, tile=tile, dtype=dtype, four_over_six=error)
                     for i in (impl, fp4.REFERENCE)]
         assert equal_with_nan(got, ref), (in_dtype, dtype)
-    got, ref = [i.quantize_nvfp4(x, outer=outer, tile=tile, four_over_six=error) for i in (impl, fp4.REFERENCE)]
-    assert same_quantized(got, ref)
+    # codes too, and a transposed bf16 operand whose K (384) is a whole number of 128-blocks (the reference's
+    # codes once failed on it: the chosen candidates' layout followed the transposed input)
+    xt = awkward(rows=384, cols=64).to(device_of(impl)).bfloat16().t()
+    for operand in (x, xt):
+        got, ref = [i.quantize_nvfp4(operand, outer=outer, tile=tile, four_over_six=error) for i in (impl, fp4.REFERENCE)]
+        assert same_quantized(got, ref), tuple(operand.shape)
 
 
 @pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])
