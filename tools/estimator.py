@@ -46,13 +46,13 @@ MODEL_FIELDS = ("rel_error", "deterministic", "noise", "cosine")
 
 def estimator_stats(draws, exact):
     """draws (N, ...) and exact (...) -> {bias, bias_floor, noise, gain, cosine} as floats (module docstring),
-    computed in fp64 over the flattened tensors."""
+    in fp64 over the flattened tensors (differences taken before squaring, so an exact estimator gives exactly 0)."""
     G = exact.double().reshape(-1)
-    D = draws.double().reshape(draws.shape[0], -1)                            # (N, numel)
+    D = draws.reshape(draws.shape[0], -1).double()                            # (N, numel)
     N, norm = D.shape[0], G.norm().item()
     mean = D.mean(0)
-    noise = ((D - mean).square().sum(1).mean().sqrt().item()) / norm
-    cosine = (D @ G / (D.norm(dim=1) * norm).clamp(min=1e-300)).mean().item()
+    noise = torch.linalg.vector_norm(D - mean, dim=1).square().mean().sqrt().item() / norm
+    cosine = (D @ G / (torch.linalg.vector_norm(D, dim=1) * norm).clamp(min=1e-300)).mean().item()
     return {"bias": (mean - G).norm().item() / norm, "bias_floor": noise / math.sqrt(N), "noise": noise,
             "gain": (mean @ G).item() / norm ** 2, "cosine": cosine}
 
@@ -60,13 +60,14 @@ def estimator_stats(draws, exact):
 def layer_draws(recipe, x, w, dy, draws, impl, seed=0):
     """One layer's three GEMMs, `draws` times with independent noise -> {"fprop"|"dgrad"|"wgrad": (N, ...) fp32}
     and the forward's dequantized (X̂, Ŵ) (for the aligned references)."""
+    # fprop is round to nearest, the same every draw: one forward, then `draws` backward passes through its saved
+    # graph, each drawing fresh noise and signs from the layer's generator
+    xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp4.FP4LinearFunction.apply(xi, wi, recipe, torch.Generator().manual_seed(seed), None, None, impl)
     out = {g: [] for g in GEMMS}
     for k in range(draws):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        gen = torch.Generator().manual_seed(seed * 100_003 + k)
-        y = fp4.FP4LinearFunction.apply(xi, wi, recipe, gen, None, None, impl)
-        y.backward(dy)
-        for g, t in zip(GEMMS, (y.detach(), xi.grad, wi.grad)):
+        dx, dw = torch.autograd.grad(y, (xi, wi), dy, retain_graph=k < draws - 1)
+        for g, t in zip(GEMMS, (y.detach(), dx, dw)):
             out[g].append(t.float())
     _, x_hat, w_hat = fp4._fprop(x, w, recipe, None, impl, x.dtype)
     return {g: torch.stack(v) for g, v in out.items()}, x_hat, w_hat
@@ -90,7 +91,8 @@ def flat_grad(model):
 
 def model_report(model, layers, batch, val_batches, draws):
     """Whole-model gradient of `batch` over `draws` FP4 draws against fp4.high_precision's, and the forward loss
-    delta over `val_batches` -> ({MODEL_FIELDS...}, forward_loss_delta). `layers`: the model's FP4Linear."""
+    delta over `val_batches` -> ({MODEL_FIELDS...}, forward_loss_delta, its standard error over the batches: each
+    batch's FP4 loss minus its own high-precision loss, a paired difference). `layers`: the model's FP4Linear."""
     x, y = batch
     model.zero_grad(set_to_none=True)
     with fp4.high_precision(layers):
@@ -111,10 +113,12 @@ def model_report(model, layers, batch, val_batches, draws):
              "noise": (G - mean).square().sum(1).mean().sqrt().item() / norm,
              "cosine": (G @ g / (G.norm(dim=1) * norm)).mean().item()}
     with torch.no_grad():
-        fp4_loss = sum(model(*b)[1].item() for b in val_batches) / len(val_batches)
+        fp4_loss = [model(*b)[1].item() for b in val_batches]
         with fp4.high_precision(layers):
-            hp_loss = sum(model(*b)[1].item() for b in val_batches) / len(val_batches)
-    return stats, fp4_loss - hp_loss
+            deltas = [a - model(*b)[1].item() for a, b in zip(fp4_loss, val_batches)]
+    mean = sum(deltas) / len(deltas)
+    se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1) / len(deltas)) if len(deltas) > 1 else 0.0
+    return stats, mean, se
 
 
 def load_checkpoint_model(path):
@@ -155,7 +159,7 @@ def run(args, chosen, layer_operands):
         if args.checkpoint:
             cfg, model, layers, splits = fp4_model(args.checkpoint, recipe, impl)
             train_batch = batches(cfg, splits, "train", 1, 0)[0]
-            entry["model"], entry["forward_loss_delta"] = model_report(
+            entry["model"], entry["forward_loss_delta"], entry["forward_loss_delta_se"] = model_report(
                 model, layers, train_batch, batches(cfg, splits, "val", args.loss_batches, 1), args.draws)
         report["recipes"][label] = entry
     return report
@@ -182,17 +186,23 @@ def print_report(report):
     if rows:
         print(f"\nwhole model: gradient of one batch against the same weights without FP4 ({n} draws); forward "
               f"loss delta at those weights")
-        print("| recipe | rel. error | deterministic | noise | cosine | forward loss delta |")
+        print("| recipe | rel. error | deterministic | noise | cosine | forward loss delta ± s.e. |")
         print("|---|---|---|---|---|---|")
         for label, e in rows:
             m = e["model"]
             print(f"| {label} | {m['rel_error']:.4f} | {m['deterministic']:.4f} | {m['noise']:.4f} | {m['cosine']:.4f} | "
-                  f"{e['forward_loss_delta']:+.5f} |")
+                  f"{e['forward_loss_delta']:+.5f} ± {e['forward_loss_delta_se']:.5f} |")
 
 
 def write_json(report, path):
+    """The report as compact JSON, every float to 6 significant digits (more than any of them resolves)."""
+    def rounded(v):
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return float(f"{v:.6g}") if isinstance(v, float) else v
     with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(rounded(report), f, separators=(",", ":"))
+        f.write("\n")
     print(f"wrote {path}")
 
 
@@ -204,19 +214,22 @@ def plot(report, path):
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit(f"error: --plot {path} needs matplotlib (pip install matplotlib); the table and --json need nothing")
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
     markers = {"fprop": "s", "dgrad": "o", "wgrad": "^"}
     for i, (label, entry) in enumerate(report["recipes"].items()):
-        color = f"C{i % 10}"
+        color = plt.get_cmap("tab20")(i % 20)
         for g in GEMMS:
             ax.scatter(layer_mean(entry, g, "noise"), layer_mean(entry, g, "bias"), color=color, marker=markers[g],
                        label=label if g == "dgrad" else None)
     for g, m in markers.items():
-        ax.scatter([], [], color="gray", marker=m, label=g)
+        ax.scatter([], [], color="black", marker=m, label=g)
+    top = max(layer_mean(e, g, "noise") for e in report["recipes"].values() for g in GEMMS)
+    ax.plot([0, top], [0, top / math.sqrt(report["draws"])], "k--", lw=0.8,
+            label=f"floor noise/√{report['draws']}: unbiased within it")
     ax.set_xlabel("noise  sqrt(mean ‖Ĝ − Ḡ‖²) / ‖G‖")
     ax.set_ylabel("bias  ‖Ḡ − G‖ / ‖G‖")
     ax.set_title(f"FP4 GEMMs as gradient estimators ({report['draws']} draws, mean over layers)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

@@ -90,6 +90,14 @@ def recipes(args):
         if args.aligned is not None:
             changes["aligned"] = args.aligned == "on"
         out[name] = (dataclasses.replace(base, **changes), name.endswith("+oc"))
+    for spec in args.variant:                      # NAME=FLAGS through train.py's own recipe flags
+        import shlex
+        import train
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            sys.exit(f"error: --variant wants NAME=FLAGS, got {spec!r}")
+        given = train.parse_args(["--fp4", *shlex.split(flags)])
+        out[name] = (dataclasses.replace(train.resolve_recipe(train.TrainConfig(**given)), name=name), False)
     return out
 
 
@@ -146,9 +154,12 @@ def main(argv=None):
     p.add_argument("--weight-tile", choices=["1x16", "16x16"], help="ablation: W's scale tile (NVFP4 recipes)")
     p.add_argument("--aligned", choices=["on", "off"], help="ablation: force backward operand alignment on/off")
     p.add_argument("--checkpoint", help="also measure on real X, W, dY of this train.py checkpoint")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra recipe: a name and train.py's recipe flags, e.g. 'nv-1x16=--fp4-recipe nvidia "
+                        "--fp4-weight-tile 1x16' (repeatable)")
     p.add_argument("--grad", action="store_true", help="the gradient-estimator report (tools/estimator.py) instead")
     p.add_argument("--draws", type=int, default=32, help="--grad: independent FP4 draws per GEMM and of the model")
-    p.add_argument("--loss-batches", type=int, default=8, help="--grad: validation batches for the forward loss delta")
+    p.add_argument("--loss-batches", type=int, default=32, help="--grad: validation batches for the forward loss delta")
     p.add_argument("--json", help="--grad: write every number to this file")
     p.add_argument("--plot", help="--grad: bias against noise, one point per recipe and GEMM (needs matplotlib)")
     args = p.parse_args(argv)
