@@ -648,6 +648,41 @@ static void fos_pick(float v[][MAX_GROUP], int tile_rows, int nb, const float s[
     for (int b = 0; b < nb; b++) pick[b] = err[1][0][b] < err[0][0][b];
 }
 
+#ifdef __AVX2__
+/* MS-EDEN's two sums over one 128-group x (16 vectors of 8): z = x * enc[block], q = ±E2M1(z) rounded to nearest,
+ * Σ z² and Σ z·q in fp4._tree_sum's order (element e + e+64 is vector k + k+8 in the same lane, ... down to one
+ * vector, whose lanes are then added the same way: 0-3 + 4-7, 0-1 + 2-3, 0 + 1). q is kept in q_out (16 vectors)
+ * unless it is NULL. */
+static inline void eden_sums_avx2(const float *x, const float *enc, __m256 *q_out, float *num, float *den) {
+    const __m256i no = _mm256_setzero_si256();
+    __m256 zz[16], zq[16];
+    for (int k = 0; k < 16; k++) {
+        __m256 z = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), _mm256_set1_ps(enc[k / 2]));
+        __m256 mag = round_e2m1_8(z, 0, no, no, no);
+        __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
+        __m256 q = _mm256_xor_ps(mag, _mm256_and_ps(neg, _mm256_set1_ps(-0.0f)));
+        if (q_out) q_out[k] = q;
+        zz[k] = _mm256_mul_ps(z, z);
+        zq[k] = _mm256_mul_ps(z, q);
+    }
+    for (int h = 8; h >= 1; h /= 2)
+        for (int k = 0; k < h; k++) {
+            zz[k] = _mm256_add_ps(zz[k], zz[k + h]);
+            zq[k] = _mm256_add_ps(zq[k], zq[k + h]);
+        }
+    float sums[2];
+    __m256 fin[2] = {zz[0], zq[0]};
+    for (int i = 0; i < 2; i++) {
+        __m128 w = _mm_add_ps(_mm256_castps256_ps128(fin[i]), _mm256_extractf128_ps(fin[i], 1));
+        w = _mm_add_ps(w, _mm_movehl_ps(w, w));
+        w = _mm_add_ss(w, _mm_shuffle_ps(w, w, 1));
+        sums[i] = _mm_cvtss_f32(w);
+    }
+    *num = sums[0];
+    *den = sums[1];
+}
+#endif
+
 /* MS-EDEN's scales for one row of n (a multiple of 128) values (fp4._round_eden): from the tile amax, the first
  * E4M3 scale s (1 if 0) and its encode factor; per 128-group c = Σ z² / Σ z q (1 if Σ z q = 0), both sums in
  * _tree_sum's order (halves added elementwise); then the scale s * c rounded stochastically to E4M3 with block
@@ -666,30 +701,7 @@ static void eden_scales(const float *v, int n, const float *tile_amax, int64_t r
         const float *enc = encode + g * (OUTER / BLOCK);
         float num, den;
 #ifdef __AVX2__
-        __m256 zz[16], zq[16];
-        const __m256i no = _mm256_setzero_si256();
-        for (int k = 0; k < 16; k++) {
-            __m256 z = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), _mm256_set1_ps(enc[k / 2]));
-            __m256 mag = round_e2m1_8(z, 0, no, no, no);
-            __m256 neg = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
-            __m256 q = _mm256_xor_ps(mag, _mm256_and_ps(neg, _mm256_set1_ps(-0.0f)));
-            zz[k] = _mm256_mul_ps(z, z);
-            zq[k] = _mm256_mul_ps(z, q);
-        }
-        for (int h = 8; h >= 1; h /= 2)
-            for (int k = 0; k < h; k++) {
-                zz[k] = _mm256_add_ps(zz[k], zz[k + h]);
-                zq[k] = _mm256_add_ps(zq[k], zq[k + h]);
-            }
-        float sums[2];
-        __m256 fin[2] = {zz[0], zq[0]};
-        for (int i = 0; i < 2; i++) {
-            __m128 w = _mm_add_ps(_mm256_castps256_ps128(fin[i]), _mm256_extractf128_ps(fin[i], 1));
-            w = _mm_add_ps(w, _mm_movehl_ps(w, w));
-            w = _mm_add_ss(w, _mm_shuffle_ps(w, w, 1));
-            sums[i] = _mm_cvtss_f32(w);
-        }
-        num = sums[0], den = sums[1];
+        eden_sums_avx2(x, enc, NULL, &num, &den);
 #else
         float zz[OUTER], zq[OUTER];
         for (int e = 0; e < OUTER; e++) {
@@ -750,28 +762,10 @@ static inline void eden_row_avx2(const float *v, const float *tile_amax, int64_t
     __m256 enc = _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_div_ps(one, _mm256_mul_ps(sb, s_dec)));
     float encb[8];
     _mm256_storeu_ps(encb, enc);
-    __m256 q[16], zz[16], zq[16];
-    for (int k = 0; k < 16; k++) {
-        __m256 z = _mm256_mul_ps(_mm256_loadu_ps(v + 8 * k), _mm256_set1_ps(encb[k / 2]));
-        __m256 mag = round_e2m1_8(z, 0, no, no, no);
-        q[k] = _mm256_xor_ps(mag, _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_LT_OQ), neg_zero));
-        zz[k] = _mm256_mul_ps(z, z);
-        zq[k] = _mm256_mul_ps(z, q[k]);
-    }
-    for (int h = 8; h >= 1; h /= 2)
-        for (int k = 0; k < h; k++) {
-            zz[k] = _mm256_add_ps(zz[k], zz[k + h]);
-            zq[k] = _mm256_add_ps(zq[k], zq[k + h]);
-        }
-    float sums[2];
-    __m256 fin[2] = {zz[0], zq[0]};
-    for (int i = 0; i < 2; i++) {
-        __m128 w = _mm_add_ps(_mm256_castps256_ps128(fin[i]), _mm256_extractf128_ps(fin[i], 1));
-        w = _mm_add_ps(w, _mm_movehl_ps(w, w));
-        w = _mm_add_ss(w, _mm_shuffle_ps(w, w, 1));
-        sums[i] = _mm_cvtss_f32(w);
-    }
-    float c = sums[1] == 0.0f ? 1.0f : sums[0] / sums[1];
+    __m256 q[16];
+    float num, den;
+    eden_sums_avx2(v, encb, q, &num, &den);
+    float c = den == 0.0f ? 1.0f : num / den;
     /* stochastic_e4m3 of t = s * c, 8 blocks */
     __m256 t = _mm256_min_ps(_mm256_set1_ps(E4M3_MAX), _mm256_mul_ps(sb, _mm256_set1_ps(c)));
     __m256 r = round_e4m3_8(t);

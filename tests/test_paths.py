@@ -130,7 +130,7 @@ def test_the_start_up_probe_passes(impl, recipe):
 
 # Four Over Six (§10), MS-EDEN and RHT-128 (§11): the 2026 recipes' quantizers on every path
 SIGNS128 = fp4.random_signs(torch.Generator().manual_seed(6), n=128)
-COMPILED_NEW = {("mse", "tensor", (1, 16)), ("mae", 128, (16, 16))}
+COMPILED_NEW = {("mse", "tensor", (1, 16))}         # a 4/6 graph is ~25 s to compile cold: one case (fp4.py's code)
 
 
 @pytest.mark.parametrize("error", ["mae", "mse"])

@@ -57,6 +57,7 @@ def test_stochastic_rounding_error_averages_out_over_seeds():
 def test_report_runs_end_to_end_with_ablations(capsys):
     results = snr.main(["--k", "128", "--m", "64", "--n", "64", "--seeds", "2", "--dist", "gaussian",
                         "--no-rht", "--no-sr", "--weight-tile", "16x16", "--aligned", "off"])
-    assert set(results) == {("gaussian", 128, r) for r in ("nvidia", "tetrajet", "mxfp4", "tetrajet+oc")}
+    assert set(results) == {("gaussian", 128, r) for r in ("nvidia", "nvidia-4over6", "tetrajet", "tetrajet+oc",
+                                                           "quartet2", "mxfp4")}
     assert all(v["dX"][1] == 0.0 for v in results.values())   # no SR, no random RHT: seeds agree exactly
     assert "| tetrajet+oc" in capsys.readouterr().out
