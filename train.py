@@ -91,6 +91,7 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = 50       # evaluate val loss and save a checkpoint every this many steps
     eval_iters: int = 10          # val batches per evaluation (the same batches every time)
+    eval_set: str = "seeded"      # which val windows: seeded (random, drawn from --seed) or fixed (evenly spaced, the same for every seed)
     log_interval: int = 10        # print a train line every this many steps
     # system
     seed: int = 1337              # model init, data order and FP4 noise all follow from it
@@ -102,7 +103,7 @@ class TrainConfig:
 
 
 PER_INVOCATION = ("resume", "stop_iter")      # flags that a resumed run does not inherit from the checkpoint
-CHOICES = {"model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fastpaths.PATHS], "lr_schedule": ["cosine", "wsd"],
+CHOICES = {"eval_set": ["seeded", "fixed"], "model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fastpaths.PATHS], "lr_schedule": ["cosine", "wsd"],
            "device": ["auto", "cuda", "mps", "cpu"], "dtype": ["auto", "bfloat16", "float32"]}
 # The recipe flags: each value -> the fp4.Recipe field it sets ("" = keep the preset's)
 RECIPE_FLAGS = {
@@ -392,13 +393,27 @@ def setup_fp4(cfg, model, device, rank, log):
     return recipe, layers, osci, outctl
 
 
+def eval_batches(data, cfg, rank, world, device):
+    """The eval_iters val batches of every evaluation -> list of (x, y). --eval-set seeded: random windows from a
+    generator seeded by --seed (nanoGPT's way: each seed sees other val tokens, so part of a seed-to-seed spread
+    is eval sampling); fixed: eval_iters × batch_size windows evenly spaced over this process's val shard, the
+    very same tokens for every seed and run, so paired differences between runs carry no eval sampling noise."""
+    if cfg.eval_set == "seeded":
+        gen = torch.Generator().manual_seed(cfg.seed + 10_000 + rank)
+        return [get_batch(data, cfg, rank, world, gen, device) for _ in range(cfg.eval_iters)]
+    lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world - cfg.block_size - 1
+    n = cfg.eval_iters * cfg.batch_size
+    starts = [lo + (hi - lo) * i // n for i in range(n)]
+    window = lambda i, off: torch.from_numpy(data[i + off:i + off + cfg.block_size].astype(np.int64))   # noqa: E731
+    return [(torch.stack([window(i, 0) for i in chunk]).to(device), torch.stack([window(i, 1) for i in chunk]).to(device))
+            for chunk in (starts[b:b + cfg.batch_size] for b in range(0, n, cfg.batch_size))]
+
+
 @torch.no_grad()
 def evaluate(model, data, cfg, rank, world, device, ddp):
-    """Mean val loss over eval_iters fixed batches (the same every eval, so evals are comparable)."""
+    """Mean val loss over the eval_iters batches of eval_batches (the same every eval, so evals are comparable)."""
     model.eval()
-    gen, losses = torch.Generator().manual_seed(cfg.seed + 10_000 + rank), []
-    for _ in range(cfg.eval_iters):
-        losses.append(model(*get_batch(data, cfg, rank, world, gen, device))[1].float())
+    losses = [model(x, y)[1].float() for x, y in eval_batches(data, cfg, rank, world, device)]
     model.train()
     loss = torch.stack(losses).mean()
     if ddp:

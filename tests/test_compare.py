@@ -92,3 +92,19 @@ def test_bad_sweeps_fail_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
         compare.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_report_only_rebuilds_the_committed_sweep_table_from_its_logs_alone(tmp_path, capsys):
+    # docs/runs/quick holds only log.jsonl, done.json and train.log per run: the table must come back from them,
+    # line for line as committed, without training anything; an unfinished run is refused in one line
+    import shutil
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "runs", "quick")
+    out = tmp_path / "quick"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.png"))
+    configs = ["baseline", "nvidia", "nvidia-paper", "nvidia-4over6", "tetrajet", "tetrajet+osci", "quartet2", "mxfp4"]
+    compare.main(["--out", str(out), "--configs", *configs, "--report-only", "--no-plot"])
+    with open(os.path.join(src, "results.md")) as a, open(out / "results.md") as b:
+        assert a.read() == b.read()
+    os.remove(out / "quartet2" / "seed1338" / "done.json")
+    with pytest.raises(SystemExit, match="--report-only needs every run finished; 1 of 24"):
+        compare.main(["--out", str(out), "--configs", *configs, "--report-only", "--no-plot"])

@@ -1,5 +1,5 @@
 """train.py's configuration: the recipe flags over a preset (printed, saved, trained bit for bit like the preset
-they rebuild) and the --dtype auto rule. Run: python -m pytest tests/test_config.py -q"""
+they rebuild), the --dtype auto rule and the fixed eval set. Run: python -m pytest tests/test_config.py -q"""
 import dataclasses
 
 import torch
@@ -33,3 +33,21 @@ def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatc
     assert train.activation_dtype("auto", "cuda")[0] == torch.bfloat16
     assert train.activation_dtype("bfloat16", "cpu") == (torch.bfloat16, "as requested")
     assert train.activation_dtype("auto", "mps")[0] == torch.float32
+
+
+def test_fixed_eval_set_is_the_same_tokens_for_every_seed_and_the_seeded_one_is_not(dataset):
+    from data.prepare import load_dataset
+    _, splits = load_dataset(dataset, 32)
+    val = splits["val"]
+
+    def batches(seed, eval_set):
+        cfg = train.TrainConfig(seed=seed, eval_set=eval_set, block_size=32, batch_size=4, eval_iters=3)
+        return train.eval_batches(val, cfg, 0, 1, "cpu")
+    fixed, seeded = [batches(s, "fixed") for s in (1, 2)], [batches(s, "seeded") for s in (1, 2)]
+    assert len(fixed[0]) == 3 and fixed[0][0][0].shape == (4, 32)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*fixed))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(*seeded))
+    x, y = fixed[0][0]
+    assert torch.equal(x[:, 1:], y[:, :-1])                                   # targets: the next token
+    assert torch.equal(x[0], torch.from_numpy(val[:32].astype("int64")))      # evenly spaced from the start
+    assert len({tuple(x[i].tolist()) for x, _ in fixed[0] for i in range(4)}) == 12   # 12 distinct windows

@@ -9,7 +9,9 @@ data, tokens and schedule, then writes <out>/results.md (a table with error bars
 Everything after `--` goes to every run unchanged (model, data, steps, ...). Each run lives in
 <out>/<config>/seed<s>/ (train.py's log.jsonl and ckpt.pt, plus train.log, its console output); a run is
 finished when compare.py wrote its done.json. Rerunning the same command resumes the sweep: finished runs
-are skipped, an interrupted run continues from its checkpoint (train.py --resume), the rest start.
+are skipped, an interrupted run continues from its checkpoint (train.py --resume), the rest start. With
+--report-only nothing runs: the table and plot are rebuilt from the finished runs' log.jsonl alone (what a sweep
+commits: log.jsonl, done.json, train.log, never checkpoints), on any machine.
 
 The baseline config runs without FP4 in train.py's default dtype and is named for it in the table ("baseline
 (fp32)" on a CPU without native bf16). The table: final val loss mean ± std over seeds; its gap to the
@@ -67,6 +69,8 @@ def parse_args(argv):
     p.add_argument("--versus", default="nvidia", help="the B of 'gap closed' and of the paired difference (default: nvidia)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (the CPU threads are split among them)")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild results.md and loss.png from the finished runs' logs alone")
     args = p.parse_args(argv)
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -209,6 +213,9 @@ def main(argv=None):
     args, configs, common = parse_args(argv)
     runs = [(c, s) for c in configs for s in args.seeds]
     todo = [(c, s) for c, s in runs if not os.path.exists(os.path.join(args.out, c, f"seed{s}", "done.json"))]
+    if args.report_only and todo:
+        sys.exit(f"error: --report-only needs every run finished; {len(todo)} of {len(runs)} are not (first: "
+                 f"{todo[0][0]} seed {todo[0][1]}); rerun without --report-only to finish them")
     print(f"compare: {len(runs)} runs ({len(configs)} configs x {len(args.seeds)} seeds) in {args.out}; "
           f"{len(runs) - len(todo)} already finished, {len(todo)} to run, {args.parallel} at a time")
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
