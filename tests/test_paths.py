@@ -140,7 +140,8 @@ def test_four_over_six_equals_the_reference_bit_for_bit(impl, error, outer, tile
     recipe = fp4.Recipe("nvidia" if outer == "tensor" else "tetrajet", outer=outer)
     x = awkward(cols=200).to(device_of(impl))
     x[11, 7] = float("nan")
-    for in_dtype, dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
+    both = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16))
+    for in_dtype, dtype in both[:1] if impl.name == "triton" and INTERPRETED else both:   # (bf16 in: the codes below)
         got, ref = [i.fake_quant(x.to(in_dtype), recipe, tile=tile, dtype=dtype, four_over_six=error)
                     for i in (impl, fp4.REFERENCE)]
         assert equal_with_nan(got, ref), (in_dtype, dtype)
