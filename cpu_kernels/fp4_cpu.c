@@ -107,17 +107,9 @@ static inline float load_one(const void *x, int x_bf16, int64_t i) {
 }
 
 #ifdef __AVX2__
-/* v[r + i][c + j] = the source's 8 consecutive values at start + j * col_stride (i, j < 8): column c + j of the
- * block, transposed into row-major v with the usual unpack / shuffle / 128-bit permute network */
-static inline void load_transposed_8x8(const void *x, int x_bf16, int64_t start, int64_t col_stride,
-                                       float v[][MAX_GROUP], int r, int c) {
-    __m256 a[8], t[8];
-    for (int j = 0; j < 8; j++) {
-        int64_t i = start + j * col_stride;
-        a[j] = x_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                            _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16))
-                      : _mm256_loadu_ps((const float *)x + i);
-    }
+/* in-register 8x8 transpose: a[i][j] <- a[j][i], with the usual unpack / shuffle / 128-bit permute network */
+static inline void transpose8(__m256 *a) {
+    __m256 t[8];
     for (int j = 0; j < 8; j += 2) {
         t[j] = _mm256_unpacklo_ps(a[j], a[j + 1]);
         t[j + 1] = _mm256_unpackhi_ps(a[j], a[j + 1]);
@@ -129,9 +121,25 @@ static inline void load_transposed_8x8(const void *x, int x_bf16, int64_t start,
         a[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
     }
     for (int i = 0; i < 4; i++) {
-        _mm256_storeu_ps(&v[r + i][c], _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
-        _mm256_storeu_ps(&v[r + i + 4][c], _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+        t[i] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x31);
     }
+    for (int i = 0; i < 8; i++) a[i] = t[i];
+}
+
+/* v[r + i][c + j] = the source's 8 consecutive values at start + j * col_stride (i, j < 8): column c + j of the
+ * block, transposed into row-major v (transpose8) */
+static inline void load_transposed_8x8(const void *x, int x_bf16, int64_t start, int64_t col_stride,
+                                       float v[][MAX_GROUP], int r, int c) {
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) {
+        int64_t i = start + j * col_stride;
+        a[j] = x_bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                            _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i))), 16))
+                      : _mm256_loadu_ps((const float *)x + i);
+    }
+    transpose8(a);
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(&v[r + i][c], a[i]);
 }
 #endif
 
@@ -539,25 +547,6 @@ static inline float fos_block_error(const float *x, float s, float sc, const Job
 }
 
 #ifdef __AVX2__
-/* in-register 8x8 transpose: a[i][j] <- a[j][i] (load_transposed_8x8's network) */
-static inline void transpose8(__m256 *a) {
-    __m256 t[8];
-    for (int j = 0; j < 8; j += 2) {
-        t[j] = _mm256_unpacklo_ps(a[j], a[j + 1]);
-        t[j + 1] = _mm256_unpackhi_ps(a[j], a[j + 1]);
-    }
-    for (int j = 0; j < 8; j += 4) {
-        a[j] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        a[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        a[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        a[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x20);
-        t[i + 4] = _mm256_permute2f128_ps(a[i], a[i + 4], 0x31);
-    }
-    for (int i = 0; i < 8; i++) a[i] = t[i];
-}
 
 /* fos_block_error for the 8 blocks of a 128-row at once, both candidates: the row is transposed so that lane b
  * holds block b and element e of every block is one vector; the 16-term sums then run down the vectors, in
@@ -753,9 +742,8 @@ static inline __m256 e4m3_value_8(__m256i b) {
  * then written as ±q * (s' * S_dec). Same operations as eden_scales + dequantize_row_avx2, same bits. */
 static inline void eden_row_avx2(const float *v, const float *tile_amax, int64_t row, int64_t c0, const Job *j,
                                  void *out) {
-    const __m256 zero = _mm256_setzero_ps(), neg_zero = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     const __m256 s_dec = _mm256_set1_ps(j->s_dec);
-    const __m256i no = _mm256_setzero_si256();
     __m256 sb = _mm256_div_ps(_mm256_div_ps(_mm256_loadu_ps(tile_amax), _mm256_set1_ps(EDEN_VAL_MAX)), s_dec);
     sb = round_e4m3_8(_mm256_min_ps(_mm256_set1_ps(E4M3_MAX), sb));       /* min_keep_nan */
     sb = _mm256_blendv_ps(sb, one, _mm256_cmp_ps(sb, zero, _CMP_EQ_OQ));
