@@ -82,8 +82,9 @@ class FastPath:
     (fp4.pad_operand / crop_result, fp4.pad_codes_operand / codes_result),
     so a kernel sees exactly the padded (Mp, Kp) operand and the int64 (2,) seed the reference rounds with.
     Each subclass supplies _fake_quant_2d (-> (Mp, Kp) in `dtype`) and _quantize_nvfp4_2d (-> packed codes,
-    E4M3 scale bytes, outer scale); both take four_over_six (None, "mae", "mse"; fp4.py §10), already checked
-    here, and a kernel without Four Over Six raises ValueError for it (_refuse_four_over_six)."""
+    E4M3 scale bytes, outer scale); both take four_over_six (None, "mae", "mse"; §10), rounding "eden" (MS-EDEN,
+    §11) and 16 or 128 RHT signs, already checked here; what a kernel module lacks (its SUPPORTS) is refused by
+    name with a ValueError (_refuse_missing)."""
     name = None
 
     def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
@@ -104,7 +105,7 @@ class FastPath:
     def tensor_core_gemm(self, device):
         return None
 
-    def _refuse_four_over_six(self, four_over_six, where, rounding=None, rht_signs=None):
+    def _refuse_missing(self, four_over_six, where, rounding=None, rht_signs=None):
         """ValueError naming what the kernels lack of what this call asks: Four Over Six, MS-EDEN or RHT-128
         (each kernel module lists what it has in its SUPPORTS)."""
         asked = (("four_over_six", "Four Over Six", four_over_six is not None), ("eden", "MS-EDEN", rounding == fp4.EDEN),
@@ -147,13 +148,13 @@ class CPU(FastPath):
         self.kernels = cpu_kernels
 
     def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "cpu_kernels/", rounding, rht_signs)
+        self._refuse_missing(four_over_six, "cpu_kernels/", rounding, rht_signs)
         return self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
                                        dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32,
                                        eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "cpu_kernels/", rounding, rht_signs)
+        self._refuse_missing(four_over_six, "cpu_kernels/", rounding, rht_signs)
         return self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device),
                                            eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
@@ -170,14 +171,14 @@ class Triton(FastPath):
         self.kernels = kernels
 
     def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "kernels.py", rounding, rht_signs)
+        self._refuse_missing(four_over_six, "kernels.py", rounding, rht_signs)
         if recipe.fmt != "nvfp4":
             raise ValueError(f"path 'triton' has NVFP4 kernels only; recipe {recipe.name!r} is {recipe.fmt}")
         return self.kernels.fake_quant_nvfp4(x2, outer=recipe.outer, tile=tile, seed=seed, signs=rht_signs,
                                              eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
-        self._refuse_four_over_six(four_over_six, "kernels.py", rounding, rht_signs)
+        self._refuse_missing(four_over_six, "kernels.py", rounding, rht_signs)
         return self.kernels.quantize_nvfp4(x2, outer=outer, tile=tile, seed=seed, signs=rht_signs,
                                            eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
