@@ -354,12 +354,17 @@ def _four_over_six_error(x2, magnitude, negative, block_scale, scale, A, tile, e
     return rows.repeat_interleave(NVFP4_BLOCK, dim=0).view(err.shape)
 
 
+def _scaled_blocks(x2, scale):
+    """§2 step 3: fp32 (Mp, Kp) and each 16-block's decode scale (Mp, Kp/16) -> the scaled values
+    v = x ⊗ min(1 ⊘ scale, FLT_MAX), (Mp, Kp/16, 16), which E2M1 rounding sees."""
+    encode = (1.0 / scale).clamp(max=FLT_MAX)                                         # (Mp, Kp/16)
+    return x2.view(x2.shape[0], -1, NVFP4_BLOCK) * encode[..., None]
+
+
 def _round_blocks(x2, block_scale, scale, noise=None):
     """§2 steps 3-4 on fp32 (Mp, Kp) with its E4M3 block scales and decode scales (Mp, Kp/16) -> (magnitude
     fp32, negative bool), both (Mp, Kp/16, 16)."""
-    Mp, Kp = x2.shape
-    encode = (1.0 / scale).clamp(max=FLT_MAX)                                         # (Mp, Kp/16)
-    v = x2.view(Mp, -1, NVFP4_BLOCK) * encode[..., None]                              # (Mp, Kp/16, 16)
+    v = _scaled_blocks(x2, scale)                                                     # (Mp, Kp/16, 16)
     magnitude = round_e2m1_magnitude(v.abs(), None if noise is None else noise.view(v.shape))
     keep = (block_scale.float() != 0)[..., None]         # a block whose E4M3 scale is 0 is all code 0 (+0)
     return torch.where(keep, magnitude, 0.0), (v < 0) & keep
@@ -416,7 +421,7 @@ def _round_eden(x2, seed):
     amax16 = _tile_amax(x2, (1, NVFP4_BLOCK))                                          # (Mp, Kp/16)
     s = (_div(amax16, EDEN_VAL_MAX) / S_dec).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn).float()
     s = torch.where(s == 0, 1.0, s)                                                    # Quartet II: 0 -> 1
-    z = x2.view(Mp, -1, NVFP4_BLOCK) * (1.0 / (s * S_dec)).clamp(max=FLT_MAX)[..., None]   # (Mp, Kp/16, 16)
+    z = _scaled_blocks(x2, s * S_dec)                                                  # (Mp, Kp/16, 16)
     magnitude = round_e2m1_magnitude(z.abs())
     q = torch.where(z < 0, -magnitude, magnitude)
     per_group = (Mp, Kp // EDEN_GROUP, EDEN_GROUP)

@@ -269,7 +269,7 @@ def fp4_probe(model, layers, batch, ddp=False):
     the probe trains bit for bit like one without (tests/test_train.py)."""
     params, layers = list(model.parameters()), list(layers.values())
     saved_grads = [p.grad for p in params]
-    saved_rng = [(l._generator.get_state() if l._generator is not None else None, l._rng_state) for l in layers]
+    saved_state = [l.get_extra_state() for l in layers]       # holds the noise generator's state
     was_training = model.training
     model.eval()                                          # eval: OutControl's calibration skips these forwards
     grads = []
@@ -284,11 +284,8 @@ def fp4_probe(model, layers, batch, ddp=False):
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
-        for l, (state, pending) in zip(layers, saved_rng):
-            if state is None:
-                l._generator, l._rng_state = None, pending
-            else:
-                l._generator.set_state(state)
+        for l, state in zip(layers, saved_state):
+            l.set_extra_state(state)                           # the stream resumes where it was
         model.train(was_training)
     g4, g = grads
     return {"grad_cosine": (g4 @ g / (g4.norm() * g.norm())).item(), "grad_rel_error": ((g4 - g).norm() / g.norm()).item()}
@@ -360,9 +357,13 @@ def get_batch(data, cfg, rank, world, gen, device):
     (rank-disjoint), y shifted by one. Random offsets (nanoGPT) rather than epochs: simple, and the
     generator state is the data position."""
     lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world - cfg.block_size - 1
-    ix = torch.randint(lo, hi, (cfg.batch_size,), generator=gen).tolist()
-    x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
+    return windows(data, torch.randint(lo, hi, (cfg.batch_size,), generator=gen).tolist(), cfg.block_size, device)
+
+
+def windows(data, starts, block_size, device):
+    """-> x, y (len(starts), block_size) int64: the windows of `data` at `starts`, y shifted by one."""
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
     return x.to(device), y.to(device)
 
 
@@ -404,9 +405,7 @@ def eval_batches(data, cfg, rank, world, device):
     lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world - cfg.block_size - 1
     n = cfg.eval_iters * cfg.batch_size
     starts = [lo + (hi - lo) * i // n for i in range(n)]
-    window = lambda i, off: torch.from_numpy(data[i + off:i + off + cfg.block_size].astype(np.int64))   # noqa: E731
-    return [(torch.stack([window(i, 0) for i in chunk]).to(device), torch.stack([window(i, 1) for i in chunk]).to(device))
-            for chunk in (starts[b:b + cfg.batch_size] for b in range(0, n, cfg.batch_size))]
+    return [windows(data, starts[b:b + cfg.batch_size], cfg.block_size, device) for b in range(0, n, cfg.batch_size)]
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ def model_report(model, layers, batch, val_batches, draws):
     grads = []
     for k in range(draws):
         for i, layer in enumerate(layers):                  # a fresh, independent noise stream per draw
-            layer._generator = torch.Generator().manual_seed(k * 1009 + i + fp4.NOISE_SEED_OFFSET)
+            layer.set_extra_state(dict(layer.get_extra_state(), seed=k * 1009 + i, rng_state=None))
         model.zero_grad(set_to_none=True)
         model(x, y)[1].backward()
         grads.append(flat_grad(model))
@@ -122,7 +122,7 @@ def model_report(model, layers, batch, val_batches, draws):
 
 
 def load_checkpoint_model(path):
-    """-> (TrainConfig, fp32 GPT with the checkpoint's weights, its dataset splits)."""
+    """-> (the checkpoint dict, its TrainConfig, an fp32 GPT with its weights (no FP4), its dataset splits)."""
     import train
     from data.prepare import dataset_dir, load_dataset
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -130,13 +130,13 @@ def load_checkpoint_model(path):
     model = train.build_model(cfg, ckpt["dataset_meta"]["vocab_size"], torch.float32)
     model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
     _, splits = load_dataset(dataset_dir(cfg.dataset), cfg.block_size)
-    return cfg, model, splits
+    return ckpt, cfg, model, splits
 
 
 def fp4_model(path, recipe, impl):
     """The checkpoint's model with every block linear the checkpoint ran in FP4 converted to `recipe` (its
     bf16_first_k / bf16_last_k kept) -> (cfg, model, [FP4Linear], splits)."""
-    cfg, model, splits = load_checkpoint_model(path)
+    _, cfg, model, splits = load_checkpoint_model(path)
     fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k, impl=impl)
     return cfg, model, [m for m in model.modules() if isinstance(m, fp4.FP4Linear)], splits
 

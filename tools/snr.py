@@ -104,14 +104,9 @@ def recipes(args):
 def capture_from_checkpoint(path, batches=1):
     """Real operands: load a train.py checkpoint, run `batches` training batches through the model in bf16
     (no FP4) and capture X, W and dY of every layer that the checkpoint ran in FP4. -> {name: (X, W, dY)}."""
-    import train
-    from data.prepare import dataset_dir, load_dataset
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in train.PER_INVOCATION})
-    model = train.build_model(cfg, ckpt["dataset_meta"]["vocab_size"], torch.float32)
+    from tools.estimator import load_checkpoint_model
+    ckpt, cfg, model, splits = load_checkpoint_model(path)
     names = sorted({k.rsplit(".", 1)[0] for k in ckpt["model"] if k.endswith("_extra_state")})
-    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
-    _, splits = load_dataset(dataset_dir(cfg.dataset), cfg.block_size)
     captured = {n: [None, model.get_submodule(n).weight.detach(), None] for n in names}
     hooks = []
     for n in names:
