@@ -2,7 +2,7 @@
 compare.py: FP4-versus-high-precision ablations. Runs named configurations x seeds through train.py with identical
 data, tokens and schedule, then writes <out>/results.md (a table with error bars) and <out>/loss.png.
 
-    python tools/compare.py --out runs/quick -- --max-iters 200            # the 7 built-in configs x 3 seeds
+    python tools/compare.py --out runs/quick -- --max-iters 200            # every built-in config x 3 seeds
     python tools/compare.py --configs baseline nvidia tetrajet --seeds 1 2 --config "lr1e-3=--fp4 --lr 1e-3" -- --model 70m
     python tools/compare.py --out runs/quick --parallel 2 -- --max-iters 200   # 2 runs at a time, threads split
 
@@ -52,6 +52,11 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     "tetrajet+osci": "--fp4 --fp4-recipe tetrajet --osci-reset",
     "tetrajet+oc": "--fp4 --fp4-recipe tetrajet --out-control",
     "tetrajet+all": "--fp4 --fp4-recipe tetrajet --osci-reset --out-control",
+    # the two ablations the gradient report (docs/estimator.md) makes most telling: TetraJet-v2 with its second
+    # backward operand (W^ in dgrad, X^ in wgrad) rounded to nearest, ~15% less gradient noise at a bias still at
+    # the floor; and 4/6 on 1x16 weight tiles, where it lowers the forward loss (on NVIDIA's 16x16 tiles it raises it)
+    "tetrajet-rtn2": "--fp4 --fp4-recipe tetrajet --fp4-other-rounding nearest",
+    "nvidia-w1x16-4over6": "--fp4 --fp4-recipe nvidia --fp4-weight-tile 1x16 --fp4-4over6 all",
 }
 OWNED_FLAGS = ("--seed", "--out-dir", "--resume")          # compare.py sets these per run
 

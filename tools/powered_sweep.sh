@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The powered recipe sweep of docs/sweep.md: why these sizes, budgets and seeds is the power calculation there.
+#
+#   bash tools/powered_sweep.sh            # run (or resume) every stage in order, 2 runs at a time
+#
+# Every stage is one tools/compare.py sweep, so rerunning this script on any machine resumes: runs with a
+# done.json are skipped (their committed logs are the results), an interrupted run restarts from its checkpoint
+# if this machine has it, else from scratch. The model is the tiny preset cut to 2 blocks (0.39M parameters) so
+# that a 2-core CPU reaches ~21 tokens per parameter; every run evaluates the same 1,024 fixed val windows.
+# Stages, cheapest and most needed first (a cut-off session still leaves whole stages behind):
+#   1. l2-500   baseline, nvidia, tetrajet, quartet2 at 500 steps (1.0M tokens, 2.6 per parameter): the low end
+#               of the tokens-per-parameter series, and the pilot whose paired spread sizes the rest
+#   2. l2-1400  every config at 1,400 steps (2.9M tokens, 7.3 per parameter): the main table; the series'
+#               four configs first, then the rest in the order the README's claims need them
+#   3. l2-4000  baseline, nvidia, tetrajet, quartet2 at 4,000 steps (8.2M tokens, 21 per parameter)
+# Then the report: the three tables and loss plots, and the series table and plot (compare.py --series).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SEEDS="1337 1338 1339 1340 1341 1342"
+COMMON="--n-layer 2 --eval-set fixed --eval-iters 64"
+CORE="baseline nvidia tetrajet quartet2"
+REST="nvidia-4over6 mxfp4 tetrajet+osci tetrajet+oc tetrajet+all tetrajet-rtn2 nvidia-w1x16-4over6 nvidia-paper"
+
+sweep() {   # sweep STEPS CONFIGS...: one compare.py sweep at STEPS steps (4 evals, plus the one at step 0)
+    local steps=$1; shift
+    python tools/compare.py --out "docs/runs/l2-$steps" --configs "$@" --seeds $SEEDS --parallel 2 \
+        -- $COMMON --max-iters "$steps" --eval-interval $((steps / 4))
+}
+
+sweep 500 $CORE
+sweep 1400 $CORE
+sweep 1400 baseline $REST
+sweep 4000 $CORE
+sweep 1400 $CORE $REST          # the whole main table, in table order (nothing left to run)
+python tools/compare.py --series docs/runs/l2-500 docs/runs/l2-1400 docs/runs/l2-4000 --out docs/runs/l2-series \
+    --configs $CORE
