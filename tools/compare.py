@@ -76,9 +76,6 @@ def parse_args(argv):
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild results.md and loss.png from the finished runs' logs alone")
-    p.add_argument("--series", nargs="+", metavar="SWEEP", default=[],
-                   help="run nothing: one token budget per finished SWEEP folder (same configs and seeds); write "
-                        "<out>/series.md and series.png, each gap against tokens per parameter")
     args = p.parse_args(argv)
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -217,122 +214,8 @@ def plot(out, logs, seeds):
     fig.savefig(os.path.join(out, "loss.png"))
 
 
-def run_params(run_dir):
-    """-> the model's parameter count (embeddings included, as train.py prints it), rebuilt from the GPTConfig
-    line of the run's train.log on the meta device: the logs alone, no data and no weights."""
-    import re
-    import torch
-    from model import GPT, GPTConfig
-    found = re.findall(r"GPTConfig\((.*?)\)", open(os.path.join(run_dir, "train.log")).read())
-    if not found:
-        sys.exit(f"error: no 'GPTConfig(...)' line in {run_dir}/train.log; it is not a train.py run's console log")
-    fields = dict(kv.split("=") for kv in found[-1].split(", "))
-    with torch.device("meta"):
-        return GPT(GPTConfig(**{k: (float if "." in v else int)(v) for k, v in fields.items()})).num_params()
-
-
-def paired(xs):
-    """-> (mean, standard error) of per-seed values."""
-    m, sd = mean_std(xs)
-    return m, sd / math.sqrt(len(xs))
-
-
-def series(args, configs):
-    """The tokens-per-parameter series: every SWEEP is the same configs x seeds at one budget. Per budget and
-    config: final val_loss, the gap to the baseline and L - L_versus (paired per seed); per config, how each
-    moved from the smallest budget to the largest (per seed, then mean ± s.e.). -> {sweep: {config: row}}."""
-    for c in configs:
-        missing = [f"{d}/{c}/seed{s}" for d in args.series for s in args.seeds
-                   if not os.path.exists(os.path.join(d, c, f"seed{s}", "done.json"))]
-        if missing:
-            sys.exit(f"error: --series needs every run of every sweep finished; {len(missing)} are not (first: "
-                     f"{missing[0]}); finish them with the sweep's own command first")
-    budgets, finals = [], {}
-    for d in args.series:
-        first = os.path.join(d, "baseline", f"seed{args.seeds[0]}")
-        tokens, params = read_log(first)[-1]["tokens"], run_params(first)
-        if budgets and params != budgets[0]["params"]:
-            sys.exit(f"error: {d} trains a {params:,}-parameter model, {budgets[0]['sweep']} a "
-                     f"{budgets[0]['params']:,}-parameter one; a series varies the tokens only")
-        budgets.append({"sweep": d, "tokens": tokens, "params": params, "tpp": tokens / params})
-        finals[d] = {c: [read_log(os.path.join(d, c, f"seed{s}"))[-1]["val_loss"] for s in args.seeds] for c in configs}
-        for c in configs:
-            if read_log(os.path.join(d, c, f"seed{args.seeds[0]}"))[-1]["tokens"] != tokens:
-                sys.exit(f"error: {d}/{c} trained on a different number of tokens than {d}/baseline; a budget's "
-                         f"configs must share one token count")
-    table = {}
-    for d in args.series:
-        f, table[d] = finals[d], {}
-        for c in configs:
-            row = {"final": f[c], "mean_std": mean_std(f[c])}
-            if c != "baseline":
-                row["gap"] = paired([a - b for a, b in zip(f[c], f["baseline"])])
-            if args.versus in configs and c not in ("baseline", args.versus):
-                row["vs"] = paired([a - b for a, b in zip(f[c], f[args.versus])])
-            table[d][c] = row
-    lo, hi = args.series[0], args.series[-1]
-    move = {c: paired([(h - hb) - (l - lb) for h, hb, l, lb in zip(finals[hi][c], finals[hi]["baseline"],
-                                                                 finals[lo][c], finals[lo]["baseline"])])
-            for c in configs if c != "baseline"}
-    heads = " | ".join(f"{b['tpp']:.1f} tok/param ({b['tokens'] / 1e6:.2f}M)" for b in budgets)
-    fmt = lambda ms: f"{ms[0]:+.4f} ± {ms[1]:.4f}"
-    lines = [f"# Tokens per parameter: {len(configs)} configurations x {len(args.seeds)} seeds "
-             f"({', '.join(map(str, args.seeds))}) x {len(budgets)} budgets", "",
-             f"Sweeps: {', '.join(f'`{d}`' for d in args.series)}; parameters {budgets[0]['params']:,} (embeddings "
-             f"included). Every difference is paired per seed (same init and data order), mean ± standard error. "
-             f"Moved: the gap at the largest budget minus the gap at the smallest, per seed.", "",
-             f"Final val_loss (mean ± std):", "", f"| config | {heads} |", "|---" * (len(budgets) + 1) + "|"]
-    lines += [f"| {c} | " + " | ".join(f"{table[d][c]['mean_std'][0]:.4f} ± {table[d][c]['mean_std'][1]:.4f}"
-                                         for d in args.series) + " |" for c in configs]
-    lines += ["", "L - L_baseline (paired):", "", f"| config | {heads} | moved |", "|---" * (len(budgets) + 2) + "|"]
-    lines += [f"| {c} | " + " | ".join(fmt(table[d][c]["gap"]) for d in args.series) + f" | {fmt(move[c])} |"
-              for c in configs if c != "baseline"]
-    if any("vs" in r for r in table[lo].values()):
-        lines += ["", f"L - L_{args.versus} (paired):", "", f"| config | {heads} |", "|---" * (len(budgets) + 1) + "|"]
-        lines += [f"| {c} | " + " | ".join(fmt(table[d][c]["vs"]) for d in args.series) + " |"
-                  for c in configs if "vs" in table[lo][c]]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "series.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "series.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "versus": args.versus, "budgets": budgets, "table": table, "moved": move},
-                  f, indent=1)
-    print("\n".join(lines))
-    if not args.no_plot:
-        try:
-            plot_series(args.out, budgets, table, configs, args.versus)
-        except ImportError:
-            sys.exit(f"error: series.png needs matplotlib (pip install matplotlib); {args.out}/series.md is written")
-        print(f"wrote {args.out}/series.md and {args.out}/series.png")
-    return table
-
-
-def plot_series(out, budgets, table, configs, versus):
-    """series.png: each config's gap to the baseline (left) and to `versus` (right) against tokens per parameter,
-    mean ± standard error over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
-    x = [b["tpp"] for b in budgets]
-    for ax, key, name in ((axes[0], "gap", "L - L_baseline"), (axes[1], "vs", f"L - L_{versus}")):
-        for c in configs:
-            rows = [table[b["sweep"]][c] for b in budgets]
-            if key in rows[0]:
-                ax.errorbar(x, [r[key][0] for r in rows], yerr=[r[key][1] for r in rows], marker="o", capsize=3,
-                            label=c)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set(xscale="log", xlabel="tokens per parameter", ylabel=f"{name} (paired, ± s.e.)")
-        ax.set_xticks(x, [f"{v:.1f}" for v in x])
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "series.png"))
-
-
 def main(argv=None):
     args, configs, common = parse_args(argv)
-    if args.series:
-        return series(args, configs)
     runs = [(c, s) for c in configs for s in args.seeds]
     todo = [(c, s) for c, s in runs if not os.path.exists(os.path.join(args.out, c, f"seed{s}", "done.json"))]
     if args.report_only and todo:

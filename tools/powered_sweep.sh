@@ -13,7 +13,7 @@
 #   2. l2-1400  every config at 1,400 steps (2.9M tokens, 7.3 per parameter): the main table; the series'
 #               four configs first, then the rest in the order the README's claims need them
 #   3. l2-4000  baseline, nvidia, tetrajet, quartet2 at 4,000 steps (8.2M tokens, 21 per parameter)
-# Then the report: the three tables and loss plots, and the series table and plot (compare.py --series).
+# Then the report: the three tables and loss plots, and the series table and plot (tools/series.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,5 +33,5 @@ sweep 1400 $CORE
 sweep 1400 baseline $REST
 sweep 4000 $CORE
 sweep 1400 $CORE $REST          # the whole main table, in table order (nothing left to run)
-python tools/compare.py --series docs/runs/l2-500 docs/runs/l2-1400 docs/runs/l2-4000 --out docs/runs/l2-series \
+python tools/series.py docs/runs/l2-500 docs/runs/l2-1400 docs/runs/l2-4000 --out docs/runs/l2-series --seeds $SEEDS \
     --configs $CORE
