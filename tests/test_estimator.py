@@ -70,6 +70,20 @@ def test_snr_grad_json_has_every_field(checkpoint, tmp_path):
         assert 0 < entry["model"]["cosine"] <= 1 and entry["model"]["noise"] > 0
 
 
+def test_snr_grad_reads_a_baseline_checkpoint_as_the_layers_fp4_would_convert(dataset, tmp_path):
+    # a checkpoint trained without FP4 is the recipe-neutral point to compare recipes at (no recipe's bins in its
+    # weights); it has no FP4 layer state, and the layers were once found only from that (an empty report)
+    import train
+    train.main(["--dataset", dataset, "--out-dir", str(tmp_path), *TINY, "--max-iters", "4"])
+    path = str(tmp_path / "grad.json")
+    snr.main(["--grad", "--checkpoint", str(tmp_path / "ckpt.pt"), "--draws", "2", "--loss-batches", "1",
+              "--recipes", "nvidia", "--json", path])
+    with open(path) as f:
+        layers = json.load(f)["recipes"]["nvidia"]["layers"]
+    assert sorted(layers) == [f"transformer.h.{i}.{n}" for i in (0, 1)
+                              for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
 def test_fp4_probe_logs_gradient_fidelity_and_changes_no_bit_of_training(dataset, tmp_path):
     import train
 

@@ -103,10 +103,16 @@ def recipes(args):
 
 def capture_from_checkpoint(path, batches=1):
     """Real operands: load a train.py checkpoint, run `batches` training batches through the model in bf16
-    (no FP4) and capture X, W and dY of every layer that the checkpoint ran in FP4. -> {name: (X, W, dY)}."""
+    (no FP4) and capture X, W and dY of every layer that the checkpoint ran in FP4 (of a baseline checkpoint:
+    every layer `--fp4` would run in FP4). -> {name: (X, W, dY)}."""
     from tools.estimator import load_checkpoint_model
     ckpt, cfg, model, splits = load_checkpoint_model(path)
     names = sorted({k.rsplit(".", 1)[0] for k in ckpt["model"] if k.endswith("_extra_state")})
+    if not cfg.fp4:             # a baseline checkpoint (no recipe's own bins in its weights): the layers --fp4 converts
+        import copy, contextlib, io
+        with contextlib.redirect_stdout(io.StringIO()):           # convert_to_fp4's report is for train.py
+            probe = fp4.convert_to_fp4(copy.deepcopy(model), bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k)
+        names = sorted(n for n, m in probe.named_modules() if isinstance(m, fp4.FP4Linear))
     captured = {n: [None, model.get_submodule(n).weight.detach(), None] for n in names}
     hooks = []
     for n in names:
