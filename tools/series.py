@@ -127,10 +127,11 @@ def plot_series(out, budgets, table, configs, versus):
             rows = [table[b["sweep"]][c] for b in budgets]
             if key in rows[0]:
                 ax.errorbar(x, [r[key][0] for r in rows], yerr=[r[key][1] for r in rows], marker="o", capsize=3,
-                            label=c)
+                            label=c, color=f"C{configs.index(c)}")           # one colour per config, both panels
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="tokens per parameter", ylabel=f"{name} (paired, ± s.e.)")
         ax.set_xticks(x, [f"{v:.1f}" for v in x])
+        ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "series.png"))
