@@ -62,9 +62,10 @@ def series(args, configs):
             sys.exit(f"error: {d} trains a {params:,}-parameter model, {budgets[0]['sweep']} a "
                      f"{budgets[0]['params']:,}-parameter one; a series varies the tokens only")
         budgets.append({"sweep": d, "tokens": tokens, "params": params, "tpp": tokens / params})
-        finals[d] = {c: [compare.read_log(os.path.join(d, c, f"seed{s}"))[-1]["val_loss"] for s in args.seeds] for c in configs}
+        rows, logs = compare.summarize(d, dict.fromkeys(configs, ""), args.seeds, args.versus)   # reads each log once
+        finals[d] = {c: rows[c]["final"] for c in configs}
         for c in configs:
-            if compare.read_log(os.path.join(d, c, f"seed{args.seeds[0]}"))[-1]["tokens"] != tokens:
+            if logs[c][args.seeds[0]][-1]["tokens"] != tokens:
                 sys.exit(f"error: {d}/{c} trained on a different number of tokens than {d}/baseline; a budget's "
                          f"configs must share one token count")
     table = {}
