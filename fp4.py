@@ -56,24 +56,14 @@ The RHT (§5) multiplies every 16-chunk along K of both operands by the same ort
 
 What stays high precision in every recipe: master weights, embeddings, LM head, norms, attention, loss.
 
-Weight oscillation reset (OsciReset, TetraJet-v2 §4, §7)
---------------------------------------------------------------
-Late in training the updates get small, and a master weight sitting on a rounding boundary flips its FP4
-value back and forth on tiny updates: the network the optimizer sees keeps jumping by a whole bin. Over a
-window of T steps, r = Σ|Q(w_t) - Q(w_t-1)| / Σ|w_t - w_t-1| separates these (r >> 1) from weights that
-drift through bins (r ≈ 1); OsciReset snaps w <- Q(w) where r >= θ, moving it to its bin's centre.
-
-Outlier-channel control (OutControl, TetraJet-v2 §4, §8)
--------------------------------------------------------------
-A few input channels of a linear layer carry most of the activation energy, and they stay the same through
-training. After a short calibration the top 10% of channels by L2 norm are fixed and computed in MXFP8:
-Y = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ in fprop and the O columns of wgrad in MXFP8; dgrad
-stays FP4.
+Weight oscillation reset (OsciReset) and outlier-channel control (OutControl), TetraJet-v2's two training-time
+additions, act on all FP4 layers over many steps: they live in fp4_training.py. Here is only what they need from
+a layer: FP4Linear.quantize_weight (what OsciReset tracks) and the MXFP8 columns of fake_quant_split (§8).
 
 Layout: formats and quantizers, the RHT, recipes, the FP4 linear (the Reference implementation object, then
-FP4LinearFunction, one `# === GEMM k ===` block per GEMM), diagnostics, OsciReset, OutControl, FP4Linear and
-convert_to_fp4; an appendix at the end holds the exactness tricks (bit-level exponents, exact division,
-counter-based SR noise) that make every implementation give the same bits.
+FP4LinearFunction, one `# === GEMM k ===` block per GEMM), block_health, FP4Linear and convert_to_fp4; an
+appendix at the end holds the exactness tricks (bit-level exponents, exact division, counter-based SR noise)
+that make every implementation give the same bits.
 What we leave out: swizzled scale layouts, tensor subclasses, TP/FSDP.
 Padding: a K that is not a multiple of the block is zero-padded (zeros change neither amax nor a GEMM), so
 quantizers return the *padded* width; `fake_quant` crops back.
@@ -82,7 +72,6 @@ that scale dequantizes to NaN (the whole tensor with a per-tensor scale, the 1x1
 the 32-block with MX). NaN is never turned into finite garbage.
 """
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -1054,126 +1043,6 @@ def block_health(x, recipe, tile=(1, 16), four_over_six=None):
     return (saturated.sum() / n).item(), ((tiny & nonzero).sum() / n).item()
 
 # -----------------------------------------------------------------------------
-# OsciReset (TetraJet-v2 §4, §7): weights whose FP4 value flips back and forth
-
-def oscillation_ratio(sum_dq, sum_dw):
-    """r = Σ_t |Q(w_t) - Q(w_{t-1})| / Σ_t |w_t - w_{t-1}| per element; 0 where the weight did not move.
-    A weight drifting steadily through bins has r ≈ 1; one sitting on a rounding boundary, nudged back and
-    forth by tiny updates, flips a whole bin (up to 2 grid steps x scale) per step for a tiny Δw: r >> 1."""
-    return torch.where(sum_dw > 0, sum_dq / sum_dw, 0.0)
-
-
-class OsciReset:
-    """Every `period` optimizer steps from step `start`: snapshot each FP4 weight w and its forward quantization
-    Q(w), accumulate Σ|ΔQ(w)| and Σ|Δw| over the next `window` steps, then snap w <- Q(w) (the centre of its
-    current bin) where r >= `threshold`. Optimizer state is left alone (§7). Snapped weights sit on a grid
-    point, far from any rounding boundary, so they stop flipping until real gradient signal moves them.
-    Memory: four fp32 copies of each weight during a window, none outside it. `layers`: {name: FP4Linear}.
-    reset=False only measures: the oscillation ratio of a run without OsciReset, for comparison."""
-
-    def __init__(self, layers, period=200, window=50, threshold=8.0, start=0, reset=True):
-        if not 0 < window < period:
-            raise ValueError(f"OsciReset needs 0 < window ({window}) < period ({period})")
-        self.layers, self.period, self.window, self.threshold, self.start = layers, period, window, threshold, start
-        self.reset = reset
-        self.state = {}      # name -> {prev_w, prev_q, sum_dq, sum_dw}, only while a window is open
-        self.last = {}       # name -> {"oscillating": fraction with r >= threshold, "reset": count}, last window
-
-    @torch.no_grad()
-    def after_step(self, step):
-        """Call after every optimizer step with `step` = optimizer steps done so far (and once with the first
-        step before training, so a window at that step opens). A window opens at phase (step - start) % period
-        = 0 and closes at phase = window. A layer with no open window at a later phase (the run began or was
-        resumed from an old checkpoint after the window opened) waits for the next one: nothing is measured
-        over a partial window. Only the FP4 columns are tracked and reset: OutControl's MXFP8 columns
-        (layer.outliers) quantize differently and are left alone, as the official code does."""
-        if step < self.start or (phase := (step - self.start) % self.period) > self.window:
-            return
-        for name, layer in self.layers.items():
-            if phase != 0 and name not in self.state:
-                continue                                                  # no window open: wait for the next
-            w, q = layer.weight, layer.quantize_weight()                  # (out, in) master, fp32 Q(w)
-            if phase == 0:                                                # open a window: snapshot
-                zeros = torch.zeros_like(q)
-                self.state[name] = dict(prev_w=w.float().clone(), prev_q=q, sum_dq=zeros, sum_dw=zeros.clone())
-                continue
-            st = self.state[name]
-            st["sum_dq"] += (q - st["prev_q"]).abs()
-            st["sum_dw"] += (w.float() - st["prev_w"]).abs()
-            st["prev_w"], st["prev_q"] = w.float().clone(), q
-            if phase == self.window:                                      # close it: reset the oscillators
-                fp4_columns = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-                if layer.outliers is not None:
-                    fp4_columns[layer.outliers] = False                   # MXFP8 columns: not tracked
-                mask = (oscillation_ratio(st["sum_dq"], st["sum_dw"]) >= self.threshold) & fp4_columns
-                if self.reset:
-                    w[mask] = q[mask].to(w.dtype)
-                tracked = int(fp4_columns.sum()) * w.shape[0]
-                self.last[name] = {"oscillating": mask.sum().item() / max(tracked, 1), "tracked": tracked,
-                                   "reset": int(mask.sum()) if self.reset else 0}
-                del self.state[name]
-
-    def summary(self):
-        """-> (oscillation ratio: fraction of all tracked (FP4) weights with r >= threshold in the last windows,
-        number of weights reset then)."""
-        n = sum(v.get("tracked", self.layers[k].weight.numel()) for k, v in self.last.items())
-        osc = sum(v["oscillating"] * v.get("tracked", self.layers[k].weight.numel()) for k, v in self.last.items())
-        return (osc / n if n else 0.0), sum(v["reset"] for v in self.last.values())
-
-    def state_dict(self):
-        return {"state": self.state, "last": self.last}
-
-    def load_state_dict(self, d):
-        """Restore a state_dict(); open windows' tensors move to their layer's device (checkpoints load on CPU)."""
-        self.last = d["last"]
-        self.state = {name: {k: t.to(self.layers[name].weight.device) for k, t in st.items()}
-                      for name, st in d["state"].items()}
-
-# -----------------------------------------------------------------------------
-# OutControl (TetraJet-v2 §4, §8): a static set of outlier input channels kept in MXFP8
-
-def select_outlier_channels(channel_norm, frac):
-    """(in,) accumulated input-channel L2 norms -> (outliers, inliers), LongTensors of channel indices: the top
-    `frac` channels, the count rounded up to a multiple of 32 (one MXFP8 block) and capped at half the
-    channels, and the rest. Both lists are in descending-norm order, as in the official release (one
-    argsort, descending, split in two): the FP4 columns are then gathered so that channels of similar norm
-    share a 16-block scale, which a sorted-by-index list would not do."""
-    count = min(math.ceil(frac * channel_norm.numel() / MX_BLOCK) * MX_BLOCK, channel_norm.numel() // 2)
-    order = channel_norm.argsort(descending=True, stable=True)
-    return order[:count], order[count:]
-
-
-class OutControl:
-    """For `window` steps from step `start`, every FP4Linear sums ‖X[:, c]‖₂ over the tokens of each
-    training micro-batch (eval forwards do not count), per input channel c (its `channel_norm`); then the top `frac` channels become its outliers,
-    fixed for the rest of training and kept in MXFP8 in fprop and wgrad (§8). Activation outliers sit in
-    a few channels that stay the same through training (TetraJet-v2 §4), so a short calibration suffices.
-    Call before_step(step) before each optimizer step and after_step(steps_done, reduce) after it; `reduce`
-    sums a tensor across processes in place (DDP), so every process picks the same channels."""
-
-    def __init__(self, layers, frac=0.1, start=500, window=50):
-        self.layers, self.frac, self.start, self.window = layers, frac, start, window
-
-    def before_step(self, step):
-        for layer in self.layers.values():
-            layer.calibrating = self.start <= step < self.start + self.window and layer.outliers is None
-
-    def after_step(self, step, reduce=None):
-        if step != self.start + self.window:
-            return
-        for layer in self.layers.values():
-            if layer.channel_norm is not None:
-                if reduce is not None:
-                    reduce(layer.channel_norm)
-                layer.outliers, layer.inliers = select_outlier_channels(layer.channel_norm, self.frac)
-                layer.channel_norm = None
-            layer.calibrating = False
-
-    def summary(self):
-        """-> {layer name: number of outlier channels}."""
-        return {k: (0 if m.outliers is None else len(m.outliers)) for k, m in self.layers.items()}
-
-# -----------------------------------------------------------------------------
 # Modules last: FP4Linear and the converter
 
 
@@ -1184,7 +1053,7 @@ class FP4Linear(nn.Linear):
     the exact random stream. (Calling FP4LinearFunction directly, pass any generator, or None for torch's.)
     OutControl state: `outliers` (input channels kept in MXFP8, or None) and, while `calibrating`, the running
     `channel_norm`; both are saved in extra_state too. `impl`: the implementation of the quantizers
-    (REFERENCE, or the one fastpaths.select chose). `stats`: see record_stats."""
+    (REFERENCE, or the one fastpaths.select chose). `stats`: see fp4_training.record_stats."""
 
     def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, impl=REFERENCE,
                  device=None, dtype=None):
@@ -1193,7 +1062,7 @@ class FP4Linear(nn.Linear):
         self._generator, self._rng_state = None, None
         self.outliers = self.inliers = self.channel_norm = self.stats = None
         self.calibrating = False
-        self.high_precision = False          # True inside fp4.high_precision(): a plain linear, no FP4 at all
+        self.high_precision = False          # True inside fp4_training.high_precision(): plain, no FP4 at all
 
     @classmethod
     def from_linear(cls, linear, recipe="tetrajet", seed=0, impl=REFERENCE):
@@ -1225,7 +1094,7 @@ class FP4Linear(nn.Linear):
                              self.in_features)
 
     def forward(self, x):
-        if self.high_precision:                              # the shadow network of fp4.high_precision
+        if self.high_precision:                              # the shadow network of fp4_training.high_precision
             y = nn.functional.linear(x, self.weight.to(x.dtype))
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.calibrating and self.training:               # OutControl: per-channel L2 norm over tokens
@@ -1251,38 +1120,6 @@ class FP4Linear(nn.Linear):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, recipe={self.recipe.name}, impl={self.impl.name}"
-
-
-@contextlib.contextmanager
-def record_stats(layers):
-    """with record_stats({name: FP4Linear}) as stats: <one forward and backward> -> stats[name] holds that
-    layer's diagnostics: SQNR (dB) of X, W and dY as quantized, the fraction of X's and W's blocks with a
-    saturated or underflowed scale (block_health). The one way to read them: each layer's `stats` dict is set
-    for the duration of the block only (FP4LinearFunction fills it; it draws no random numbers, so recording
-    changes no bits of the step)."""
-    stats = {name: {} for name in layers}
-    for name, layer in layers.items():
-        layer.stats = stats[name]
-    try:
-        yield stats
-    finally:
-        for layer in layers.values():
-            layer.stats = None
-
-
-@contextlib.contextmanager
-def high_precision(layers):
-    """with high_precision(layers): the given FP4Linear layers run as plain linears in the activation dtype (the
-    weight cast to it, as model.Linear does): the same network without FP4, for a shadow gradient of the same
-    batch with the same weights (train.py --fp4-probe, tools/estimator.py). No random number is drawn inside,
-    so the FP4 noise streams continue unchanged after it."""
-    for layer in layers:
-        layer.high_precision = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.high_precision = False
 
 
 def convert_to_fp4(model, recipe="tetrajet", *, bf16_first_k=0, bf16_last_k=0, blocks="transformer.h", seed=0,

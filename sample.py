@@ -54,9 +54,11 @@ def parse_args(argv):
     return args
 
 
-def load_model(out_dir, device, dtype, fp4_path=None):
+def load_model(out_dir, device, dtype=None, fp4_path=None):
     """<out_dir>/ckpt.pt -> (model in eval mode on `device`, checkpoint dict, TrainConfig, recipe or None,
-    FP4 implementation or None, select's line or None). Exits with one line if the checkpoint is missing or unfit."""
+    FP4 implementation or None, select's line or None): the model as it trained, FP4 layers and their state
+    included. dtype: the activation dtype, None for the run's own (its --dtype on this device). Exits with one
+    line if the checkpoint is missing or unfit."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
         sys.exit(f"error: no checkpoint at {ckpt_path}; train one first (python train.py --out-dir {out_dir}) "
@@ -69,6 +71,8 @@ def load_model(out_dir, device, dtype, fp4_path=None):
     except Exception as e:
         sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); re-run train.py "
                  f"or choose another --out-dir")
+    if dtype is None:
+        dtype, _ = train.activation_dtype(cfg.dtype, torch.device(device).type)
     model, recipe, path, why = train.build_model(cfg, vocab_size, dtype), None, None, None
     if cfg.fp4:                                            # as train.main: recipe, path, then the swap
         recipe = train.resolve_recipe(cfg)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import fastpaths
 import fp4
+import fp4_training
 from data.prepare import dataset_dir, load_dataset, prepare_pystdlib
 from model import GPT, GPTConfig, PRESETS
 
@@ -241,56 +242,6 @@ def start_step(value, cfg):
     return int(value * cfg.max_iters) if value < 1 else int(value)
 
 
-def fp4_report(step, layers, stats, osci, outctl):
-    """FP4 health at an eval -> (dict for log.jsonl, one log line). Per layer: SQNR (dB) of X, W and dY as
-    quantized in the last training step, fraction of blocks with a saturated or underflowed scale,
-    oscillation ratio and resets of the last OsciReset window, outlier channels."""
-    per_layer = {n: dict(stats.get(n) or {}) for n in layers}
-    for n, v in (osci.last.items() if osci else ()):
-        per_layer[n].update(oscillating=v["oscillating"], reset=v["reset"])
-    for n, v in (outctl.summary().items() if outctl else ()):
-        per_layer[n]["outliers"] = v
-    keys = sorted({k for v in per_layer.values() for k in v})
-    mean = {k: sum(v[k] for v in per_layer.values() if k in v) / len(layers) for k in keys}
-    osc, reset = osci.summary() if osci else (0.0, 0)
-    total = dict(mean, oscillating=osc, reset=reset, outliers=sum(outctl.summary().values()) if outctl else 0)
-    sq = " ".join(f"{k[5:]} {mean[k]:.1f}" for k in keys if k.startswith("sqnr"))
-    line = (f"fp4  {step:5d} | sqnr(dB) {sq or '-'} | saturated x {mean.get('saturated_x', 0):.2%} w "
-            f"{mean.get('saturated_w', 0):.2%} | underflow x {mean.get('underflow_x', 0):.2%} w "
-            f"{mean.get('underflow_w', 0):.2%} | oscillating {osc:.3%} reset {reset} | outliers {total['outliers']}")
-    return {"total": total, "layers": per_layer}, line
-
-
-def fp4_probe(model, layers, batch, ddp=False):
-    """--fp4-probe: the gradient of `batch` with FP4 and with the same weights in high precision (fp4.high_precision:
-    the shadow network) -> {"grad_cosine", "grad_rel_error"} = cos(g_fp4, g) and ‖g_fp4 − g‖/‖g‖ over all
-    parameters, of this process's batch (under DDP without the all-reduce: model.no_sync). Touches nothing the
-    run continues with: the gradients are put back, and each layer's noise generator is restored, so a run with
-    the probe trains bit for bit like one without (tests/test_train.py)."""
-    params, layers = list(model.parameters()), list(layers.values())
-    saved_grads = [p.grad for p in params]
-    saved_state = [l.get_extra_state() for l in layers]       # holds the noise generator's state
-    was_training = model.training
-    model.eval()                                          # eval: OutControl's calibration skips these forwards
-    grads = []
-    try:
-        for shadow in (False, True):
-            for p in params:
-                p.grad = None
-            with fp4.high_precision(layers) if shadow else nullcontext(), model.no_sync() if ddp else nullcontext():
-                model(*batch)[1].backward()
-            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-                                    for p in params]))
-    finally:
-        for p, g in zip(params, saved_grads):
-            p.grad = g
-        for l, state in zip(layers, saved_state):
-            l.set_extra_state(state)                           # the stream resumes where it was
-        model.train(was_training)
-    g4, g = grads
-    return {"grad_cosine": (g4 @ g / (g4.norm() * g.norm())).item(), "grad_rel_error": ((g4 - g).norm() / g.norm()).item()}
-
-
 def resolve_schedules(cfg):
     """-> cfg with the OsciReset and OutControl schedules it will run, in steps, so that the config printed
     and saved is what ran. A window must close inside the run: if fewer than two OsciReset periods fit after
@@ -382,13 +333,13 @@ def setup_fp4(cfg, model, device, rank, log):
     fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
                        seed=cfg.seed * 1000 + 100_000 * rank, impl=impl)   # independent SR noise per process
     layers = {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}
-    osci = fp4.OsciReset(layers, cfg.osci_period, cfg.osci_window, cfg.osci_threshold, cfg.osci_start,
+    osci = fp4_training.OsciReset(layers, cfg.osci_period, cfg.osci_window, cfg.osci_threshold, cfg.osci_start,
                          reset=cfg.osci_reset)
     log(f"oscillation windows: {cfg.osci_window} steps every {cfg.osci_period} from step {cfg.osci_start}, "
         f"threshold {cfg.osci_threshold}, {'resetting' if cfg.osci_reset else 'measuring only'}")
     outctl = None
     if cfg.out_control:
-        outctl = fp4.OutControl(layers, cfg.out_control_frac, cfg.out_control_step, cfg.out_control_window)
+        outctl = fp4_training.OutControl(layers, cfg.out_control_frac, cfg.out_control_step, cfg.out_control_window)
         log(f"out-control: calibrating steps {cfg.out_control_step}-{cfg.out_control_step + cfg.out_control_window - 1}"
             f", then {cfg.out_control_frac:.0%} of input channels (rounded up to 32) in MXFP8")
     return recipe, layers, osci, outctl
@@ -541,10 +492,10 @@ def main(argv=None):
                                  dtype)
             log(f"eval {step:5d} | val_loss {val_loss:.4f} | bits/{meta['unit']} {record['val_bits_per_unit']:.3f}")
             if fp4_layers:
-                record["fp4"], line = fp4_report(step, fp4_layers, stats, osci, outctl)
+                record["fp4"], line = fp4_training.fp4_report(step, fp4_layers, stats, osci, outctl)
                 if cfg.fp4_probe:                          # the same batch at every eval: comparable over the run
                     probe_batch = get_batch(splits["train"], cfg, rank, world, torch.Generator().manual_seed(cfg.seed + 20_000), device)
-                    record["fp4"]["probe"] = fp4_probe(model, fp4_layers, probe_batch, ddp)
+                    record["fp4"]["probe"] = fp4_training.fp4_probe(model, fp4_layers, probe_batch, ddp)
                     line += (f" | grad vs high precision: cosine {record['fp4']['probe']['grad_cosine']:.4f} rel. error "
                              f"{record['fp4']['probe']['grad_rel_error']:.4f}")
                 log(line)
@@ -562,7 +513,7 @@ def main(argv=None):
         if outctl is not None:
             outctl.before_step(step)
         before_eval = (step + 1) % cfg.eval_interval == 0 or step + 1 == last_step
-        with fp4.record_stats(fp4_layers if before_eval else {}) as recorded:   # FP4 health, before each eval
+        with fp4_training.record_stats(fp4_layers if before_eval else {}) as recorded:   # FP4 health, before each eval
             loss, grad_norm = train_step(model, optimizer, lambda: get_batch(splits["train"], cfg, rank, world,
                                                                             train_gen, device), cfg, ddp)
         stats = recorded if before_eval else stats
@@ -573,7 +524,7 @@ def main(argv=None):
             what = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step} " \
                    f"(loss {loss.item():.4g}, grad norm {grad_norm.item():.4g})"
             if not cfg.skip_nonfinite:
-                log(nonfinite_report(raw_model, fp4_layers))
+                log(fp4_training.nonfinite_report(raw_model, fp4_layers))
                 sys.exit(f"error: {what}. Stopped without saving: {ckpt_path} holds the last good state. Lower "
                          f"--lr, keep more layers in bf16 (--bf16-first-k/--bf16-last-k), or --skip-nonfinite")
             skipped += 1                                   # the step counts, the update is dropped
@@ -628,19 +579,6 @@ def eval_record(step, cfg, meta, val_loss, window, tokens_per_step, elapsed, ski
                   lr=get_lr(step, cfg), tok_per_s=tok_s, elapsed_s=elapsed, dtype=str(dtype).removeprefix("torch."),
                   skipped_nonfinite=skipped)
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
-
-
-def nonfinite_report(model, fp4_layers):
-    """Which parameters hold non-finite values or gradients, and the FP4 health of each FP4 weight (fraction
-    of blocks with a saturated or underflowed scale): where a NaN came from, in one block of text."""
-    bad = [n for n, p in model.named_parameters()
-           if not p.isfinite().all() or (p.grad is not None and not p.grad.isfinite().all())]
-    lines = [f"non-finite parameters or gradients: {', '.join(bad) or 'none'}"]
-    for n, m in fp4_layers.items():
-        sat, under = fp4.block_health(m.weight.detach(), m.recipe, m.recipe.weight_tile,
-                                        fp4.four_over_six_of(m.recipe, "weights"))
-        lines.append(f"  {n}: weight blocks saturated {sat:.2%}, underflowed {under:.2%}")
-    return "FP4 health at the failure:\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

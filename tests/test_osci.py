@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fp4
+import fp4_training
 
 
 def test_oscillating_weight_is_reset_to_its_grid_value_and_a_moving_one_is_not():
@@ -22,7 +23,7 @@ def test_oscillating_weight_is_reset_to_its_grid_value_and_a_moving_one_is_not()
     with torch.no_grad():
         layer.weight[0, :3] = torch.tensor([6.0, 2.5, 0.9])
     adam_state = {k: v.clone() for k, v in opt.state[layer.weight].items()}
-    osci = fp4.OsciReset({"l": layer}, period=20, window=10, threshold=8.0, start=0)
+    osci = fp4_training.OsciReset({"l": layer}, period=20, window=10, threshold=8.0, start=0)
     osci.after_step(0)                                              # window opens: snapshot
     for step in range(1, 11):
         with torch.no_grad():
@@ -39,13 +40,13 @@ def test_oscillating_weight_is_reset_to_its_grid_value_and_a_moving_one_is_not()
 
 
 def test_oscillation_ratio_is_zero_where_nothing_moved():
-    r = fp4.oscillation_ratio(torch.tensor([0.0, 1.0, 3.0]), torch.tensor([0.0, 1.0, 0.25]))
+    r = fp4_training.oscillation_ratio(torch.tensor([0.0, 1.0, 3.0]), torch.tensor([0.0, 1.0, 0.25]))
     assert r.tolist() == [0.0, 1.0, 12.0]
 
 
 def test_window_must_fit_in_the_period():
     with pytest.raises(ValueError, match="window"):
-        fp4.OsciReset({}, period=10, window=10)
+        fp4_training.OsciReset({}, period=10, window=10)
 
 
 def perturbed(layer, step):
@@ -68,7 +69,7 @@ def test_osci_reset_runs_and_resumes_exactly_for_any_schedule(start, period, win
     resume_at = int(resume * max_iters)
     torch.manual_seed(0)
     layer = fp4.FP4Linear(32, 16, recipe="tetrajet")
-    osci = fp4.OsciReset({"l": layer}, period, window, threshold=2.0, start=start)
+    osci = fp4_training.OsciReset({"l": layer}, period, window, threshold=2.0, start=start)
     if open_at_zero:
         osci.after_step(0)
     saved = None
@@ -78,7 +79,7 @@ def test_osci_reset_runs_and_resumes_exactly_for_any_schedule(start, period, win
         perturbed(layer, step)
         osci.after_step(step)
     resumed = fp4.FP4Linear(32, 16, recipe="tetrajet")
-    osci2 = fp4.OsciReset({"l": resumed}, period, window, threshold=2.0, start=start)
+    osci2 = fp4_training.OsciReset({"l": resumed}, period, window, threshold=2.0, start=start)
     if saved is not None:
         resumed.load_state_dict(saved[0])
         osci2.load_state_dict(saved[1])
@@ -90,7 +91,7 @@ def test_osci_reset_runs_and_resumes_exactly_for_any_schedule(start, period, win
 
 def test_first_window_at_step_zero_closes_and_resets():
     layer = fp4.FP4Linear(32, 16, recipe="tetrajet")
-    osci = fp4.OsciReset({"l": layer}, period=20, window=10, threshold=2.0, start=0)
+    osci = fp4_training.OsciReset({"l": layer}, period=20, window=10, threshold=2.0, start=0)
     osci.after_step(0)
     for step in range(1, 11):
         perturbed(layer, step)
@@ -100,8 +101,8 @@ def test_first_window_at_step_zero_closes_and_resets():
 
 def test_mxfp8_columns_are_never_tracked_or_reset():
     layer = fp4.FP4Linear(64, 16, recipe="tetrajet")
-    layer.outliers, layer.inliers = fp4.select_outlier_channels(torch.arange(64.0), 0.1)   # columns 63..32 MXFP8
-    osci = fp4.OsciReset({"l": layer}, period=20, window=10, threshold=2.0, start=0)
+    layer.outliers, layer.inliers = fp4_training.select_outlier_channels(torch.arange(64.0), 0.1)   # columns 63..32 MXFP8
+    osci = fp4_training.OsciReset({"l": layer}, period=20, window=10, threshold=2.0, start=0)
     osci.after_step(0)
     before = layer.weight.detach().clone()
     for step in range(1, 11):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fp4
+import fp4_training
 
 PLANTED = torch.tensor([3, 17, 40, 41, 90, 127])
 
@@ -17,7 +18,7 @@ def inputs(n=256, k=128, seed=0):
 
 def test_calibration_picks_the_planted_outlier_channels():
     layer = fp4.FP4Linear(128, 64, recipe="tetrajet")
-    oc = fp4.OutControl({"l": layer}, frac=0.1, start=2, window=3)
+    oc = fp4_training.OutControl({"l": layer}, frac=0.1, start=2, window=3)
     for step in range(6):
         oc.before_step(step)
         layer(inputs(seed=step)).sum().backward()
@@ -29,16 +30,16 @@ def test_calibration_picks_the_planted_outlier_channels():
 
 def test_outlier_count_is_rounded_to_32_and_capped_at_half():
     norms = torch.arange(48.0)
-    assert len(fp4.select_outlier_channels(norms, 0.1)[0]) == 24          # 32 would be more than half of 48
-    outliers, inliers = fp4.select_outlier_channels(torch.arange(1024.0), 0.1)
+    assert len(fp4_training.select_outlier_channels(norms, 0.1)[0]) == 24          # 32 would be more than half of 48
+    outliers, inliers = fp4_training.select_outlier_channels(torch.arange(1024.0), 0.1)
     assert outliers.tolist() == list(range(1023, 1023 - 128, -1))         # descending norm, as the official code
     assert inliers.tolist() == list(range(1023 - 128, -1, -1))            # the FP4 channels too
-    assert len(fp4.select_outlier_channels(norms, 0.0)[0]) == 0
+    assert len(fp4_training.select_outlier_channels(norms, 0.0)[0]) == 0
 
 
 def test_calibration_ignores_eval_forwards():
     layer = fp4.FP4Linear(128, 64, recipe="tetrajet")
-    oc = fp4.OutControl({"l": layer}, frac=0.1, start=0, window=2)
+    oc = fp4_training.OutControl({"l": layer}, frac=0.1, start=0, window=2)
     oc.before_step(0)
     layer(inputs(seed=0))
     norm = layer.channel_norm.clone()
@@ -85,7 +86,7 @@ def test_outlier_channels_in_mxfp8_bring_every_gemm_closer_to_high_precision():
 
 def test_outcontrol_state_survives_a_state_dict_round_trip():
     layer = fp4.FP4Linear(128, 64)
-    layer.outliers, layer.inliers = fp4.select_outlier_channels(torch.randn(128, generator=torch.Generator()
+    layer.outliers, layer.inliers = fp4_training.select_outlier_channels(torch.randn(128, generator=torch.Generator()
                                                                            .manual_seed(0)), 0.1)
     layer.channel_norm = torch.arange(128.0)
     fresh = fp4.FP4Linear(128, 64)

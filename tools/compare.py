@@ -126,6 +126,12 @@ def mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def mean_se(xs):
+    """-> (mean, standard error sd/√n) of per-seed values (0 for one seed)."""
+    m, sd = mean_std(xs)
+    return m, sd / math.sqrt(len(xs))
+
+
 def summarize(out, configs, seeds, versus):
     """-> {config: row dict} from the runs' own log.jsonl files."""
     logs = {c: {s: read_log(os.path.join(out, c, f"seed{s}")) for s in seeds} for c in configs}
@@ -138,11 +144,9 @@ def summarize(out, configs, seeds, versus):
         row["dtype"] = logs[c][seeds[0]][-1].get("dtype", "bfloat16")       # what the run's activations were
         if versus in configs and c not in ("baseline", versus):
             closed = [(final[versus][s] - final[c][s]) / (final[versus][s] - final["baseline"][s]) for s in seeds]
-            m, sd = mean_std(closed)
-            row["gap_closed"], row["gap_closed_se"] = m, sd / math.sqrt(len(closed))
+            row["gap_closed"], row["gap_closed_se"] = mean_se(closed)
             diff = [final[c][s] - final[versus][s] for s in seeds]       # paired: same seed, same data order
-            m, sd = mean_std(diff)
-            row["vs_baseline"], row["vs_baseline_se"] = m, sd / math.sqrt(len(diff))
+            row["vs_baseline"], row["vs_baseline_se"] = mean_se(diff)
         speeds = [statistics.median([r["tok_per_s"] for r in logs[c][s][1:]] or [logs[c][s][-1]["tok_per_s"]])
                   for s in seeds]
         row["tok_per_s"] = statistics.fmean(speeds)

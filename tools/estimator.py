@@ -19,7 +19,7 @@ recipe's backward that is dY Ŵ and dYᵀ X̂, the forward's dequantized tensors
 high-precision network's operands (dY W, dYᵀ X), whose difference from (a) is the misalignment. fprop is round
 to nearest: its noise is 0 and its bias is the forward's quantization error.
 The whole model (`model`): the gradient of every parameter, concatenated, for one fixed batch, against the same
-network without FP4 (fp4.high_precision, same weights): rel_error = sqrt(mean_k ‖ĝ_k − g‖²)/‖g‖, split into
+network without FP4 (fp4_training.high_precision, same weights): rel_error = sqrt(mean_k ‖ĝ_k − g‖²)/‖g‖, split into
 deterministic = ‖ḡ − g‖/‖g‖ and noise = sqrt(mean_k ‖ĝ_k − ḡ‖²)/‖g‖; forward_loss_delta is the FP4 forward's
 loss minus the high-precision forward's, same weights, over --loss-batches validation batches.
 
@@ -38,6 +38,7 @@ import torch
 
 import fastpaths
 import fp4
+import fp4_training
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 FIELDS = ("bias", "bias_floor", "noise", "gain", "cosine")
@@ -90,12 +91,12 @@ def flat_grad(model):
 
 
 def model_report(model, layers, batch, val_batches, draws):
-    """Whole-model gradient of `batch` over `draws` FP4 draws against fp4.high_precision's, and the forward loss
+    """Whole-model gradient of `batch` over `draws` FP4 draws against fp4_training.high_precision's, and the forward loss
     delta over `val_batches` -> ({MODEL_FIELDS...}, forward_loss_delta, its standard error over the batches: each
     batch's FP4 loss minus its own high-precision loss, a paired difference). `layers`: the model's FP4Linear."""
     x, y = batch
     model.zero_grad(set_to_none=True)
-    with fp4.high_precision(layers):
+    with fp4_training.high_precision(layers):
         model(x, y)[1].backward()
     g = flat_grad(model)
     grads = []
@@ -114,7 +115,7 @@ def model_report(model, layers, batch, val_batches, draws):
              "cosine": (G @ g / (G.norm(dim=1) * norm)).mean().item()}
     with torch.no_grad():
         fp4_loss = [model(*b)[1].item() for b in val_batches]
-        with fp4.high_precision(layers):
+        with fp4_training.high_precision(layers):
             deltas = [a - model(*b)[1].item() for a, b in zip(fp4_loss, val_batches)]
     mean = sum(deltas) / len(deltas)
     se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1) / len(deltas)) if len(deltas) > 1 else 0.0

@@ -14,6 +14,8 @@ saves them.
 """
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -26,21 +28,19 @@ if __package__ in (None, ""):                   # run as a script (python tools/
 import torch
 import torch.nn.functional as F
 
+import sample
 import train
 from data.prepare import dataset_dir, load_dataset
 
 
 def trained_model(path):
-    """-> (TrainConfig, the checkpoint's model as it trained: FP4 recipe and layer state included, val split)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in train.PER_INVOCATION})
-    dtype, _ = train.activation_dtype(cfg.dtype, "cpu")
-    model = train.build_model(cfg, ckpt["dataset_meta"]["vocab_size"], dtype)
-    if cfg.fp4:
-        train.setup_fp4(cfg, model, "cpu", 0, lambda line: None)
-    model.load_state_dict(ckpt["model"])
+    """ckpt.pt (or its run directory) -> (TrainConfig, the model as it trained: its dtype, FP4 recipe and layer
+    state, as sample.py rebuilds it; the val split)."""
+    out_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    with contextlib.redirect_stderr(io.StringIO()):                 # sample.py's start-up lines are for sampling
+        model, _, cfg, _, _, _ = sample.load_model(out_dir, "cpu")
     _, splits = load_dataset(dataset_dir(cfg.dataset), cfg.block_size)
-    return cfg, model.eval(), splits["val"]
+    return cfg, model, splits["val"]
 
 
 @torch.no_grad()
@@ -57,13 +57,15 @@ def window_losses(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="ckpt.pt files of runs with the same eval flags")
+    p.add_argument("checkpoints", nargs="+", help="ckpt.pt files (or run dirs) of runs with the same eval flags")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
     per, sets = {}, {}
     for path in args.checkpoints:
         if not os.path.exists(path):
             sys.exit(f"error: no checkpoint at {path} (a run's out dir holds ckpt.pt until it is deleted)")
+        if not os.path.isdir(path) and os.path.basename(path) != "ckpt.pt":
+            sys.exit(f"error: {path}: pass a run's ckpt.pt or its out dir (train.py names the checkpoint ckpt.pt)")
         cfg, per[path] = window_losses(path)
         sets[path] = (cfg.dataset, cfg.eval_set, cfg.eval_iters, cfg.batch_size, cfg.block_size,
                       cfg.seed if cfg.eval_set == "seeded" else None)

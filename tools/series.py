@@ -14,7 +14,6 @@ init and data order, a longer schedule.
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -36,12 +35,6 @@ def run_params(run_dir):
     fields = dict(kv.split("=") for kv in found[-1].split(", "))
     with torch.device("meta"):
         return GPT(GPTConfig(**{k: (float if "." in v else int)(v) for k, v in fields.items()})).num_params()
-
-
-def paired(xs):
-    """-> (mean, standard error) of per-seed values."""
-    m, sd = compare.mean_std(xs)
-    return m, sd / math.sqrt(len(xs))
 
 
 def series(args, configs):
@@ -74,12 +67,12 @@ def series(args, configs):
         for c in configs:
             row = {"final": f[c], "mean_std": compare.mean_std(f[c])}
             if c != "baseline":
-                row["gap"] = paired([a - b for a, b in zip(f[c], f["baseline"])])
+                row["gap"] = compare.mean_se([a - b for a, b in zip(f[c], f["baseline"])])
             if args.versus in configs and c not in ("baseline", args.versus):
-                row["vs"] = paired([a - b for a, b in zip(f[c], f[args.versus])])
+                row["vs"] = compare.mean_se([a - b for a, b in zip(f[c], f[args.versus])])
             table[d][c] = row
     lo, hi = args.sweeps[0], args.sweeps[-1]
-    move = {c: paired([(h - hb) - (l - lb) for h, hb, l, lb in zip(finals[hi][c], finals[hi]["baseline"],
+    move = {c: compare.mean_se([(h - hb) - (l - lb) for h, hb, l, lb in zip(finals[hi][c], finals[hi]["baseline"],
                                                                  finals[lo][c], finals[lo]["baseline"])])
             for c in configs if c != "baseline"}
     heads = " | ".join(f"{b['tpp']:.1f} tok/param ({b['tokens'] / 1e6:.2f}M)" for b in budgets)
@@ -89,7 +82,7 @@ def series(args, configs):
              f"Sweeps: {', '.join(f'`{d}`' for d in args.sweeps)}; parameters {budgets[0]['params']:,} (embeddings "
              f"included). Every difference is paired per seed (same init and data order), mean ± standard error. "
              f"Moved: the gap at the largest budget minus the gap at the smallest, per seed.", "",
-             f"Final val_loss (mean ± std):", "", f"| config | {heads} |", "|---" * (len(budgets) + 1) + "|"]
+             "Final val_loss (mean ± std):", "", f"| config | {heads} |", "|---" * (len(budgets) + 1) + "|"]
     lines += [f"| {c} | " + " | ".join(f"{table[d][c]['mean_std'][0]:.4f} ± {table[d][c]['mean_std'][1]:.4f}"
                                          for d in args.sweeps) + " |" for c in configs]
     lines += ["", "L - L_baseline (paired):", "", f"| config | {heads} | moved |", "|---" * (len(budgets) + 2) + "|"]

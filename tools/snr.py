@@ -31,6 +31,7 @@ if __package__ in (None, ""):                   # run as a script (python tools/
 import torch
 
 import fp4
+import fp4_training
 
 OUTLIER_P, OUTLIER_STD = 0.005, 100.0
 HEADERS = ("O (dB)", "dX (dB)", "dW (dB)")
@@ -179,7 +180,7 @@ def main(argv=None):
             x, w, dy = (make_tensor(s, dist, gen) for s in ((args.m, k), (args.n, k), (args.m, args.n)))
             rows = []
             for label, (recipe, oc) in chosen.items():
-                outliers = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
+                outliers = fp4_training.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
                 rows.append(measure(recipe, x, w, dy, args.seeds, outliers))
                 results[(dist, k, label)] = rows[-1]
             print_table(f"{dist}, M={args.m} N={args.n} K={k}, {args.seeds} seeds", rows, list(chosen))
@@ -187,7 +188,7 @@ def main(argv=None):
         for name, (x, w, dy) in capture_from_checkpoint(args.checkpoint).items():
             rows = []
             for label, (recipe, oc) in chosen.items():
-                outliers = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
+                outliers = fp4_training.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
                 rows.append(measure(recipe, x.float(), w.float(), dy.float(), args.seeds, outliers))
                 results[("checkpoint", name, label)] = rows[-1]
             print_table(f"{name}: X {tuple(x.shape)}, W {tuple(w.shape)}", rows, list(chosen))
