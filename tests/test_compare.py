@@ -43,9 +43,10 @@ def test_table_matches_the_runs_logs_and_a_cut_off_sweep_resumes(tmp_path, datas
     assert rows["baseline"]["dtype"] == ran_in
     assert f"| baseline ({compare.DTYPE_NAMES[ran_in]}) |" in open(tmp_path / "results.md").read()
     bf16, tj, fast = (final_losses(tmp_path, c) for c in ("baseline", "tetrajet", "fast"))
-    per_seed = [(tj[i] - fast[i]) / (tj[i] - bf16[i]) for i in range(2)]
-    assert rows["fast"]["gap_closed"] == pytest.approx(statistics.fmean(per_seed))
-    assert rows["fast"]["vs_baseline"] == pytest.approx(statistics.fmean([fast[i] - tj[i] for i in range(2)]))
+    mean = statistics.fmean
+    assert rows["fast"]["gap_closed"] == pytest.approx((mean(tj) - mean(fast)) / (mean(tj) - mean(bf16)))
+    assert rows["fast"]["minus_versus"] == pytest.approx(mean([fast[i] - tj[i] for i in range(2)]))
+    assert rows["fast"]["gap"] == pytest.approx(mean([fast[i] - bf16[i] for i in range(2)]))
     assert rows["tetrajet"]["oscillating"] is not None and rows["baseline"]["oscillating"] is None
     assert f"{rows['fast']['mean']:.4f} ± {rows['fast']['std']:.4f}" in open(tmp_path / "results.md").read()
 
@@ -108,4 +109,15 @@ def test_report_only_rebuilds_the_committed_sweep_table_from_its_logs_alone(tmp_
     os.remove(out / "quartet2" / "seed1338" / "done.json")
     with pytest.raises(SystemExit, match="--report-only needs every run finished; 1 of 24"):
         compare.main(["--out", str(out), "--configs", *configs, "--report-only", "--no-plot"])
+
+
+def test_gap_closed_is_the_ratio_of_means_with_a_leave_one_seed_out_error():
+    # three seeds; B trails the baseline by 0.04, 0.00 and 0.08, M by 0.02, 0.01 and 0.03: a per-seed ratio would
+    # divide by zero on the second seed, the ratio of means is 1 - 0.02 / 0.04 = 0.5
+    base, b, m = [1.0, 2.0, 3.0], [1.04, 2.00, 3.08], [1.02, 2.01, 3.03]
+    r, se = compare.gap_closed(m, b, base)
+    assert r == pytest.approx(0.5)
+    loo = [1 - 0.02 / 0.04, 1 - 0.025 / 0.06, 1 - 0.015 / 0.02]       # seeds (2, 3), (1, 3), (1, 2) kept
+    assert se == pytest.approx((2 / 3 * sum((x - statistics.fmean(loo)) ** 2 for x in loo)) ** 0.5)
+    assert compare.gap_closed([1.5], [2.0], [1.0]) == (0.5, 0.0)
 

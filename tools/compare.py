@@ -14,11 +14,13 @@ are skipped, an interrupted run continues from its checkpoint (train.py --resume
 commits: log.jsonl, done.json, train.log, never checkpoints), on any machine.
 
 The baseline config runs without FP4 in train.py's default dtype and is named for it in the table ("baseline
-(fp32)" on a CPU without native bf16). The table: final val loss mean ± std over seeds; its gap to the
-baseline; the gap closed versus a recipe B (--versus, default nvidia), (L_B - L_M) / (L_B - L_baseline), computed per seed (same seed = same init and data order)
-and reported as mean ± standard error; tok/s (median over evals after the first, which holds compile time);
-the oscillation ratio at the last eval (FP4 runs); and L - L_B, the paired loss difference per seed (mean ±
-s.e.), which stays meaningful when B is barely worse than the baseline and the gap-closed ratio blows up.
+(fp32)" on a CPU without native bf16). The table: final val loss mean ± std over seeds; L - L_baseline and
+L - L_B against a recipe B (--versus, default nvidia), each paired per seed (same seed = same init and data
+order) and given as mean ± standard error; the gap closed versus B, 1 - gap_M / gap_B = (L̄_B - L̄_M) / (L̄_B -
+L̄_baseline) of the means over seeds, ± its jackknife (leave-one-seed-out) standard error; tok/s (median over
+evals after the first, which holds compile time); the oscillation ratio at the last eval (FP4 runs). The gap
+closed is a ratio of means, not a mean of per-seed ratios: a seed where B barely trails the baseline would
+put a near-zero denominator into the latter (it did in docs/runs/l2-1400, seed 1337).
 """
 
 import argparse
@@ -132,6 +134,20 @@ def mean_se(xs):
     return m, sd / math.sqrt(len(xs))
 
 
+def gap_closed(m, b, base):
+    """Per-seed finals of a config M, of B and of the baseline (same seeds, same order) -> (1 - gap_M / gap_B of
+    the means, its jackknife s.e.): r = (L̄_B - L̄_M) / (L̄_B - L̄_base); each r_i leaves seed i out, and
+    s.e. = sqrt((n-1)/n · Σ (r_i - r̄)²) (0 for one seed)."""
+    def ratio(keep):
+        lb = statistics.fmean(b[i] for i in keep)
+        return (lb - statistics.fmean(m[i] for i in keep)) / (lb - statistics.fmean(base[i] for i in keep))
+    n = len(m)
+    if n < 2:
+        return ratio(range(n)), 0.0
+    loo = [ratio([j for j in range(n) if j != i]) for i in range(n)]
+    return ratio(range(n)), math.sqrt((n - 1) / n * sum((r - statistics.fmean(loo)) ** 2 for r in loo))
+
+
 def summarize(out, configs, seeds, versus):
     """-> {config: row dict} from the runs' own log.jsonl files."""
     logs = {c: {s: read_log(os.path.join(out, c, f"seed{s}")) for s in seeds} for c in configs}
@@ -140,13 +156,13 @@ def summarize(out, configs, seeds, versus):
     for c in configs:
         row = {"flags": configs[c], "final": [final[c][s] for s in seeds]}
         row["mean"], row["std"] = mean_std(row["final"])
-        row["gap"] = row["mean"] - statistics.fmean(final["baseline"].values())
+        row["gap"], row["gap_se"] = mean_se([final[c][s] - final["baseline"][s] for s in seeds])   # paired
         row["dtype"] = logs[c][seeds[0]][-1].get("dtype", "bfloat16")       # what the run's activations were
         if versus in configs and c not in ("baseline", versus):
-            closed = [(final[versus][s] - final[c][s]) / (final[versus][s] - final["baseline"][s]) for s in seeds]
-            row["gap_closed"], row["gap_closed_se"] = mean_se(closed)
+            row["gap_closed"], row["gap_closed_se"] = gap_closed(*([final[k][s] for s in seeds]
+                                                                   for k in (c, versus, "baseline")))
             diff = [final[c][s] - final[versus][s] for s in seeds]       # paired: same seed, same data order
-            row["vs_baseline"], row["vs_baseline_se"] = mean_se(diff)
+            row["minus_versus"], row["minus_versus_se"] = mean_se(diff)
         speeds = [statistics.median([r["tok_per_s"] for r in logs[c][s][1:]] or [logs[c][s][-1]["tok_per_s"]])
                   for s in seeds]
         row["tok_per_s"] = statistics.fmean(speeds)
@@ -167,27 +183,23 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 def write_table(out, rows, seeds, versus, common):
     ref = label("baseline", rows["baseline"])
     lines = [f"# FP4 vs {ref}: {len(rows)} configurations x {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
-             f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`. Gap closed vs `{versus}`: "
-             f"(L_{versus} - L) / (L_{versus} - L_baseline) per seed, mean ± standard error; "
-             f"L - L_{versus}: the paired loss difference per seed, mean ± standard error.", "",
-             f"| config | flags | final val_loss (mean ± std) | gap to {ref} | gap closed vs {versus} | "
-             f"L - L_{versus} | tok/s | oscillating |",
+             f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`. L - L_baseline, L - L_{versus}: the "
+             f"loss differences paired per seed, mean ± standard error. Gap closed vs `{versus}`: (L̄_{versus} - L̄) / "
+             f"(L̄_{versus} - L̄_baseline) of the means over seeds, ± its jackknife standard error.", "",
+             f"| config | flags | final val_loss (mean ± std) | L - L_baseline | L - L_{versus} | "
+             f"gap closed vs {versus} | tok/s | oscillating |",
              "|---|---|---|---|---|---|---|---|"]
     for c, r in rows.items():
-        closed = f"{r['gap_closed']:+.1%} ± {r['gap_closed_se']:.1%}" if "gap_closed" in r else ""
+        closed = f"{r['gap_closed']:+.0%} ± {r['gap_closed_se']:.0%}" if "gap_closed" in r else ""
         osc = f"{r['oscillating']:.2%}" if r["oscillating"] is not None else ""
-        gap = f"{r['gap']:+.4f}" if c != "baseline" else ""
-        diff = f"{r['vs_baseline']:+.4f} ± {r['vs_baseline_se']:.4f}" if "vs_baseline" in r else ""
-        lines.append(f"| {label(c, r)} | `{r['flags']}` | {r['mean']:.4f} ± {r['std']:.4f} | {gap} | {closed} | {diff} | "
+        gap = f"{r['gap']:+.4f} ± {r['gap_se']:.4f}" if c != "baseline" else ""
+        diff = f"{r['minus_versus']:+.4f} ± {r['minus_versus_se']:.4f}" if "minus_versus" in r else ""
+        lines.append(f"| {label(c, r)} | `{r['flags']}` | {r['mean']:.4f} ± {r['std']:.4f} | {gap} | {diff} | {closed} | "
                      f"{r['tok_per_s']:,.0f} | {osc} |")
-    small = []                    # seeds where B barely trails the baseline (or beats it)
-    if versus in rows and versus != "baseline":
-        small = [s for s, b, f in zip(seeds, rows[versus]["final"], rows["baseline"]["final"])
-                 if b - f <= 0.25 * max(rows[versus]["gap"], 0.0)]
-    if small:                     # a ratio over a near-zero denominator: say so instead of printing noise as signal
-        lines += ["", f"Careful: on seed(s) {', '.join(map(str, small))} the {versus} run is within a quarter of its "
-                  f"mean gap of {ref} (or below it), so per-seed gap closed divides by ~0 there and is not meaningful; "
-                  f"read L - L_{versus} instead."]
+    b = rows.get(versus)
+    if b is not None and versus != "baseline" and b["gap"] < 2 * b["gap_se"]:   # the ratio's denominator is noise
+        lines += ["", f"Careful: {versus}'s own gap to {ref} ({b['gap']:+.4f} ± {b['gap_se']:.4f}) is under two "
+                  f"standard errors, so the gap closed divides by noise; read L - L_{versus} instead."]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "results.json"), "w") as f:
