@@ -33,7 +33,6 @@ that read an FP4 layer, then the three reports).
 
 import contextlib
 import math
-from contextlib import nullcontext
 
 import torch
 
@@ -231,7 +230,8 @@ def fp4_probe(model, layers, batch, ddp=False):
         for shadow in (False, True):
             for p in params:
                 p.grad = None
-            with high_precision(layers) if shadow else nullcontext(), model.no_sync() if ddp else nullcontext():
+            no_sync = model.no_sync() if ddp else contextlib.nullcontext()
+            with high_precision(layers) if shadow else contextlib.nullcontext(), no_sync:
                 model(*batch)[1].backward()
             grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
                                     for p in params]))

@@ -47,7 +47,7 @@ def series(args, configs):
         if missing:
             sys.exit(f"error: the series needs every run of every sweep finished; {len(missing)} are not (first: "
                      f"{missing[0]}); finish them with the sweep's own command first")
-    budgets, finals = [], {}
+    budgets, finals, table = [], {}, {}
     for d in args.sweeps:
         first = os.path.join(d, "baseline", f"seed{args.seeds[0]}")
         tokens, params = compare.read_log(first)[-1]["tokens"], run_params(first)
@@ -61,16 +61,13 @@ def series(args, configs):
             if logs[c][args.seeds[0]][-1]["tokens"] != tokens:
                 sys.exit(f"error: {d}/{c} trained on a different number of tokens than {d}/baseline; a budget's "
                          f"configs must share one token count")
-    table = {}
-    for d in args.sweeps:
-        f, table[d] = finals[d], {}
-        for c in configs:
-            row = {"final": f[c], "mean_std": compare.mean_std(f[c])}
+        table[d] = {}                                    # compare.summarize's paired gaps, as (mean, s.e.) pairs
+        for c, r in rows.items():
+            table[d][c] = {"final": r["final"], "mean_std": (r["mean"], r["std"])}
             if c != "baseline":
-                row["gap"] = compare.mean_se([a - b for a, b in zip(f[c], f["baseline"])])
-            if args.versus in configs and c not in ("baseline", args.versus):
-                row["vs"] = compare.mean_se([a - b for a, b in zip(f[c], f[args.versus])])
-            table[d][c] = row
+                table[d][c]["gap"] = (r["gap"], r["gap_se"])
+            if "minus_versus" in r:
+                table[d][c]["vs"] = (r["minus_versus"], r["minus_versus_se"])
     lo, hi = args.sweeps[0], args.sweeps[-1]
     move = {c: compare.mean_se([(h - hb) - (l - lb) for h, hb, l, lb in zip(finals[hi][c], finals[hi]["baseline"],
                                                                  finals[lo][c], finals[lo]["baseline"])])
