@@ -117,15 +117,23 @@ class OsciReset:
 # -----------------------------------------------------------------------------
 # OutControl (TetraJet-v2 §4, §8): a static set of outlier input channels kept in MXFP8
 
-def select_outlier_channels(channel_norm, frac):
+def select_outlier_channels(channel_norm, frac, generator=None):
     """(in,) accumulated input-channel L2 norms -> (outliers, inliers), LongTensors of channel indices: the top
     `frac` channels, the count rounded up to a multiple of 32 (one MXFP8 block) and capped at half the
     channels, and the rest. Both lists are in descending-norm order, as in the official release (one
     argsort, descending, split in two): the FP4 columns are then gathered so that channels of similar norm
-    share a 16-block scale, which a sorted-by-index list would not do."""
+    share a 16-block scale, which a sorted-by-index list would not do.
+    With a `generator` the outliers are as many channels drawn uniformly at random instead (a control, not the
+    method: it keeps the share of MXFP8 channels and the norm-sorted FP4 columns, and drops only the choice by
+    norm); both lists are still in descending-norm order."""
     count = min(math.ceil(frac * channel_norm.numel() / fp4.MX_BLOCK) * fp4.MX_BLOCK, channel_norm.numel() // 2)
     order = channel_norm.argsort(descending=True, stable=True)
-    return order[:count], order[count:]
+    if generator is None:
+        return order[:count], order[count:]
+    picked = torch.zeros(channel_norm.numel(), dtype=torch.bool)
+    picked[torch.randperm(channel_norm.numel(), generator=generator)[:count]] = True
+    picked = picked.to(order.device)[order]                  # in descending-norm order
+    return order[picked], order[~picked]
 
 
 class OutControl:
@@ -134,10 +142,14 @@ class OutControl:
     fixed for the rest of training and kept in MXFP8 in fprop and wgrad (§8). Activation outliers sit in
     a few channels that stay the same through training (TetraJet-v2 §4), so a short calibration suffices.
     Call before_step(step) before each optimizer step and after_step(steps_done, reduce) after it; `reduce`
-    sums a tensor across processes in place (DDP), so every process picks the same channels."""
+    sums a tensor across processes in place (DDP), so every process picks the same channels.
+    choice="random" keeps as many channels, drawn at random from `seed` (the same on every process and after a
+    resume), in MXFP8 instead of the top ones: the control that tells the choice by norm from the share."""
 
-    def __init__(self, layers, frac=0.1, start=500, window=50):
-        self.layers, self.frac, self.start, self.window = layers, frac, start, window
+    def __init__(self, layers, frac=0.1, start=500, window=50, choice="norm", seed=0):
+        if choice not in ("norm", "random"):
+            raise ValueError(f"OutControl choice must be 'norm' or 'random', not {choice!r}")
+        self.layers, self.frac, self.start, self.window, self.choice, self.seed = layers, frac, start, window, choice, seed
 
     def before_step(self, step):
         for layer in self.layers.values():
@@ -146,11 +158,12 @@ class OutControl:
     def after_step(self, step, reduce=None):
         if step != self.start + self.window:
             return
+        gen = torch.Generator().manual_seed(self.seed) if self.choice == "random" else None   # layer by layer, in order
         for layer in self.layers.values():
             if layer.channel_norm is not None:
                 if reduce is not None:
                     reduce(layer.channel_norm)
-                layer.outliers, layer.inliers = select_outlier_channels(layer.channel_norm, self.frac)
+                layer.outliers, layer.inliers = select_outlier_channels(layer.channel_norm, self.frac, gen)
                 layer.channel_norm = None
             layer.calibrating = False
 

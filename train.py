@@ -76,6 +76,7 @@ class TrainConfig:
     out_control_frac: float = 0.1  # fraction of input channels kept in MXFP8 (rounded up to 32, at most half)
     out_control_step: float = 0.1  # calibration starts at this step, or this fraction (< 1) of max_iters
     out_control_window: int = 50  # calibration steps (input-channel norms summed over them)
+    out_control_choice: str = "norm"  # which channels: norm (the top by L2 norm, the method) or random (as many at random: a control)
     fp4_probe: bool = False       # at every eval: cosine and relative error of the FP4 gradient vs the high-precision one, same batch
     # optimizer (AdamW on fp32 master weights)
     lr: float = 3e-3              # peak learning rate
@@ -104,7 +105,7 @@ class TrainConfig:
 
 
 PER_INVOCATION = ("resume", "stop_iter")      # flags that a resumed run does not inherit from the checkpoint
-CHOICES = {"eval_set": ["seeded", "fixed"], "model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fastpaths.PATHS], "lr_schedule": ["cosine", "wsd"],
+CHOICES = {"eval_set": ["seeded", "fixed"], "model": list(PRESETS), "fp4_recipe": list(fp4.RECIPES), "fp4_path": ["auto", *fastpaths.PATHS], "lr_schedule": ["cosine", "wsd"], "out_control_choice": ["norm", "random"],
            "device": ["auto", "cuda", "mps", "cpu"], "dtype": ["auto", "bfloat16", "float32"]}
 # The recipe flags: each value -> the fp4.Recipe field it sets ("" = keep the preset's)
 RECIPE_FLAGS = {
@@ -158,6 +159,8 @@ def check(cfg, given):
                              for k in given),          # (--fp4-path only picks an implementation: harmless)
          "--fp4-recipe/--bf16-*-k/--osci-*/--out-control* need --fp4 (without it the whole model is bf16)"),
         (not 0 <= cfg.out_control_frac <= 0.5, "--out-control-frac must be between 0 and 0.5"),
+        (cfg.fp4 and not cfg.out_control and any(k.startswith("out_control_") for k in given),
+         "--out-control-frac/-step/-window/-choice have no effect without --out-control: add it or drop them"),
         (cfg.osci_reset and not cfg.fp4, "--osci-reset needs --fp4"),
         (min(cfg.batch_size, cfg.block_size, cfg.grad_accum, cfg.max_iters, cfg.eval_interval, cfg.eval_iters,
              cfg.log_interval) < 1, "sizes, intervals and --max-iters must be >= 1"),
@@ -339,9 +342,11 @@ def setup_fp4(cfg, model, device, rank, log):
         f"threshold {cfg.osci_threshold}, {'resetting' if cfg.osci_reset else 'measuring only'}")
     outctl = None
     if cfg.out_control:
-        outctl = fp4_training.OutControl(layers, cfg.out_control_frac, cfg.out_control_step, cfg.out_control_window)
+        outctl = fp4_training.OutControl(layers, cfg.out_control_frac, cfg.out_control_step, cfg.out_control_window,
+                                         cfg.out_control_choice, cfg.seed)
+        which = "the top" if cfg.out_control_choice == "norm" else "a random (control)"
         log(f"out-control: calibrating steps {cfg.out_control_step}-{cfg.out_control_step + cfg.out_control_window - 1}"
-            f", then {cfg.out_control_frac:.0%} of input channels (rounded up to 32) in MXFP8")
+            f", then {which} {cfg.out_control_frac:.0%} of input channels (rounded up to 32) in MXFP8")
     return recipe, layers, osci, outctl
 
 

@@ -37,6 +37,30 @@ def test_outlier_count_is_rounded_to_32_and_capped_at_half():
     assert len(fp4_training.select_outlier_channels(norms, 0.0)[0]) == 0
 
 
+def test_random_choice_keeps_the_count_and_the_norm_order_and_draws_from_the_seed():
+    # the control for OutControl: as many MXFP8 channels as the method, drawn at random, both lists norm-sorted
+    norms = torch.rand(256, generator=torch.Generator().manual_seed(3))
+    top, _ = fp4_training.select_outlier_channels(norms, 0.1)
+    out, inl = fp4_training.select_outlier_channels(norms, 0.1, torch.Generator().manual_seed(5))
+    assert len(out) == len(top) == 32 and sorted(out.tolist() + inl.tolist()) == list(range(256))
+    assert (norms[out].diff() <= 0).all() and (norms[inl].diff() <= 0).all()
+    assert len(set(out.tolist()) & set(top.tolist())) < 16                 # ~4 of 32 expected by chance
+    again, _ = fp4_training.select_outlier_channels(norms, 0.1, torch.Generator().manual_seed(5))
+    assert torch.equal(again, out)
+
+
+def test_random_choice_does_not_follow_the_planted_outliers():
+    layers = {n: fp4.FP4Linear(128, 64, recipe="tetrajet") for n in "ab"}
+    oc = fp4_training.OutControl(layers, frac=0.1, start=0, window=1, choice="random", seed=7)
+    oc.before_step(0)
+    for layer in layers.values():
+        layer(inputs()).sum().backward()
+    oc.after_step(1)
+    a, b = (set(layers[n].outliers.tolist()) for n in "ab")
+    assert len(a) == len(b) == 32 and a != b                               # one draw per layer, in order
+    assert not set(PLANTED.tolist()) <= a
+
+
 def test_calibration_ignores_eval_forwards():
     layer = fp4.FP4Linear(128, 64, recipe="tetrajet")
     oc = fp4_training.OutControl({"l": layer}, frac=0.1, start=0, window=2)

@@ -30,7 +30,9 @@ def run(dataset, out, *flags):
     (["--fp4", "--fp4-recipe", "mxfp4", "--fp4-outer", "128"], "mxfp4 has no outer scale"),
     (["--fp4", "--fp4-rht", "none", "--fp4-rht-signs", "random"], "has no RHT"),
     (["--fp4", "--fp4-aligned", "yes"], "invalid choice"), (["--fp4-rht", "both"], "need --fp4"),
-    (["--fp4", "--fp4-path", "triton", "--device", "cpu"], "FP4 path triton is not available")])
+    (["--fp4", "--fp4-path", "triton", "--device", "cpu"], "FP4 path triton is not available"),
+    (["--fp4", "--out-control-choice", "random"], "no effect without --out-control"),
+    (["--fp4", "--out-control", "--out-control-choice", "top"], "invalid choice")])
 def test_bad_or_contradictory_flags_exit_with_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)

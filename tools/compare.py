@@ -54,6 +54,9 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     "tetrajet+osci": "--fp4 --fp4-recipe tetrajet --osci-reset",
     "tetrajet+oc": "--fp4 --fp4-recipe tetrajet --out-control",
     "tetrajet+all": "--fp4 --fp4-recipe tetrajet --osci-reset --out-control",
+    # OutControl's control: as many input channels in MXFP8, drawn at random instead of the top by norm (on a
+    # narrow model the 32-channel rounding puts 25% of them there: is the gain the share or the choice?)
+    "tetrajet+oc-random": "--fp4 --fp4-recipe tetrajet --out-control --out-control-choice random",
     # the two ablations the gradient report (docs/estimator.md) makes most telling: TetraJet-v2 with its second
     # backward operand (W^ in dgrad, X^ in wgrad) rounded to nearest, ~15% less gradient noise at a bias still at
     # the floor; and 4/6 on 1x16 weight tiles, where it lowers the forward loss (on NVIDIA's 16x16 tiles it raises it)
