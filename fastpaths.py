@@ -18,7 +18,7 @@ select(requested, device, recipe) decides once, at start-up: "auto" takes triton
 compiled, else the reference, each only after a probe shows it runs here and gives the reference's bits on a
 small tensor; its line names the path and every faster one it passed over with the reason. A path asked for by
 name that cannot run is an error, never a silent substitution. OutControl's MXFP8 channels (10% of the
-columns) always run the reference.
+columns, rounded up to whole 32-channel blocks) always run the reference.
 
 Imports: this module imports fp4; kernels.py (triton) and cpu_kernels/ are imported only when chosen. fp4.py
 imports none of them.
@@ -81,10 +81,11 @@ class FastPath:
     """What every fast implementation shares: fp4.py's padding and seed draw before its kernel, the crop after
     (fp4.pad_operand / crop_result, fp4.pad_codes_operand / codes_result),
     so a kernel sees exactly the padded (Mp, Kp) operand and the int64 (2,) seed the reference rounds with.
-    Each subclass supplies _fake_quant_2d (-> (Mp, Kp) in `dtype`) and _quantize_nvfp4_2d (-> packed codes,
+    Each subclass supplies _fake_quant_2d (-> (Mp, Kp) in `dtype` or fp32; fake_quant casts) and _quantize_nvfp4_2d (-> packed codes,
     E4M3 scale bytes, outer scale); both take four_over_six (None, "mae", "mse"; §10), rounding "eden" (MS-EDEN,
     §11) and 16 or 128 RHT signs, already checked here; what a kernel module lacks (its SUPPORTS) is refused by
-    name with a ValueError (_refuse_missing)."""
+    name with a ValueError (_refuse_missing: today both kernel modules have every feature, so it guards a
+    kernel module that lags the reference)."""
     name = None
 
     def fake_quant(self, x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None,
@@ -116,10 +117,6 @@ class FastPath:
                              f"use --fp4-path compiled or reference")
 
 
-def _signs_matrix(rht_signs, device):
-    return fp4.rht_operator(rht_signs, device)
-
-
 class Compiled(FastPath):
     """fp4.py's quantizer bodies (fp4._fake_quant_2d, and _quantize_nvfp4_2d above) through torch.compile."""
     name = "compiled"
@@ -128,10 +125,10 @@ class Compiled(FastPath):
         # (the cast to dtype stays outside the compiled graph: with a bf16 output inductor's CPU code for SR
         # recomputes each block's scale per element, 6x slower than the fp32 kernel plus eager's .to(); docs/LOG.md)
         return _compile(fp4._fake_quant_2d)(x2, recipe.fmt, recipe.outer, tile, rounding, seed,
-                                            _signs_matrix(rht_signs, x2.device), four_over_six)
+                                            fp4.rht_operator(rht_signs, x2.device), four_over_six)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
-        return _compile(_quantize_nvfp4_2d)(x2, outer, tile, rounding, seed, _signs_matrix(rht_signs, x2.device),
+        return _compile(_quantize_nvfp4_2d)(x2, outer, tile, rounding, seed, fp4.rht_operator(rht_signs, x2.device),
                                             four_over_six)
 
 # -----------------------------------------------------------------------------
@@ -140,7 +137,8 @@ class Compiled(FastPath):
 
 class CPU(FastPath):
     """cpu_kernels/'s C quantizers: NVFP4 (per-tensor and double-block, 1x16 and 16x16 tiles) and MXFP4 fake
-    quantization, NVFP4 codes; RTN and SR, with RHT; they write bf16 themselves (the same rounding as .to())."""
+    quantization with Four Over Six, NVFP4 codes; RTN, SR and MS-EDEN, with RHT-16 or RHT-128; they write bf16
+    themselves (the same rounding as .to())."""
     name = "cpu"
 
     def __init__(self):
@@ -149,13 +147,13 @@ class CPU(FastPath):
 
     def _fake_quant_2d(self, x2, recipe, tile, rounding, seed, rht_signs, dtype, four_over_six=None):
         self._refuse_missing(four_over_six, "cpu_kernels/", rounding, rht_signs)
-        return self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, _signs_matrix(rht_signs, x2.device),
+        return self.kernels.fake_quant(x2, recipe.fmt, recipe.outer, tile, seed, fp4.rht_operator(rht_signs, x2.device),
                                        dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32,
                                        eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
     def _quantize_nvfp4_2d(self, x2, outer, tile, rounding, seed, rht_signs, four_over_six=None):
         self._refuse_missing(four_over_six, "cpu_kernels/", rounding, rht_signs)
-        return self.kernels.quantize_nvfp4(x2, outer, tile, seed, _signs_matrix(rht_signs, x2.device),
+        return self.kernels.quantize_nvfp4(x2, outer, tile, seed, fp4.rht_operator(rht_signs, x2.device),
                                            eden=rounding == fp4.EDEN, four_over_six=four_over_six)
 
 # -----------------------------------------------------------------------------
@@ -235,7 +233,8 @@ def select(requested, device, recipe):
 def probe(path, device, recipe):
     """-> None if `path` runs this recipe on this device and gives the reference's bits on a small tensor
     (RTN, and SR with RHT and a bf16 output, and for a recipe with Four Over Six a 4/6 quantization with its
-    error and W's tile), else why not (one phrase)."""
+    error and W's tile, and for one with MS-EDEN or RHT-128 that rounding after a 128-point RHT), else why not
+    (one phrase)."""
     if path == "cpu" and device.type != "cpu":
         return f"its kernels run on the CPU (this run uses {device.type})"
     if path == "triton" and device.type != "cuda":

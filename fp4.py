@@ -49,6 +49,9 @@ operands feed a real FP4 GEMM (kernels.fp4_gemm on Blackwell GPUs: see _fprop an
   - tetrajet: double-block scale; the backward reuses the *dequantized forward* X̂, Ŵ ("aligned" operands),
               so the expected gradients are exactly those of the network that ran; SR on every backward
               operand; fresh random RHT on both backward GEMMs (TetraJet-v2 §3).
+  - quartet2: per-tensor scale with Four Over Six (MSE) blocks in the forward; the backward starts from X̂, Ŵ
+              and rounds every operand with MS-EDEN (unbiased, low noise) after a fresh 128-point RHT
+              (Quartet II, §10-§11).
   - mxfp4:    the OCP MX baseline, SR on dY.
 
 The RHT (§5) multiplies every 16-chunk along K of both operands by the same orthogonal H, so
@@ -1019,7 +1022,7 @@ SATURATION_LIMIT = 7.0   # a scaled |x| above 7 loses more to the clamp at 6 tha
 
 
 def block_health(x, recipe, tile=(1, 16), four_over_six=None):
-    """-> (saturated, underflow): among the non-zero scale blocks of x (..., K) under the recipe's quantizer,
+    """-> (saturated, underflow): among the non-zero blocks of x (..., K) under the recipe's quantizer,
     the fraction whose scale is too small for the block (scaled amax > SATURATION_LIMIT, so the clamp at ±6
     costs more than half the top step: MXFP4's power-of-two floor scale does this in 17% of the blocks of
     randn; NVFP4's fitted E4M3 scale only rounds and never does), and the fraction whose scale underflowed to
@@ -1049,8 +1052,8 @@ def block_health(x, recipe, tile=(1, 16), four_over_six=None):
 class FP4Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in simulated FP4 (FP4LinearFunction); the weight stays the fp32
     master. Stochastic rounding and random RHT signs come from this layer's own torch.Generator, seeded with
-    `seed` on first use on a device; its state rides in the state_dict (extra_state), so --resume continues
-    the exact random stream. (Calling FP4LinearFunction directly, pass any generator, or None for torch's.)
+    `seed + NOISE_SEED_OFFSET` on first use on a device; its state rides in the state_dict (extra_state), so
+    --resume continues the exact random stream. (Calling FP4LinearFunction directly, pass any generator, or None for torch's.)
     OutControl state: `outliers` (input channels kept in MXFP8, or None) and, while `calibrating`, the running
     `channel_norm`; both are saved in extra_state too. `impl`: the implementation of the quantizers
     (REFERENCE, or the one fastpaths.select chose). `stats`: see fp4_training.record_stats."""

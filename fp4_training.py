@@ -232,7 +232,7 @@ def fp4_probe(model, layers, batch, ddp=False):
     the shadow network) -> {"grad_cosine", "grad_rel_error"} = cos(g_fp4, g) and ‖g_fp4 − g‖/‖g‖ over all
     parameters, of this process's batch (under DDP without the all-reduce: model.no_sync). Touches nothing the
     run continues with: the gradients are put back, and each layer's noise generator is restored, so a run with
-    the probe trains bit for bit like one without (tests/test_train.py)."""
+    the probe trains bit for bit like one without (tests/test_estimator.py)."""
     params, layers = list(model.parameters()), list(layers.values())
     saved_grads = [p.grad for p in params]
     saved_state = [l.get_extra_state() for l in layers]       # holds the noise generator's state

@@ -7,8 +7,8 @@ FP4 codes, for GPUs with FP4 tensor cores; further down, with its own explanatio
 Optional: fastpaths.py imports this module only for the "triton" path (fastpaths.select decides, and
 requires CUDA for training); it imports fp4.py for the definitions it mirrors, and nothing else of the repo. Every kernel here must equal fp4.py bit for bit: codes, scale bytes and
 dequantized values, for RTN and for SR (both draw fp4.uniform_noise, a counter-based hash of the element
-index, so the same seed gives the same noise in any order). tests/test_kernels.py checks this on CPU with
-TRITON_INTERPRET=1 and, when a GPU is present, on the GPU (tests/test_paths.py); tests/test_kernels_compile.py compiles every variant to
+index, so the same seed gives the same noise in any order). tests/test_paths.py checks this on CPU with
+TRITON_INTERPRET=1 and, when a GPU is present, on the GPU; tests/test_kernels_compile.py compiles every variant to
 machine code for H100 (sm_90) and B200 (sm_100) with Triton's own ptxas, which needs no GPU (the interpreter
 skips compilation, so it cannot catch what only the compiler rejects).
 

@@ -1,8 +1,8 @@
 """
-train.py: train a GPT with simulated 4-bit (NVFP4 / MXFP4) linear layers, or in bf16 as the baseline.
+train.py: train a GPT with simulated 4-bit (NVFP4 / MXFP4) linear layers, or in high precision (bf16 or fp32) as the baseline.
 
-    python train.py --fp4 --osci-reset          # TetraJet-v2 on the offline default corpus, ~5 min on a laptop CPU
-    python train.py                             # the bf16 baseline, same everything else
+    python train.py --fp4 --osci-reset          # TetraJet-v2 on the offline default corpus, ~1 min on a 2-core CPU
+    python train.py                             # the baseline (bf16 or fp32: --dtype), same everything else
     python train.py --fp4 --fp4-recipe nvidia   # NVIDIA's NVFP4 recipe
     torchrun --standalone --nproc_per_node=8 train.py --fp4 --model 150m --dataset <name>
 
@@ -52,7 +52,7 @@ class TrainConfig:
     n_embd: int = 0               # override the preset's width (0 = keep)
     mlp_hidden: int = 0           # override the preset's SwiGLU hidden width (0 = keep)
     # FP4
-    fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = bf16 baseline)
+    fp4: bool = False             # quantize every Linear inside the blocks to simulated FP4 (False = the high-precision baseline)
     fp4_recipe: str = "tetrajet"  # tetrajet, nvidia, quartet2 or mxfp4 (see fp4.RECIPES): the preset the next ten flags override
     fp4_outer: str = ""           # NVFP4 outer scale: tensor (NVIDIA) or 128 (TetraJet-v2 double-block); "" = the preset's
     fp4_weight_tile: str = ""     # W's scale tile in fprop and dgrad: 1x16 or 16x16; "" = the preset's
@@ -65,8 +65,8 @@ class TrainConfig:
     fp4_4over6: str = ""          # Four Over Six block scales (NVFP4, fprop only): none, weights, activations, all; "" = the preset's
     fp4_4over6_error: str = ""    # the error Four Over Six picks a block's scale by: mae (TE's default) or mse; "" = the preset's
     fp4_path: str = "auto"        # quantizer implementation: auto, reference, compiled, cpu, triton (same bits; fastpaths.select)
-    bf16_first_k: int = 0         # keep the Linears of the first k blocks in bf16
-    bf16_last_k: int = 0          # keep the Linears of the last k blocks in bf16
+    bf16_first_k: int = 0         # keep the Linears of the first k blocks in high precision
+    bf16_last_k: int = 0          # keep the Linears of the last k blocks in high precision
     osci_reset: bool = False      # OsciReset: snap oscillating FP4 weights to their bin centre (TetraJet-v2 §4)
     osci_period: int = 200        # steps between oscillation windows (shrunk to fit short runs: resolve_schedules)
     osci_window: int = 50         # steps each window accumulates over

@@ -29,7 +29,7 @@
  * plain C versions remain for other CPUs and for quantize_nvfp4's rows, and both compute the same bits.
  *
  * Exactness: every operation is the reference's fp32 operation in the reference's order. The build flags
- * (cpu_kernels.py) forbid what would change a bit: -ffp-contract=off (no fused multiply-adds), no
+ * (cpu_kernels/__init__.py) forbid what would change a bit: -ffp-contract=off (no fused multiply-adds), no
  * -ffast-math. -fno-trapping-math and -fno-math-errno only let gcc vectorize floorf/rintf; they change no
  * result. Divisions by a power of two are written as multiplications by its inverse, which is exact.
  * The per-tensor amax is a first pass over the tensor (tensor_amax), as in the reference.

@@ -1,5 +1,5 @@
 """kernels.py compiles to machine code for the GPUs it is written for, checked on any machine: Triton's compiler
-and the ptxas it ships need no GPU. test_kernels.py runs the kernels through the interpreter, which executes their
+and the ptxas it ships need no GPU. test_paths.py runs the kernels through the interpreter, which executes their
 Python and skips compilation, so it cannot see what only the compiler rejects. (It missed one: the kernels read a
 plain global, RNE_MAGIC, which the interpreter allowed and which made every GPU launch fail to compile.)
 
@@ -8,7 +8,7 @@ Checked here, for H100 (sm_90) and B200 (sm_100):
     approximate division (div.full), so it rounds as fp4.py does, one operation at a time;
   - the FP4 GEMM compiles, and on sm_100 it runs on the block-scaled FP4 tensor cores: tcgen05.mma kind::mxf4nvf4
     with a scale per 16 (NVFP4) and kind::mxf4 with a scale per 32 (MXFP4).
-The compiles run in one child process without TRITON_INTERPRET (test_kernels.py sets it for this process, and it
+The compiles run in one child process without TRITON_INTERPRET (conftest.py sets it for this process, and it
 turns every @triton.jit function into the interpreter's). About 25 s.
 Run: python -m pytest tests/test_kernels_compile.py -q"""
 
