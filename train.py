@@ -344,9 +344,8 @@ def setup_fp4(cfg, model, device, rank, log):
     if cfg.out_control:
         outctl = fp4_training.OutControl(layers, cfg.out_control_frac, cfg.out_control_step, cfg.out_control_window,
                                          cfg.out_control_choice, cfg.seed)
-        which = "the top" if cfg.out_control_choice == "norm" else "a random (control)"
         log(f"out-control: calibrating steps {cfg.out_control_step}-{cfg.out_control_step + cfg.out_control_window - 1}"
-            f", then {which} {cfg.out_control_frac:.0%} of input channels (rounded up to 32) in MXFP8")
+            f", then {cfg.out_control_frac:.0%} of input channels (rounded up to 32; by {cfg.out_control_choice}) in MXFP8")
     return recipe, layers, osci, outctl
 
 
