@@ -121,3 +121,14 @@ def test_gap_closed_is_the_ratio_of_means_with_a_leave_one_seed_out_error():
     assert se == pytest.approx((2 / 3 * sum((x - statistics.fmean(loo)) ** 2 for x in loo)) ** 0.5)
     assert compare.gap_closed([1.5], [2.0], [1.0]) == (0.5, 0.0)
 
+
+
+def test_the_powered_sweep_names_only_built_in_configs():
+    # tools/powered_sweep.sh runs for hours: a misspelt config must fail here, not after its first stages
+    script = open(os.path.join(compare.REPO, "tools", "powered_sweep.sh")).read()
+    named = {}
+    for var in ("CORE", "REST", "TABLE"):
+        value = script.split(f'\n{var}="', 1)[1].split('"', 1)[0]
+        named[var] = value.split()
+    assert all(name in compare.CONFIGS for names in named.values() for name in names)
+    assert set(named["CORE"]) | set(named["REST"]) | {"tetrajet+oc-random"} == set(named["TABLE"]) == set(compare.CONFIGS)

@@ -13,7 +13,9 @@
 #   2. l2-1400  every config at 1,400 steps (2.9M tokens, 7.3 per parameter): the main table; the series'
 #               four configs first, then the rest in the order the README's claims need them
 #   3. l2-4000  baseline, nvidia, tetrajet, quartet2 at 4,000 steps (8.2M tokens, 21 per parameter)
-# Then the report: the three tables and loss plots, and the series table and plot (tools/series.py).
+# Then the series table and plot (tools/series.py), and last:
+#   4. l2-1400  tetrajet+oc-random, OutControl's control (as many MXFP8 channels, drawn at random): 6 runs, then the
+#               main table with every config in the README's order
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,8 @@ SEEDS="1337 1338 1339 1340 1341 1342"
 COMMON="--n-layer 2 --eval-set fixed --eval-iters 64"
 CORE="baseline nvidia tetrajet quartet2"
 REST="nvidia-4over6 mxfp4 tetrajet+osci tetrajet+oc tetrajet+all tetrajet-rtn2 nvidia-w1x16-4over6 nvidia-paper"
+TABLE="baseline nvidia nvidia-paper nvidia-4over6 nvidia-w1x16-4over6 mxfp4 tetrajet tetrajet+osci tetrajet+oc
+       tetrajet+oc-random tetrajet+all tetrajet-rtn2 quartet2"     # the main table's rows, in the README's order
 
 sweep() {   # sweep STEPS CONFIGS...: one compare.py sweep at STEPS steps (4 evals, plus the one at step 0)
     local steps=$1; shift
@@ -32,6 +36,6 @@ sweep 500 $CORE
 sweep 1400 $CORE
 sweep 1400 baseline $REST
 sweep 4000 $CORE
-sweep 1400 $CORE $REST          # the whole main table, in table order (nothing left to run)
 python tools/series.py docs/runs/l2-500 docs/runs/l2-1400 docs/runs/l2-4000 --out docs/runs/l2-series --seeds $SEEDS \
     --configs $CORE
+sweep 1400 $TABLE               # stage 4 (only the control is left to run), then the whole main table
