@@ -5,13 +5,28 @@ data, tokens and schedule, then writes <out>/results.md (a table with error bars
     python tools/compare.py --out runs/quick -- --max-iters 200            # every built-in config x 3 seeds
     python tools/compare.py --configs baseline nvidia tetrajet --seeds 1 2 --config "lr1e-3=--fp4 --lr 1e-3" -- --model 70m
     python tools/compare.py --out runs/quick --parallel 2 -- --max-iters 200   # 2 runs at a time, threads split
+    python tools/compare.py --out runs/quick --pack-only                   # the finished sweep as one file to commit
+    python tools/compare.py --out dev/runs/l2-1400 --report-only --no-plot # a committed table, rebuilt from its pack
 
 Everything after `--` goes to every run unchanged (model, data, steps, ...). Each run lives in
 <out>/<config>/seed<s>/ (train.py's log.jsonl and ckpt.pt, plus train.log, its console output); a run is
 finished when compare.py wrote its done.json. Rerunning the same command resumes the sweep: finished runs
-are skipped, an interrupted run continues from its checkpoint (train.py --resume), the rest start. With
---report-only nothing runs: the table and plot are rebuilt from the finished runs' log.jsonl alone (what a sweep
-commits: log.jsonl, done.json, train.log, never checkpoints), on any machine.
+are skipped, an interrupted run continues from its checkpoint (train.py --resume), the rest start.
+
+A finished sweep is committed as one file, its pack (--pack-only): <out>.jsonl.gz or --pack FILE, gzip (mtime 0,
+no name) of JSON lines. The first holds the table's inputs as the sweep's last report (<out>/results.json) had
+them: {"format", "configs": {name: train.py flags, in table order}, "seeds", "versus", "common"}; then one line
+per run, sorted by config and seed: {"config", "seed", "done": done.json plus "params" (the model's parameter
+count), "train_log": train.log, "log": log.jsonl's records}; never checkpoints. The machine's paths are scrubbed
+(the repo's become repo-relative, the interpreter `python`, any other absolute path .../its-last-part), and the
+same runs always pack to the same bytes. Beside the pack goes its table, rebuilt from it: FILE without .jsonl.gz,
+plus .md. With --report-only nothing runs: the table and plot are rebuilt from the finished runs' logs alone, on
+any machine: from <out>'s run folders where <out> is a folder, else from the pack, the table then going to
+<out>.md and the plot to <out>.png (for --out dev/runs/l2-1400, beside its pack). A pack's report takes the
+configs, their flags, seeds, versus and common flags from the pack (--configs, --seeds and --versus pick among
+them), so it rebuilds the committed table whatever CONFIGS says today. --unpack writes a pack's runs back into
+<out>/<config>/seed<s>/ (logs, no checkpoints): a live sweep there reruns nothing finished, so more seeds or
+configs extend a committed sweep.
 
 The baseline config runs without FP4 in train.py's default dtype and is named for it in the table ("baseline
 (fp32)" on a CPU without native bf16). The table: final val loss mean ± std over seeds; L - L_baseline and
@@ -20,13 +35,15 @@ order) and given as mean ± standard error; the gap closed versus B, 1 - gap_M /
 L̄_baseline) of the means over seeds, ± its jackknife (leave-one-seed-out) standard error; tok/s (median over
 evals after the first, which holds compile time); the oscillation ratio at the last eval (FP4 runs). The gap
 closed is a ratio of means, not a mean of per-seed ratios: a seed where B barely trails the baseline would
-put a near-zero denominator into the latter (it did in docs/runs/l2-1400, seed 1337).
+put a near-zero denominator into the latter (it did in dev/runs/l2-1400, seed 1337).
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -65,6 +82,9 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
 }
 OWNED_FLAGS = ("--seed", "--out-dir", "--resume")          # compare.py sets these per run
 
+PACK, PACK_FORMAT = ".jsonl.gz", "nanofp4 compare.py sweep pack 1"      # a sweep's pack: <out>.jsonl.gz
+DEFAULT_SEEDS, DEFAULT_VERSUS = [1337, 1338, 1339], "nvidia"
+
 
 def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -72,16 +92,39 @@ def parse_args(argv):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare", help="sweep folder (default: runs/compare)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"built-in configs to run, of {list(CONFIGS)}")
+    p.add_argument("--configs", nargs="+", help=f"configs to run, of {list(CONFIGS)} (default: all; a pack's "
+                   "report: the pack's)")
     p.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                    help="an extra configuration: a name and its train.py flags (repeatable)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1337, 1338, 1339])
-    p.add_argument("--versus", default="nvidia", help="the B of 'gap closed' and of the paired difference (default: nvidia)")
+    p.add_argument("--seeds", nargs="+", type=int, help="default: 1337 1338 1339 (a pack's report: the pack's)")
+    p.add_argument("--versus", help="the B of 'gap closed' and of the paired difference (default: nvidia; a pack's "
+                   "report: the pack's)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (the CPU threads are split among them)")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
-    p.add_argument("--report-only", action="store_true",
-                   help="run nothing: rebuild results.md and loss.png from the finished runs' logs alone")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--report-only", action="store_true", help="run nothing: rebuild the table and plot from the "
+                      "finished runs' logs alone: <out>'s run folders, or where <out> is no folder its pack")
+    mode.add_argument("--pack-only", action="store_true", help="run nothing: write the finished sweep in <out> as "
+                      "one file, its pack, and beside it the table of its last report, rebuilt from the pack")
+    mode.add_argument("--unpack", action="store_true", help="run nothing: write the pack's runs into "
+                      "<out>/<config>/seed<s>/ (logs, no checkpoints)")
+    p.add_argument("--pack", metavar="FILE", help=f"the sweep's pack (default: <out>{PACK})")
     args = p.parse_args(argv)
+    out = os.path.normpath(args.out)
+    args.pack = args.pack or (out if out.endswith(PACK) else out + PACK)
+    args.from_pack = args.report_only and not os.path.isdir(args.out)
+    if args.pack_only or args.unpack or args.from_pack:          # the runs and the table's inputs exist already
+        given = [("--config", args.config), ("train.py flags after --", common)]
+        if not args.from_pack:                      # a pack's report may pick among the pack's configs and seeds
+            given += [("--configs", args.configs), ("--seeds", args.seeds), ("--versus", args.versus)]
+        given = [name for name, value in given if value]
+        if given:
+            p.error(f"{given[0]} is not for a sweep that exists already: its configs, flags and seeds are its own")
+        if (args.unpack or args.from_pack) and not os.path.exists(args.pack):
+            p.error(f"no pack {args.pack}" + (f" and no run folder {args.out}" if args.from_pack else ""))
+        return args, None, None
+    args.seeds, args.versus = args.seeds or DEFAULT_SEEDS, args.versus or DEFAULT_VERSUS
+    args.configs = args.configs or list(CONFIGS)
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         p.error(f"unknown config {unknown[0]!r}; built-in: {list(CONFIGS)} (or add one with --config NAME=FLAGS)")
@@ -127,6 +170,126 @@ def read_log(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def folder_runs(out, configs, seeds):
+    """-> {(config, seed): {"done", "train_log", "log"}} of the finished runs (done.json written) among configs x
+    seeds in <out>'s run folders: what a pack holds of each run."""
+    runs = {}
+    for c in configs:
+        for s in seeds:
+            d = os.path.join(out, c, f"seed{s}")
+            if os.path.exists(os.path.join(d, "done.json")):
+                with open(os.path.join(d, "done.json")) as f, open(os.path.join(d, "train.log")) as g:
+                    runs[c, s] = {"done": json.load(f), "train_log": g.read(), "log": read_log(d)}
+    return runs
+
+
+def unfinished(runs, configs, seeds):
+    return [(c, s) for c in configs for s in seeds if (c, s) not in runs]
+
+
+def run_params(train_log):
+    """-> the model's parameter count (embeddings included, as train.py prints it), rebuilt on the meta device from
+    the last GPTConfig(...) line of a run's console log: no data, no weights; None without such a line."""
+    found = re.findall(r"GPTConfig\((.*?)\)", train_log)
+    if not found:
+        return None
+    import torch
+    from model import GPT, GPTConfig
+    fields = dict(kv.split("=") for kv in found[-1].split(", "))
+    with torch.device("meta"):
+        return GPT(GPTConfig(**{k: (float if "." in v else int)(v) for k, v in fields.items()})).num_params()
+
+
+PATH_CHARS = r"[\w.~+@-]"
+PYTHON = re.compile(rf"(?<![\w.~/<>-])/(?:{PATH_CHARS}+/)*bin/python[\d.]*(?!{PATH_CHARS}|/)")
+ABS_PATH = re.compile(rf"(?<![\w.~/<>-])/(?={PATH_CHARS})(?:{PATH_CHARS}+/)*({PATH_CHARS}*)")
+
+
+def scrub(x):
+    """A run's records without this machine's paths: the repo's become repo-relative, the interpreter `python`,
+    any other absolute path .../its-last-part (shell-safe). Idempotent, so a repacked pack is the same bytes."""
+    if isinstance(x, dict):
+        return {k: scrub(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [scrub(v) for v in x]
+    if not isinstance(x, str):
+        return x
+    x = PYTHON.sub("python", x.replace(REPO + os.sep, ""))
+    return ABS_PATH.sub(lambda m: ".../" + m.group(1), x)
+
+
+def write_pack(path, header, runs):
+    """The header line, then one line per run sorted by (config, seed), gzip with mtime 0 and no file name: the
+    same runs give the same bytes."""
+    lines = [{"format": PACK_FORMAT, **header}] + [{"config": c, "seed": s, **runs[c, s]} for c, s in sorted(runs)]
+    data = "".join(json.dumps(scrub(x), ensure_ascii=False) + "\n" for x in lines).encode()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as z:
+        z.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def read_pack(path):
+    """-> (the pack's header: configs, seeds, versus, common; {(config, seed): {"done", "train_log", "log"}})."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        header, *runs = [json.loads(line) for line in f if line.strip()]
+    if header.pop("format", None) != PACK_FORMAT:
+        sys.exit(f"error: {path} is not a compare.py pack (its first line has no format {PACK_FORMAT!r})")
+    return header, {(r.pop("config"), r.pop("seed")): r for r in runs}
+
+
+def stem(path):
+    """dev/runs/l2-1400.jsonl.gz -> dev/runs/l2-1400 (other paths unchanged): where a pack's table goes."""
+    return path[:-len(PACK)] if path.endswith(PACK) else path
+
+
+def pack_sweep(out, pack):
+    """Write the finished sweep in <out> as one file, its pack (module docstring), with the inputs of its last
+    report (<out>/results.json), and beside it that table rebuilt from the pack. -> the table's path."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            last = json.load(f)
+    except FileNotFoundError:
+        sys.exit(f"error: no {out}/results.json: report the sweep first (its command again, or with --report-only)")
+    header = {"configs": {c: r["flags"] for c, r in last["rows"].items()}, "seeds": last["seeds"],
+              "versus": last["versus"], "common": last["common"]}
+    runs = folder_runs(out, header["configs"], header["seeds"])
+    todo = unfinished(runs, header["configs"], header["seeds"])
+    if todo:
+        sys.exit(f"error: a pack holds finished runs only; {len(todo)} are not (first: {todo[0][0]} seed {todo[0][1]})")
+    for run in runs.values():
+        if "params" not in run["done"]:
+            run["done"]["params"] = run_params(run["train_log"])
+    write_pack(pack, header, runs)
+    header, runs = read_pack(pack)                          # the table from the pack: proof it holds what it needs
+    md = stem(pack) + ".md"
+    report(runs, header["configs"], header["seeds"], header["versus"], header["common"], md)
+    if os.path.exists(os.path.join(out, "results.md")):
+        with open(os.path.join(out, "results.md")) as a, open(md) as b:
+            if scrub(a.read()) != b.read():
+                sys.exit(f"error: {md}, the table from the pack, differs from {out}/results.md")
+    print(f"wrote {pack} ({os.path.getsize(pack):,} bytes, {len(runs)} runs) and {md}")
+    return md
+
+
+def unpack(pack, out):
+    """Write a pack's runs into <out>/<config>/seed<s>/ (done.json last), with <out>/results.json naming the
+    table's inputs (so --pack-only packs them again)."""
+    header, runs = read_pack(pack)
+    for (c, s), run in runs.items():
+        d = os.path.join(out, c, f"seed{s}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "log.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in run["log"]))
+        with open(os.path.join(d, "train.log"), "w") as f:
+            f.write(run["train_log"])
+        with open(os.path.join(d, "done.json"), "w") as f:
+            json.dump(run["done"], f)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({**header, "rows": {c: {"flags": flags} for c, flags in header.pop("configs").items()}}, f, indent=1)
+    print(f"unpacked {len(runs)} runs of {pack} into {out}")
+
+
 def mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -151,9 +314,9 @@ def gap_closed(m, b, base):
     return ratio(range(n)), math.sqrt((n - 1) / n * sum((r - statistics.fmean(loo)) ** 2 for r in loo))
 
 
-def summarize(out, configs, seeds, versus):
-    """-> {config: row dict} from the runs' own log.jsonl files."""
-    logs = {c: {s: read_log(os.path.join(out, c, f"seed{s}")) for s in seeds} for c in configs}
+def summarize(runs, configs, seeds, versus):
+    """{(config, seed): run} (folder_runs or read_pack) -> ({config: row dict}, {config: {seed: log records}})."""
+    logs = {c: {s: runs[c, s]["log"] for s in seeds} for c in configs}
     final = {c: {s: logs[c][s][-1]["val_loss"] for s in seeds} for c in configs}
     rows = {}
     for c in configs:
@@ -183,7 +346,7 @@ def label(config, row):
 DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 
 
-def write_table(out, rows, seeds, versus, common):
+def write_table(md, rows, seeds, versus, common, json_path=None):
     ref = label("baseline", rows["baseline"])
     lines = [f"# FP4 vs {ref}: {len(rows)} configurations x {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
              f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`. L - L_baseline, L - L_{versus}: the "
@@ -203,15 +366,16 @@ def write_table(out, rows, seeds, versus, common):
     if b is not None and versus != "baseline" and b["gap"] < 2 * b["gap_se"]:   # the ratio's denominator is noise
         lines += ["", f"Careful: {versus}'s own gap to {ref} ({b['gap']:+.4f} ± {b['gap_se']:.4f}) is under two "
                   f"standard errors, so the gap closed divides by noise; read L - L_{versus} instead."]
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"seeds": seeds, "versus": versus, "common": common, "rows": rows}, f, indent=1)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"seeds": seeds, "versus": versus, "common": common, "rows": rows}, f, indent=1)
     return "\n".join(lines)
 
 
-def plot(out, logs, seeds):
-    """loss.png: val loss against tokens, mean over seeds, shaded between the seeds' min and max."""
+def plot(png, logs, seeds):
+    """png: val loss against tokens, mean over seeds, shaded between the seeds' min and max."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -230,18 +394,53 @@ def plot(out, logs, seeds):
         ax.set_ylim(0.98 * min(later), 1.02 * max(later))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss.png"))
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def report(runs, configs, seeds, versus, common, md, json_path=None, png=None):
+    """The table (md, and json_path if given) and the plot (png if given) from finished runs. -> the rows."""
+    rows, logs = summarize(runs, configs, seeds, versus)
+    print(write_table(md, rows, seeds, versus, common, json_path))
+    if png:
+        try:
+            plot(png, logs, seeds)
+        except ImportError:
+            sys.exit(f"error: {os.path.basename(png)} needs matplotlib (pip install matplotlib); {md} is written")
+        print(f"wrote {md} and {png}")
+    return rows
 
 
 def main(argv=None):
     args, configs, common = parse_args(argv)
-    runs = [(c, s) for c in configs for s in args.seeds]
-    todo = [(c, s) for c, s in runs if not os.path.exists(os.path.join(args.out, c, f"seed{s}", "done.json"))]
-    if args.report_only and todo:
-        sys.exit(f"error: --report-only needs every run finished; {len(todo)} of {len(runs)} are not (first: "
-                 f"{todo[0][0]} seed {todo[0][1]}); rerun without --report-only to finish them")
-    print(f"compare: {len(runs)} runs ({len(configs)} configs x {len(args.seeds)} seeds) in {args.out}; "
-          f"{len(runs) - len(todo)} already finished, {len(todo)} to run, {args.parallel} at a time")
+    if args.unpack:
+        return unpack(args.pack, args.out)
+    if args.pack_only:
+        return pack_sweep(args.out, args.pack)
+    if args.from_pack:                                       # a committed sweep: the table's inputs are the pack's
+        header, runs = read_pack(args.pack)
+        names = args.configs or list(header["configs"])
+        missing = [c for c in names if c not in header["configs"]]
+        if missing or "baseline" not in names:
+            sys.exit(f"error: {args.pack} has no config {missing[0]!r} (it holds {list(header['configs'])})" if missing
+                     else "error: the sweep needs the baseline config (no FP4): every gap is measured against it")
+        configs = {c: header["configs"][c] for c in names}
+        args.seeds, args.versus = args.seeds or header["seeds"], args.versus or header["versus"]
+        common, out = header["common"], stem(os.path.normpath(args.out))
+        md, json_path, png = out + ".md", None, None if args.no_plot else out + ".png"
+    else:
+        runs = folder_runs(args.out, configs, args.seeds)
+        md, json_path = os.path.join(args.out, "results.md"), os.path.join(args.out, "results.json")
+        png = None if args.no_plot else os.path.join(args.out, "loss.png")
+    todo = unfinished(runs, configs, args.seeds)
+    total = len(configs) * len(args.seeds)
+    if args.report_only:
+        if todo:
+            sys.exit(f"error: --report-only needs every run finished; {len(todo)} of {total} are not (first: "
+                     f"{todo[0][0]} seed {todo[0][1]}); rerun without --report-only to finish them")
+        return report(runs, configs, args.seeds, args.versus, common, md, json_path, png)
+    print(f"compare: {total} runs ({len(configs)} configs x {len(args.seeds)} seeds) in {args.out}; "
+          f"{total - len(todo)} already finished, {len(todo)} to run, {args.parallel} at a time")
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     failed = []
     with ThreadPoolExecutor(args.parallel) as pool, tqdm(total=len(todo), desc="sweep", unit="run") as bar:
@@ -254,15 +453,8 @@ def main(argv=None):
             bar.update()
     if failed:
         sys.exit("error: some runs failed (fix and rerun the same command to finish the sweep):\n  " + "\n  ".join(failed))
-    rows, logs = summarize(args.out, configs, args.seeds, args.versus)
-    print(write_table(args.out, rows, args.seeds, args.versus, common))
-    if not args.no_plot:
-        try:
-            plot(args.out, logs, args.seeds)
-        except ImportError:
-            sys.exit(f"error: loss.png needs matplotlib (pip install matplotlib); {args.out}/results.md is written")
-        print(f"wrote {args.out}/results.md and {args.out}/loss.png")
-    return rows
+    runs = folder_runs(args.out, configs, args.seeds)
+    return report(runs, configs, args.seeds, args.versus, common, md, json_path, png)
 
 
 if __name__ == "__main__":

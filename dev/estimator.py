@@ -1,0 +1,236 @@
+"""
+estimator.py: every FP4 recipe as a gradient estimator: how biased, how noisy and how aligned each GEMM is, and
+the whole model's gradient, measured directly in a minute instead of inferred from hours of training runs.
+It is `python dev/snr.py --grad` (snr.py hands the flags over); the quantities are docs/numerics.md §12.
+
+    python dev/snr.py --grad --checkpoint out/ckpt.pt --draws 32          # every FP4 layer of a trained model
+    python dev/snr.py --grad --checkpoint out/ckpt.pt --json grad.json --plot grad.png
+    python dev/snr.py --grad --dist gaussian outlier --k 512              # synthetic operands, layers only
+
+For one GEMM with exact product G (fp64) and N independent draws Ĝ_1..Ĝ_N of the recipe's FP4 GEMM (fresh SR
+noise and RHT signs each), Ḡ = mean_k Ĝ_k:
+    bias        ‖Ḡ − G‖ / ‖G‖                     systematic error; cannot be resolved below bias_floor
+    bias_floor  noise / √N                         what pure noise leaves in a mean of N draws
+    noise       sqrt(mean_k ‖Ĝ_k − Ḡ‖²) / ‖G‖      the random part, per draw
+    gain        ⟨Ḡ, G⟩ / ⟨G, G⟩                    1 for an unbiased estimator; < 1 is shrinkage
+    cosine      mean_k ⟨Ĝ_k, G⟩ / (‖Ĝ_k‖ ‖G‖)
+Two references per GEMM: (a) `own`, the exact product of the operands the recipe's GEMM quantizes (for an aligned
+recipe's backward that is dY Ŵ and dYᵀ X̂, the forward's dequantized tensors), and (b) `vs_network`, the
+high-precision network's operands (dY W, dYᵀ X), whose difference from (a) is the misalignment. fprop is round
+to nearest: its noise is 0 and its bias is the forward's quantization error.
+The whole model (`model`): the gradient of every parameter, concatenated, for one fixed batch, against the same
+network without FP4 (fp4_training.high_precision, same weights): rel_error = sqrt(mean_k ‖ĝ_k − g‖²)/‖g‖, split into
+deterministic = ‖ḡ − g‖/‖g‖ and noise = sqrt(mean_k ‖ĝ_k − ḡ‖²)/‖g‖; forward_loss_delta is the FP4 forward's
+loss minus the high-precision forward's, same weights, over --loss-batches validation batches.
+
+Operands come from the checkpoint's model in high precision on one training batch (snr.capture_from_checkpoint);
+the FP4 GEMMs run on the fast path fastpaths.select picks for each recipe (the same bits as fp4.py).
+"""
+
+import json
+import math
+import os
+import sys
+
+if __package__ in (None, ""):                   # run as a script (python dev/X.py): the repo root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+
+import fastpaths
+import fp4
+import fp4_training
+
+GEMMS = ("fprop", "dgrad", "wgrad")
+FIELDS = ("bias", "bias_floor", "noise", "gain", "cosine")
+MODEL_FIELDS = ("rel_error", "deterministic", "noise", "cosine")
+
+
+def estimator_stats(draws, exact):
+    """draws (N, ...) and exact (...) -> {bias, bias_floor, noise, gain, cosine} as floats (module docstring),
+    in fp64 over the flattened tensors (differences taken before squaring, so an exact estimator gives exactly 0)."""
+    G = exact.double().reshape(-1)
+    D = draws.reshape(draws.shape[0], -1).double()                            # (N, numel)
+    N, norm = D.shape[0], G.norm().item()
+    mean = D.mean(0)
+    noise = torch.linalg.vector_norm(D - mean, dim=1).square().mean().sqrt().item() / norm
+    cosine = (D @ G / (torch.linalg.vector_norm(D, dim=1) * norm).clamp(min=1e-300)).mean().item()
+    return {"bias": (mean - G).norm().item() / norm, "bias_floor": noise / math.sqrt(N), "noise": noise,
+            "gain": (mean @ G).item() / norm ** 2, "cosine": cosine}
+
+
+def layer_draws(recipe, x, w, dy, draws, impl, seed=0):
+    """One layer's three GEMMs, `draws` times with independent noise -> {"fprop"|"dgrad"|"wgrad": (N, ...) fp32}
+    and the forward's dequantized (X̂, Ŵ) (for the aligned references)."""
+    # fprop is round to nearest, the same every draw: one forward, then `draws` backward passes through its saved
+    # graph, each drawing fresh noise and signs from the layer's generator
+    xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp4.FP4LinearFunction.apply(xi, wi, recipe, torch.Generator().manual_seed(seed), None, None, impl)
+    out = {g: [] for g in GEMMS}
+    for k in range(draws):
+        dx, dw = torch.autograd.grad(y, (xi, wi), dy, retain_graph=k < draws - 1)
+        for g, t in zip(GEMMS, (y.detach(), dx, dw)):
+            out[g].append(t.float())
+    _, x_hat, w_hat = fp4._fprop(x, w, recipe, None, impl, x.dtype)
+    return {g: torch.stack(v) for g, v in out.items()}, x_hat, w_hat
+
+
+def layer_report(recipe, x, w, dy, draws, impl, seed=0):
+    """-> {gemm: {FIELDS..., "vs_network": {FIELDS...}}} for one layer's operands X (N, in), W (out, in), dY (N, out)."""
+    got, x_hat, w_hat = layer_draws(recipe, x, w, dy, draws, impl, seed)
+    x64, w64, dy64 = x.double(), w.double(), dy.double()
+    network = {"fprop": x64 @ w64.t(), "dgrad": dy64 @ w64, "wgrad": dy64.t() @ x64}
+    own = dict(network)
+    if recipe.aligned:
+        own.update(dgrad=dy64 @ w_hat.double(), wgrad=dy64.t() @ x_hat.double())
+    return {g: dict(estimator_stats(got[g], own[g]), vs_network=estimator_stats(got[g], network[g])) for g in GEMMS}
+
+
+def flat_grad(model):
+    return torch.cat([p.grad.reshape(-1).double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
+                      for p in model.parameters()])
+
+
+def model_report(model, layers, batch, val_batches, draws):
+    """Whole-model gradient of `batch` over `draws` FP4 draws against fp4_training.high_precision's, and the forward loss
+    delta over `val_batches` -> ({MODEL_FIELDS...}, forward_loss_delta, its standard error over the batches: each
+    batch's FP4 loss minus its own high-precision loss, a paired difference). `layers`: the model's FP4Linear."""
+    x, y = batch
+    model.zero_grad(set_to_none=True)
+    with fp4_training.high_precision(layers):
+        model(x, y)[1].backward()
+    g = flat_grad(model)
+    grads = []
+    for k in range(draws):
+        for i, layer in enumerate(layers):                  # a fresh, independent noise stream per draw
+            layer.set_extra_state(dict(layer.get_extra_state(), seed=k * 1009 + i, rng_state=None))
+        model.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        grads.append(flat_grad(model))
+    model.zero_grad(set_to_none=True)
+    G = torch.stack(grads)                                                    # (N, params)
+    mean, norm = G.mean(0), g.norm().item()
+    stats = {"rel_error": (G - g).square().sum(1).mean().sqrt().item() / norm,
+             "deterministic": (mean - g).norm().item() / norm,
+             "noise": (G - mean).square().sum(1).mean().sqrt().item() / norm,
+             "cosine": (G @ g / (G.norm(dim=1) * norm)).mean().item()}
+    with torch.no_grad():
+        fp4_loss = [model(*b)[1].item() for b in val_batches]
+        with fp4_training.high_precision(layers):
+            deltas = [a - model(*b)[1].item() for a, b in zip(fp4_loss, val_batches)]
+    mean = sum(deltas) / len(deltas)
+    se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1) / len(deltas)) if len(deltas) > 1 else 0.0
+    return stats, mean, se
+
+
+def load_checkpoint_model(path):
+    """-> (the checkpoint dict, its TrainConfig, an fp32 GPT with its weights (no FP4), its dataset splits)."""
+    import train
+    from data.prepare import dataset_dir, load_dataset
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in train.PER_INVOCATION})
+    model = train.build_model(cfg, ckpt["dataset_meta"]["vocab_size"], torch.float32)
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
+    _, splits = load_dataset(dataset_dir(cfg.dataset), cfg.block_size)
+    return ckpt, cfg, model, splits
+
+
+def fp4_model(path, recipe, impl):
+    """The checkpoint's model with every block linear the checkpoint ran in FP4 converted to `recipe` (its
+    bf16_first_k / bf16_last_k kept) -> (cfg, model, [FP4Linear], splits)."""
+    _, cfg, model, splits = load_checkpoint_model(path)
+    fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k, impl=impl)
+    return cfg, model, [m for m in model.modules() if isinstance(m, fp4.FP4Linear)], splits
+
+
+def batches(cfg, splits, split, n, seed):
+    import train
+    gen = torch.Generator().manual_seed(seed)
+    return [train.get_batch(splits[split], cfg, 0, 1, gen, "cpu") for _ in range(n)]
+
+
+def run(args, chosen, layer_operands):
+    """args: snr.py's parsed flags (--draws, --checkpoint, --loss-batches); chosen: {label: Recipe};
+    layer_operands: {layer name: (X, W, dY)} -> the report dict (the JSON's shape)."""
+    report = {"draws": args.draws, "recipes": {}}
+    for label, recipe in chosen.items():
+        impl, line = fastpaths.select("auto", "cpu", recipe)
+        print(f"{label}: {line.strip('!').strip()}", file=sys.stderr)
+        entry = {"layers": {name: layer_report(recipe, x, w, dy, args.draws, impl, seed)
+                            for seed, (name, (x, w, dy)) in enumerate(layer_operands.items())}}
+        if args.checkpoint:
+            cfg, model, layers, splits = fp4_model(args.checkpoint, recipe, impl)
+            train_batch = batches(cfg, splits, "train", 1, 0)[0]
+            entry["model"], entry["forward_loss_delta"], entry["forward_loss_delta_se"] = model_report(
+                model, layers, train_batch, batches(cfg, splits, "val", args.loss_batches, 1), args.draws)
+        report["recipes"][label] = entry
+    return report
+
+
+def layer_mean(entry, gemm, field, ref=None):
+    """A field of one GEMM, averaged over the layers (ref "vs_network" for the second reference)."""
+    vals = [(v[gemm][ref] if ref else v[gemm])[field] for v in entry["layers"].values()]
+    return sum(vals) / len(vals)
+
+
+def print_report(report):
+    n = report["draws"]
+    print(f"\nper GEMM, mean over layers, {n} draws; bias against the GEMM's own operands ± its floor (noise/√N), "
+          f"and against the high-precision network's")
+    print("| recipe | GEMM | bias (floor) | noise | gain | cosine | bias vs network |")
+    print("|---|---|---|---|---|---|---|")
+    for label, entry in report["recipes"].items():
+        for g in GEMMS:
+            m = {f: layer_mean(entry, g, f) for f in FIELDS}
+            print(f"| {label} | {g} | {m['bias']:.4f} ({m['bias_floor']:.4f}) | {m['noise']:.4f} | {m['gain']:.4f} | "
+                  f"{m['cosine']:.4f} | {layer_mean(entry, g, 'bias', 'vs_network'):.4f} |")
+    rows = [(label, e) for label, e in report["recipes"].items() if "model" in e]
+    if rows:
+        print(f"\nwhole model: gradient of one batch against the same weights without FP4 ({n} draws); forward "
+              f"loss delta at those weights")
+        print("| recipe | rel. error | deterministic | noise | cosine | forward loss delta ± s.e. |")
+        print("|---|---|---|---|---|---|")
+        for label, e in rows:
+            m = e["model"]
+            print(f"| {label} | {m['rel_error']:.4f} | {m['deterministic']:.4f} | {m['noise']:.4f} | {m['cosine']:.4f} | "
+                  f"{e['forward_loss_delta']:+.5f} ± {e['forward_loss_delta_se']:.5f} |")
+
+
+def write_json(report, path):
+    """The report as compact JSON, every float to 6 significant digits (more than any of them resolves)."""
+    def rounded(v):
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return float(f"{v:.6g}") if isinstance(v, float) else v
+    with open(path, "w") as f:
+        json.dump(rounded(report), f, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {path}")
+
+
+def plot(report, path):
+    """Bias against noise, one point per recipe and GEMM (mean over layers), one colour per recipe."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit(f"error: --plot {path} needs matplotlib (pip install matplotlib); the table and --json need nothing")
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
+    markers = {"fprop": "s", "dgrad": "o", "wgrad": "^"}
+    for i, (label, entry) in enumerate(report["recipes"].items()):
+        color = plt.get_cmap("tab20")(i % 20)
+        for g in GEMMS:
+            ax.scatter(layer_mean(entry, g, "noise"), layer_mean(entry, g, "bias"), color=color, marker=markers[g],
+                       label=label if g == "dgrad" else None)
+    for g, m in markers.items():
+        ax.scatter([], [], color="black", marker=m, label=g)
+    top = max(layer_mean(e, g, "noise") for e in report["recipes"].values() for g in GEMMS)
+    ax.plot([0, top], [0, top / math.sqrt(report["draws"])], "k--", lw=0.8,
+            label=f"floor noise/√{report['draws']}: unbiased within it")
+    ax.set_xlabel("noise  sqrt(mean ‖Ĝ − Ḡ‖²) / ‖G‖")
+    ax.set_ylabel("bias  ‖Ḡ − G‖ / ‖G‖")
+    ax.set_title(f"FP4 GEMMs as gradient estimators ({report['draws']} draws, mean over layers)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")

@@ -1,0 +1,327 @@
+"""The tools around the lesson, and the committed evidence they rebuild.
+
+tools/compare.py: a sweep's table is its runs' own numbers, a cut-off sweep resumes without redoing finished runs,
+bad sweeps fail with one line, a finished sweep packs into one file. The committed packs (dev/runs/*.jsonl.gz):
+every committed table (each sweep's and the tokens-per-parameter series) rebuilds from them digit for digit,
+they hold no machine's paths, and the same runs pack to the same bytes. dev/series.py: the series is the per-seed
+arithmetic on the sweeps' final val losses. dev/eval_noise.py: per-window losses average to the run's val_loss.
+dev/powered_sweep.sh names only built-in configs. The live sweep is 3 configs x 2 seeds x 4 steps of a tiny model
+(real train.py processes, two at a time); everything else reads the committed packs.
+Run: python -m pytest tests/test_tools.py -q"""
+import gzip
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+
+import pytest
+
+from conftest import REPO, TINY
+from dev import series
+from tools import compare
+
+RUNS = os.path.join(REPO, "dev", "runs")
+SWEEPS = ["quick", "pilot600", "l2-500", "l2-1400", "l2-4000"]      # each a pack, <name>.jsonl.gz, and its table
+SERIES = ["dev/runs/l2-500", "dev/runs/l2-1400", "dev/runs/l2-4000", "--configs", "baseline", "nvidia", "tetrajet",
+          "quartet2", "--seeds", "1337", "1338", "1339", "1340", "1341", "1342"]     # dev/runs/l2-series.md's command
+STEPS = ["--max-iters", "4", "--eval-interval", "2", "--fp4-path", "reference"]   # compiling would dominate
+
+
+def pack(name):
+    return os.path.join(RUNS, name + compare.PACK)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def finals(runs, config, seeds):
+    return [runs[config, s]["log"][-1]["val_loss"] for s in seeds]
+
+
+# ---- the committed packs: every table digit for digit, no machine's paths, deterministic --------------------------
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_committed_sweep_table_rebuilds_digit_for_digit_from_its_pack(name, tmp_path):
+    # the pack holds the table's inputs (configs and their flags as run, seeds, versus, common flags): no argument
+    # but where the pack is, whatever compare.CONFIGS says today
+    compare.main(["--out", str(tmp_path / name), "--pack", pack(name), "--report-only", "--no-plot"])
+    assert read(tmp_path / f"{name}.md") == read(os.path.join(RUNS, f"{name}.md"))
+
+
+def test_the_committed_series_rebuilds_digit_for_digit_from_the_packs(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)                              # the table names its sweeps as given: dev/runs/l2-500, ...
+    series.main([*SERIES[:3], "--out", str(tmp_path / "l2-series"), *SERIES[3:], "--no-plot"])
+    assert read(tmp_path / "l2-series.md") == read(os.path.join(RUNS, "l2-series.md"))
+
+
+ABSOLUTE = re.compile(r"(?<![\w.~/<>-])/(?=[\w.~+@-])")         # a path from the root, as compare.scrub sees one
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_packs_hold_no_absolute_paths_and_commands_run_from_the_repo(name):
+    with gzip.open(pack(name), "rt", encoding="utf-8") as f:
+        text = f.read()
+    assert not ABSOLUTE.findall(text), ABSOLUTE.findall(text)[:3]
+    header, runs = compare.read_pack(pack(name))
+    for (config, seed), run in runs.items():
+        assert run["done"]["cmd"][:2] == ["python", "train.py"]
+        assert run["train_log"].startswith("$ python train.py ") and f"--seed {seed}" in run["train_log"]
+        assert set(run) == {"done", "train_log", "log"}                          # logs only, never checkpoints
+    assert sorted(runs) == [(c, s) for c in sorted(header["configs"]) for s in header["seeds"]]
+
+
+def test_scrub_makes_the_repos_paths_relative_and_hides_the_rest_idempotently():
+    text = (f"$ /home/u/.venv/bin/python3.11 {REPO}/train.py --dataset /tmp/x/toy --out-dir runs/q/seed1 "
+            f"| 8/9 layers, 120 ms/step, https://example.org/a/b")
+    once = compare.scrub({"cmd": [text], "n": 3})
+    assert once == {"cmd": ["$ python train.py --dataset .../toy --out-dir runs/q/seed1 | 8/9 layers, 120 ms/step, "
+                            "https://example.org/a/b"], "n": 3}
+    assert compare.scrub(once) == once
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_packing_is_deterministic_an_unpacked_pack_packs_to_the_same_bytes(name, tmp_path):
+    out, again = tmp_path / name, str(tmp_path / f"again{compare.PACK}")
+    compare.main(["--unpack", "--out", str(out), "--pack", pack(name)])
+    compare.main(["--pack-only", "--out", str(out), "--pack", again])
+    with open(pack(name), "rb") as a, open(again, "rb") as b:
+        assert a.read() == b.read()
+    assert read(tmp_path / "again.md") == read(os.path.join(RUNS, f"{name}.md"))     # its table, beside it
+
+
+def test_a_report_from_run_folders_and_unfinished_runs_refused_in_one_line(tmp_path):
+    # the committed quick sweep as run folders (log.jsonl, done.json, train.log: no checkpoints): its table comes
+    # back from them, its configs named with their flags as run; an unfinished run is refused in one line
+    out, configs = tmp_path / "quick", compare.read_pack(pack("quick"))[0]["configs"]
+    compare.main(["--unpack", "--out", str(out), "--pack", pack("quick")])
+    argv = ["--out", str(out), "--report-only", "--no-plot", "--configs", "baseline", "--seeds", "1337", "1338", "1339",
+            *[arg for c, flags in configs.items() if c != "baseline" for arg in ("--config", f"{c}={flags}")]]
+    compare.main(argv)
+    no_flags = lambda table: re.sub(r"\| `[^`]*` \|", "| |", table, count=1)     # noqa: E731  (baseline's: today's)
+    assert no_flags(read(out / "results.md")) == no_flags(read(os.path.join(RUNS, "quick.md")))
+    os.remove(out / "quartet2" / "seed1338" / "done.json")
+    with pytest.raises(SystemExit, match="--report-only needs every run finished; 1 of 24"):
+        compare.main(argv)
+    with pytest.raises(SystemExit, match="a pack holds finished runs only; 1 are not"):
+        compare.main(["--pack-only", "--out", str(out), "--pack", str(tmp_path / f"p{compare.PACK}")])
+
+
+def test_the_loss_plot_is_written_or_the_missing_matplotlib_is_named(tmp_path, monkeypatch):
+    args = ["--out", str(tmp_path / "quick"), "--pack", pack("quick"), "--report-only"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        compare.main(args)
+        assert (tmp_path / "quick.png").stat().st_size > 1000
+    monkeypatch.setitem(sys.modules, "matplotlib", None)              # as on a machine without it
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        compare.main(args)
+    assert (tmp_path / "quick.md").exists()
+
+
+# ---- dev/series.py ------------------------------------------------------------------------------------------------
+
+def test_series_pairs_each_budgets_gaps_per_seed_and_refuses_mixed_models_and_unfinished_runs(tmp_path):
+    # two committed sweeps of the same 4-block model at two budgets: every number of the series must be the
+    # per-seed arithmetic on the runs' final val losses, the parameter count the model's; then the refusals
+    seeds, configs = (1337, 1338, 1339), ["baseline", "nvidia", "tetrajet", "quartet2"]
+    sweeps = [pack("quick"), pack("pilot600")]
+    table = series.main([*sweeps, "--out", str(tmp_path / "s"), "--configs", *configs, "--seeds", *map(str, seeds),
+                         "--no-plot"])
+    runs = {compare.stem(p): compare.read_pack(p)[1] for p in sweeps}
+    final = {(d, c): finals(runs[d], c, seeds) for d in runs for c in configs}
+    for d in runs:
+        gap = [a - b for a, b in zip(final[d, "tetrajet"], final[d, "baseline"])]
+        assert table[d]["tetrajet"]["gap"][0] == pytest.approx(statistics.fmean(gap))
+        assert table[d]["tetrajet"]["gap"][1] == pytest.approx(statistics.stdev(gap) / 3 ** 0.5)
+        vs = [a - b for a, b in zip(final[d, "quartet2"], final[d, "nvidia"])]
+        assert table[d]["quartet2"]["vs"][0] == pytest.approx(statistics.fmean(vs))
+        assert "vs" not in table[d]["nvidia"] and "gap" not in table[d]["baseline"]
+    saved = json.loads(read(tmp_path / "s.json"))
+    assert [b["params"] for b in saved["budgets"]] == [723_072, 723_072]      # "0.72M parameters" in train.log
+    assert compare.run_params(runs[compare.stem(sweeps[0])]["baseline", 1337]["train_log"]) == 723_072   # the model's
+    assert [b["tokens"] for b in saved["budgets"]] == [409_600, 1_228_800]
+    lo, hi = runs
+    moved = [(final[hi, "nvidia"][i] - final[hi, "baseline"][i]) - (final[lo, "nvidia"][i] - final[lo, "baseline"][i])
+             for i in range(3)]
+    assert saved["moved"]["nvidia"][0] == pytest.approx(statistics.fmean(moved))
+    assert "| nvidia | +0.0316 ± 0.0091 | +0.0467 ± 0.0161 |" in read(tmp_path / "s.md")
+
+    folders = [str(tmp_path / name) for name in ("quick", "pilot600")]      # the same sweeps as run folders
+    for p, d in zip(sweeps, folders):
+        compare.unpack(p, d)
+    run = os.path.join(folders[1], "baseline", "seed1337")                 # another model at one budget
+    with open(os.path.join(run, "train.log")) as f:
+        text = f.read()
+    with open(os.path.join(run, "train.log"), "w") as f:
+        f.write(text.replace("n_layer=4", "n_layer=2"))
+    done = json.loads(read(os.path.join(run, "done.json")))
+    with open(os.path.join(run, "done.json"), "w") as f:                    # its count from train.log, then
+        json.dump({"cmd": done["cmd"]}, f)
+    with pytest.raises(SystemExit, match="a series varies the tokens only"):
+        series.main([*folders, "--out", str(tmp_path / "s"), "--configs", *configs, "--no-plot"])
+    os.remove(os.path.join(folders[0], "quartet2", "seed1338", "done.json"))
+    with pytest.raises(SystemExit, match="the series needs every run of every sweep finished; 1 are not"):
+        series.main([*folders, "--out", str(tmp_path / "s"), "--configs", *configs, "--no-plot"])
+
+
+# ---- tools/compare.py, live: a sweep of real train.py runs ---------------------------------------------------------
+
+FAST = "--fp4 --lr 2e-2 --eval-set fixed"          # an extra config; its evals see the same windows at every seed
+
+
+def run_sweep(out, dataset, *extra):
+    return compare.main(["--out", str(out), "--configs", "baseline", "tetrajet", "--seeds", "1", "2", "--versus",
+                         "tetrajet", "--config", f"fast={FAST}", "--parallel", "2", *extra, "--",
+                         "--dataset", dataset, *TINY, *STEPS])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, dataset):
+    """One finished live sweep (baseline, tetrajet, fast x seeds 1, 2), its table and loss.png: -> (folder, rows)."""
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    return out, run_sweep(out, dataset)
+
+
+def log_finals(out, config):
+    return [json.loads(read(os.path.join(out, config, f"seed{s}", "log.jsonl")).splitlines()[-1])["val_loss"]
+            for s in (1, 2)]
+
+
+def test_the_table_is_the_runs_own_numbers(sweep):
+    import train
+    out, rows = sweep
+    table = read(out / "results.md")
+    for config in ("baseline", "tetrajet", "fast"):
+        got = log_finals(out, config)
+        assert rows[config]["final"] == got
+        assert rows[config]["mean"] == pytest.approx(statistics.fmean(got))
+        assert rows[config]["std"] == pytest.approx(statistics.stdev(got))
+        assert f"| {compare.label(config, rows[config])} |" in table
+    ran_in = str(train.activation_dtype("auto", "cpu")[0]).removeprefix("torch.")      # what --dtype auto chose here
+    assert rows["baseline"]["dtype"] == ran_in
+    assert f"| baseline ({compare.DTYPE_NAMES[ran_in]}) |" in table
+    base, tj, fast = (log_finals(out, c) for c in ("baseline", "tetrajet", "fast"))
+    mean = statistics.fmean
+    assert rows["fast"]["gap_closed"] == pytest.approx((mean(tj) - mean(fast)) / (mean(tj) - mean(base)))
+    assert rows["fast"]["minus_versus"] == pytest.approx(mean([fast[i] - tj[i] for i in range(2)]))
+    assert rows["fast"]["gap"] == pytest.approx(mean([fast[i] - base[i] for i in range(2)]))
+    assert rows["tetrajet"]["oscillating"] is not None and rows["baseline"]["oscillating"] is None
+    assert f"{rows['fast']['mean']:.4f} ± {rows['fast']['std']:.4f}" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_a_finished_sweep_packs_into_one_file_that_rebuilds_its_table(sweep, tmp_path):
+    out, rows = sweep
+    packed = str(tmp_path / f"s{compare.PACK}")
+    compare.main(["--pack-only", "--out", str(out), "--pack", packed])
+    header, runs = compare.read_pack(packed)
+    assert header["configs"] == {"baseline": "", "tetrajet": "--fp4 --fp4-recipe tetrajet", "fast": FAST}
+    assert header["seeds"] == [1, 2] and header["versus"] == "tetrajet"
+    assert [finals(runs, c, (1, 2)) for c in header["configs"]] == [rows[c]["final"] for c in header["configs"]]
+    assert all(run["done"]["params"] == runs["baseline", 1]["done"]["params"] > 0 for run in runs.values())
+    with gzip.open(packed, "rt") as f:
+        text = f.read()
+    assert not ABSOLUTE.findall(text) and str(tmp_path) not in text
+    assert "--dataset .../toy" in text                                         # the dataset's path, scrubbed
+    assert read(tmp_path / "s.md") == compare.scrub(read(out / "results.md"))
+
+
+def test_a_cut_off_sweep_resumes_without_redoing_finished_runs(sweep, dataset, tmp_path, capsys):
+    out, rows = sweep
+    out = shutil.copytree(out, tmp_path / "s")
+    # cut the sweep off: one run never finished (a checkpoint at step 2, no done.json), one never started
+    cut = out / "tetrajet" / "seed2"
+    stamp = os.path.getmtime(out / "baseline" / "seed1" / "log.jsonl")
+    for f in cut.iterdir():
+        f.unlink()
+    compare.run_one(str(cut), "--fp4 --fp4-recipe tetrajet", ["--dataset", dataset, *TINY, *STEPS, "--stop-iter", "2"],
+                    2, 1)
+    os.remove(cut / "done.json")                       # as if the process had died after its step-2 checkpoint
+    assert json.loads((cut / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+    for f in (out / "fast" / "seed1").iterdir():
+        f.unlink()
+    capsys.readouterr()
+    again = run_sweep(out, dataset, "--no-plot")
+    assert "4 already finished, 2 to run" in capsys.readouterr().out
+    assert os.path.getmtime(out / "baseline" / "seed1" / "log.jsonl") == stamp      # not rerun
+    assert "--resume" in [line for line in (cut / "train.log").read_text().splitlines() if line.startswith("$ ")][-1]
+    assert again["tetrajet"]["final"] == rows["tetrajet"]["final"]                   # resumed = uninterrupted
+    assert again["fast"]["final"] == rows["fast"]["final"]                           # same seed, same run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "fp8"], "unknown config 'fp8'"),
+    (["--configs", "nvidia"], "needs the baseline config"),
+    (["--config", "nameless"], "NAME=FLAGS"),
+    (["--", "--seed", "3"], "--seed is set by compare.py"),
+    (["--config", "x=--fp4 --out-dir y"], "--out-dir is set by compare.py"),
+    (["--report-only", "--out", "no/such/sweep"], "no pack no/such/sweep.jsonl.gz and no run folder"),
+    (["--pack-only", "--seeds", "1"], "--seeds is not for a sweep that exists already"),
+    (["--report-only", "--out", os.path.join(RUNS, "quick"), "--", "--max-iters", "9"], "train.py flags after --"),
+    (["--report-only", "--out", os.path.join(RUNS, "quick"), "--configs", "baseline", "fp8"], "has no config 'fp8'"),
+    (["--report-only", "--out", os.path.join(RUNS, "quick"), "--configs", "nvidia"], "needs the baseline config")])
+def test_bad_sweeps_fail_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as failed:
+        compare.main(argv)
+    assert message in capsys.readouterr().err + str(failed.value.code)
+
+
+def test_gap_closed_is_the_ratio_of_means_with_a_leave_one_seed_out_error():
+    # three seeds; B trails the baseline by 0.04, 0.00 and 0.08, M by 0.02, 0.01 and 0.03: a per-seed ratio would
+    # divide by zero on the second seed, the ratio of means is 1 - 0.02 / 0.04 = 0.5
+    base, b, m = [1.0, 2.0, 3.0], [1.04, 2.00, 3.08], [1.02, 2.01, 3.03]
+    r, se = compare.gap_closed(m, b, base)
+    assert r == pytest.approx(0.5)
+    loo = [1 - 0.02 / 0.04, 1 - 0.025 / 0.06, 1 - 0.015 / 0.02]       # seeds (2, 3), (1, 3), (1, 2) kept
+    assert se == pytest.approx((2 / 3 * sum((x - statistics.fmean(loo)) ** 2 for x in loo)) ** 0.5)
+    assert compare.gap_closed([1.5], [2.0], [1.0]) == (0.5, 0.0)
+
+
+# ---- dev/eval_noise.py and dev/powered_sweep.sh -------------------------------------------------------------------
+
+def test_window_losses_average_to_the_runs_val_loss_and_pairs_need_the_same_windows(sweep, capsys):
+    # the sweep's checkpoints: tetrajet and baseline at seed 1 saw the same (seeded) eval windows, fast's two seeds
+    # the same fixed ones (--eval-set fixed), any other two not the same
+    from dev import eval_noise
+    out, rows = sweep
+    fp4_ckpt, base_ckpt, fixed1, fixed2 = (str(out / c / f"seed{s}" / "ckpt.pt")
+                                           for c, s in (("tetrajet", 1), ("baseline", 1), ("fast", 1), ("fast", 2)))
+    report = eval_noise.main([fp4_ckpt, base_ckpt, fixed1, fixed2])
+    fp4, base = report["models"][fp4_ckpt], report["models"][base_ckpt]
+    assert fp4["windows"] == 2 * 4                                      # --eval-iters 2 x --batch-size 4
+    assert fp4["val_loss"] == pytest.approx(rows["tetrajet"]["final"][0], abs=1e-5)   # the FP4 forward as trained
+    assert base["val_loss"] == pytest.approx(rows["baseline"]["final"][0], abs=1e-5)
+    assert fp4["se"] == pytest.approx(fp4["window_sd"] / math.sqrt(8))
+    pair = report["pairs"][f"{fp4_ckpt} - {base_ckpt}"]
+    assert pair["difference"] == pytest.approx(rows["tetrajet"]["final"][0] - rows["baseline"]["final"][0], abs=1e-5)
+    assert pair["se"] == pytest.approx(pair["pair_sd"] / math.sqrt(8))
+    fixed = report["pairs"][f"{fixed1} - {fixed2}"]                     # two seeds, one fixed eval set
+    assert fixed["difference"] == pytest.approx(rows["fast"]["final"][0] - rows["fast"]["final"][1], abs=1e-5)
+    assert len(report["pairs"]) == 2                                    # every other pair saw other windows
+    assert "not the same eval windows" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        eval_noise.main([str(out / "nowhere" / "ckpt.pt")])
+
+
+def test_the_powered_sweep_names_only_built_in_configs():
+    # dev/powered_sweep.sh runs for hours: a misspelt config must fail here, not after its first stages
+    script = read(os.path.join(REPO, "dev", "powered_sweep.sh"))
+    named = {}
+    for var in ("CORE", "REST", "TABLE"):
+        value = script.split(f'\n{var}="', 1)[1].split('"', 1)[0]
+        named[var] = value.split()
+    assert all(name in compare.CONFIGS for names in named.values() for name in names)
+    assert (set(named["CORE"]) | set(named["REST"]) | {"tetrajet+oc-random"} == set(named["TABLE"])
+            == set(compare.CONFIGS))
