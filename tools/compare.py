@@ -276,6 +276,7 @@ def unpack(pack, out):
     """Write a pack's runs into <out>/<config>/seed<s>/ (done.json last), with <out>/results.json naming the
     table's inputs (so --pack-only packs them again)."""
     header, runs = read_pack(pack)
+    configs = header.pop("configs")
     for (c, s), run in runs.items():
         d = os.path.join(out, c, f"seed{s}")
         os.makedirs(d, exist_ok=True)
@@ -286,7 +287,7 @@ def unpack(pack, out):
         with open(os.path.join(d, "done.json"), "w") as f:
             json.dump(run["done"], f)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({**header, "rows": {c: {"flags": flags} for c, flags in header.pop("configs").items()}}, f, indent=1)
+        json.dump({**header, "rows": {c: {"flags": flags} for c, flags in configs.items()}}, f, indent=1)
     print(f"unpacked {len(runs)} runs of {pack} into {out}")
 
 
