@@ -4,7 +4,7 @@ kernels.py: fused Triton kernels for NVFP4 quantization, the fast twins of fp4.p
 Two kernels: _nvfp4_kernel (quantize and fake-quant, below) and _fp4_gemm_kernel (a GEMM straight from the
 FP4 codes, for GPUs with FP4 tensor cores; further down, with its own explanation).
 
-Optional: fastpaths.py imports this module only for the "triton" path (fastpaths.select decides, and
+Optional: fastpaths.py imports this module only for the "triton" path (fastpaths.use decides, and
 requires CUDA for training); it imports fp4.py for the definitions it mirrors, and nothing else of the repo. Every kernel here must equal fp4.py bit for bit: codes, scale bytes and
 dequantized values, for RTN and for SR (both draw fp4.uniform_noise, a counter-based hash of the element
 index, so the same seed gives the same noise in any order). tests/test_paths.py checks this on CPU with
@@ -15,8 +15,8 @@ skips compilation, so it cannot catch what only the compiler rejects).
 What one launch computes (one program per 16 rows x 128 columns of the padded (Mp, Kp) fp32 input):
 
     x      = load the (16, 128) tile                          # 8 blocks of 16 along K per row
-    x      = x H on every 16-chunk                            # optional RHT-16, fp4.rht16's order
-         or the row's 128-chunk rotated                       # optional RHT-128, fp4.rht128's butterfly
+    x      = x H on every 16-chunk                            # optional RHT-16, fp4.rht's order
+         or the row's 128-chunk rotated                       # optional RHT-128, fp4.rht's butterfly
     amax16 = max |x| over each 1x16 block (or 16x16 tile: max over the 16 rows too)
     per-tensor (numerics.md §2): A = amax|x| from a first pass; S_enc = 2688 / A; S_dec = 1 / S_enc
         s_b = e4m3(min(amax16 * (S_enc * fl(1/6)), 448));   scale = s_b * S_dec
@@ -29,7 +29,7 @@ What one launch computes (one program per 16 rows x 128 columns of the padded (M
     MS-EDEN (§11, per-tensor, 1x16, 128 columns = one correction group per tile row):
         S_dec = (A / 255.99) / 6.0721;  s_b = e4m3(min(amax16 / 6.0721 / S_dec, 448)) (1 if 0);  scale = s_b * S_dec
     q      = E2M1(x * min(1 / scale, FLT_MAX))                # RTN, or SR with u = uniform_noise(seed, i)
-    MS-EDEN after the elements: c = Σz² / Σz·q over the row's 128 (fp4._tree_sum's order, _tree_sum here);
+    MS-EDEN after the elements: c = Σz² / Σz·q over the row's 128 (fp4.tree_sum's order, _tree_sum here);
         s_b = s_b * c stochastically rounded to a neighbouring E4M3 value with u = uniform_noise(seed, block);
         scale = s_b * S_dec (q itself is not rounded again)
     store    fake-quant: ±q * scale (fp32)   |   quantize: packed codes, E4M3 scale bytes, outer scale
@@ -42,8 +42,8 @@ Exactness notes (why the kernel does some things by hand):
   - the E4M3 rounding is arithmetic (round to 3 mantissa bits / to multiples of 2^-9), not a cast: Triton's
     interpreter rounds fp32 -> float8e4nv ties away from zero and flushes subnormals, which TE does not.
   - round-half-even is (v + 2^23) - 2^23, exact for 0 <= v < 2^22 in IEEE fp32 arithmetic.
-  - the RHT is fp4.rht16's 16 multiply-adds in the same order (not a tl.dot, whose summation order is
-    the compiler's); RHT-128 is fp4._rotate128's butterfly, stage by stage.
+  - the RHT is fp4.rht's 16 multiply-adds in the same order (not a tl.dot, whose summation order is
+    the compiler's); RHT-128 is fp4.rht's butterfly, stage by stage.
   - sums whose order fp4.py fixes are not tl.sum (the compiler's order): a tree of halves is tl.split of a
     reshape, one exact add per step (_add_halves), and the 4/6 error's left-to-right sum adds loaded columns.
 """
@@ -55,10 +55,6 @@ import triton
 import triton.language as tl
 
 import fp4
-
-# What these kernels have of fp4.py's 2026 additions (fastpaths refuses the rest by name): all three,
-# "four_over_six" (§10), "eden" (MS-EDEN, §11), "rht128" (signs: the 128 of fp4.rht128)
-SUPPORTS = frozenset({"four_over_six", "eden", "rht128"})
 
 TILE_ROWS = 16          # rows per program: one 16x16 weight tile tall
 TILE_COLS = 128         # columns per program: one double-block outer block wide (8 blocks of 16)
@@ -119,7 +115,7 @@ def _min(a, b):
 
 @triton.jit
 def _round_e2m1(a, noise, SR: tl.constexpr):
-    """fp4.round_e2m1_magnitude: a >= 0 -> grid magnitude; RTN, or SR with `noise` (same shape)."""
+    """fp4.round_e2m1: a >= 0 -> grid magnitude; RTN, or SR with `noise` (same shape)."""
     a = _min(a, 6.0)
     step = tl.where(a >= 4.0, 2.0, tl.where(a >= 2.0, 1.0, 0.5))
     x = a * tl.where(a >= 4.0, 0.5, tl.where(a >= 2.0, 1.0, 2.0))     # a / step, exactly
@@ -138,7 +134,7 @@ def _uniform(idx, seed_ptr):
 
 @triton.jit
 def _add_halves(t, R: tl.constexpr, N: tl.constexpr):
-    """(R, N) -> (R, N/2): t[:, :N/2] + t[:, N/2:], one add per output (fp4._tree_sum's step; split, not tl.sum,
+    """(R, N) -> (R, N/2): t[:, :N/2] + t[:, N/2:], one add per output (fp4.tree_sum's step; split, not tl.sum,
     whose order would be the compiler's)."""
     a, b = tl.split(tl.permute(tl.reshape(t, (R, 2, N // 2)), (0, 2, 1)))
     return a + b
@@ -146,7 +142,7 @@ def _add_halves(t, R: tl.constexpr, N: tl.constexpr):
 
 @triton.jit
 def _tree_sum(t, R: tl.constexpr, LOG2N: tl.constexpr):
-    """fp4._tree_sum over the last dim of (R, 2^LOG2N) -> (R,): halves added until one is left."""
+    """fp4.tree_sum over the last dim of (R, 2^LOG2N) -> (R,): halves added until one is left."""
     for i in tl.static_range(LOG2N):                                   # unrolled: the shape halves each step
         t = _add_halves(t, R, (1 << LOG2N) >> i)
     return tl.reshape(t, (R,))
@@ -154,7 +150,7 @@ def _tree_sum(t, R: tl.constexpr, LOG2N: tl.constexpr):
 
 @triton.jit
 def _rotate128(x, h_ptr, R: tl.constexpr):
-    """fp4._rotate128 on (R, 128): x ∘ signs, the butterfly stages h = 1, 2, ..., 64 ((a, b) = (y[j], y[j + h])
+    """fp4.rht on (R, 128): x ∘ signs, the butterfly stages h = 1, 2, ..., 64 ((a, b) = (y[j], y[j + h])
     in every 2h-block -> (a + b, a - b)), then one multiply by fp4.RHT128_NORM."""
     y = x * tl.load(h_ptr + tl.arange(0, 128))[None, :]
     for s in tl.static_range(7):                                       # unrolled: h = 2^s
@@ -173,7 +169,7 @@ def _e4m3_value(b):
 
 @triton.jit
 def _stochastic_e4m3(t, noise):
-    """fp4._stochastic_e4m3, as values: t >= 0 (or NaN) -> t where it is an E4M3 value, else its neighbour below
+    """fp4.stochastic_e4m3, as values: t >= 0 (or NaN) -> t where it is an E4M3 value, else its neighbour below
     or above (the nearest E4M3 value r and the one next to it), up iff noise < (t - down) ⊘ (up - down)."""
     t = _min(t, 448.0)
     r = _round_e4m3(t)
@@ -186,7 +182,7 @@ def _stochastic_e4m3(t, noise):
 
 @triton.jit
 def _candidate_error(xi, encode, s, scale, A, PER_TENSOR: tl.constexpr, MSE: tl.constexpr):
-    """One element column (R, NB) of a Four Over Six candidate (fp4._four_over_six_error): RTN with its E4M3 block
+    """One element column (R, NB) of a Four Over Six candidate (fp4.round_four_over_six): RTN with its E4M3 block
     scale s and decode scale -> |x̂ - x| or (x̂ - x)², x̂ = ((±e2m1 ⊗ s) ⊗ A) ⊘ 1536 (per tensor) or ±e2m1 ⊗ scale."""
     v = xi * encode
     keep = s != 0.0
@@ -239,7 +235,7 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
     # the first element of each 16-chunk, (BM, NB): the RHT-16 and Four Over Six load column i of every chunk
     starts = rows[:, None].to(tl.int64) * Kp + (tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :]
     cmask = (rows[:, None] < M) & ((tl.program_id(1) * BK + tl.arange(0, NB) * 16)[None, :] < Kp)
-    if RHT == 16:   # xb[r, b, j] = Σ_i x[r, 16b + i]·H[i, j], i = 0..15 in order (fp4.rht16)
+    if RHT == 16:   # xb[r, b, j] = Σ_i x[r, 16b + i]·H[i, j], i = 0..15 in order (fp4.rht)
         xb = tl.zeros((BM, NB, 16), tl.float32)
         for i in tl.static_range(16):
             xi = tl.load(x_ptr + starts + i, mask=cmask, other=0.0).to(tl.float32)   # (BM, NB)
@@ -348,27 +344,20 @@ def _on(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _rht_operand(signs, device):
+    """fp4.rht's signs -> what the kernel reads: H = diag(s) · H16 / 4 (16, 16) for RHT-16, the 128 signs for RHT-128."""
+    signs = signs.to(device).float()
+    return (signs[:, None] * (0.25 * fp4.sylvester(16, device)) if len(signs) == 16 else signs).contiguous()
+
+
 def _launch(x2, outer, tile, seed, signs, fake, eden=False, four_over_six=None):
-    if not x2.is_floating_point() or x2.dim() != 2:
-        raise ValueError(f"kernels: expected a 2-D float tensor, got {x2.dtype} of shape {tuple(x2.shape)}")
-    tile = tuple(tile)
-    M, Kp = x2.shape
+    tile, (M, Kp) = tuple(tile), x2.shape
     rht = 0 if signs is None else len(signs)
-    if rht not in (0, *fp4.RHT_SIZES):
-        raise ValueError(f"kernels: signs must be None, 16 (RHT-16) or 128 (RHT-128) signs, got {rht}")
-    if eden and (outer != "tensor" or tile != (1, 16) or seed is None):
-        raise ValueError(f"kernels: MS-EDEN needs outer='tensor', tile=(1, 16) and a seed, got outer={outer!r}, "
-                         f"tile={tile}, seed={'set' if seed is not None else None}")
-    if four_over_six is not None and (four_over_six not in fp4.FOUR_OVER_SIX_ERRORS or seed is not None or rht or eden):
-        raise ValueError(f"kernels: Four Over Six takes four_over_six in {fp4.FOUR_OVER_SIX_ERRORS}, RTN and no RHT "
-                         f"(got {four_over_six!r}, seed={'set' if seed is not None else None}, {rht} signs, eden={eden})")
     block = fp4.OUTER_BLOCK if outer == fp4.OUTER_BLOCK or eden or rht == fp4.OUTER_BLOCK else fp4.NVFP4_BLOCK
-    if Kp % block or (tile == (16, 16) and M % 16):
-        raise ValueError(f"kernels: shape {tuple(x2.shape)} is not padded to whole blocks for outer={outer!r}, "
-                         f"tile={tile}, eden={eden}, {rht} signs; pad it as fp4._as_padded_2d does")
+    assert x2.dim() == 2 and Kp % block == 0 and M % tile[0] == 0, f"kernels: {tuple(x2.shape)} is not padded (fp4.pad_2d)"
     x2 = x2.contiguous()                             # bf16 stays bf16: the kernel upcasts as it loads
     dev = x2.device
-    h = None if signs is None else fp4.rht_operator(signs, dev).contiguous()   # hadamard16(signs), or the 128 signs
+    h = None if signs is None else _rht_operand(signs, dev)                    # H = diag(s) H16 / 4, or the 128 signs
     amax = torch.zeros((), device=dev)
     if outer == "tensor":
         amax = _abs_max(fp4.rht(x2, signs) if signs is not None else x2)               # the amax pass
@@ -382,7 +371,7 @@ def _launch(x2, outer, tile, seed, signs, fake, eden=False, four_over_six=None):
                             seed.to(dev) if seed is not None else amax, M, Kp,         # (amax: unread placeholders)
                             FAKE=fake, DOUBLE_BLOCK=outer == fp4.OUTER_BLOCK, TILE16=tile == (16, 16),
                             SR=seed is not None and not eden, RHT=rht, EDEN=eden,
-                            FOUR_OVER_SIX=0 if four_over_six is None else 1 + fp4.FOUR_OVER_SIX_ERRORS.index(four_over_six),
+                            FOUR_OVER_SIX={None: 0, "mae": 1, "mse": 2}[four_over_six],
                             BM=TILE_ROWS, BK=TILE_COLS, **EXACT)
     if fake:
         return out
@@ -405,8 +394,15 @@ def quantize_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, eden
 
 def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, eden=False, four_over_six=None):
     """(Mp, Kp) float -> fp32 (Mp, Kp): dequantize(quantize(x2)) in one pass (two with a per-tensor scale);
-    fp4._fake_quant_2d's twin. Arguments as quantize_nvfp4."""
+    fp4.reference_kernel's twin. Arguments as quantize_nvfp4."""
     return _launch(x2, outer, tile, seed, signs, True, eden, four_over_six)
+
+
+def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
+    """fp4.KERNEL on CUDA (NVFP4 only: fastpaths' probe refuses mxfp4 recipes) -> fp32 (Mp, Kp)."""
+    assert fmt == "nvfp4", "kernels.py has NVFP4 kernels only"
+    return _launch(x2, outer, tile, seed if rounding != "nearest" else None, rht_signs, True, rounding == "eden",
+                   four_over_six)
 
 # -----------------------------------------------------------------------------
 # The FP4 GEMM: C = dequantize(A) dequantize(B)ᵀ straight from the codes, on tensor cores that multiply
@@ -525,7 +521,7 @@ if __name__ == "__main__":
                 got = quantize_nvfp4(x, outer, tile, s)                          # the same seed as draw_seed above
                 same = (torch.equal(got[0], ref.codes) and torch.equal(got[1].view(torch.uint8),
                         ref.block_scale.view(torch.uint8)) and torch.equal(got[2], ref.outer_scale))
-                same_dq = torch.equal(fake_quant_nvfp4(x, outer, tile, s), fp4._fake_quant_2d(x, "nvfp4", outer, tile, rounding, s))
+                same_dq = torch.equal(fake_quant_nvfp4(x, outer, tile, s), fp4.reference_kernel(x, "nvfp4", outer, tile, rounding, s))
                 print(f"outer={outer!s:6s} tile={tile} {rounding:10s} codes/scales equal: {same}, fake-quant equal: {same_dq}")
     signs128 = fp4.random_signs(torch.Generator().manual_seed(0), n=128).to(device)
     for name, outer, tile, rounding, signs, fos in (("4/6 mae", "tensor", (1, 16), "nearest", None, "mae"),
@@ -539,12 +535,12 @@ if __name__ == "__main__":
                 ref.block_scale.view(torch.uint8)) and torch.equal(got[2], ref.outer_scale))
         print(f"{name:16s} outer={outer!s:6s} tile={tile} codes/scales equal: {same}")
     qa, qb = fp4.quantize_mxfp4(x[:256]), fp4.quantize_mxfp4(x[-128:])     # the GEMM: MXFP4 runs everywhere,
-    ref = fp4.dequantize(qa, shape[1]) @ fp4.dequantize(qb, shape[1]).t()    # NVFP4 only on FP4 tensor cores
+    ref = fp4.dequantize(qa)[:, :shape[1]] @ fp4.dequantize(qb)[:, :shape[1]].t()    # NVFP4 only on FP4 tensor cores
     print(f"fp4_gemm mxfp4 max |error| / max |C|: {((fp4_gemm(qa, qb) - ref).abs().max() / ref.abs().max()).item():.1e}")
     if fp4_gemm_supported(device):
         for outer in ("tensor", 128):
             qa, qb = fp4.quantize_nvfp4(x[:256], outer=outer), fp4.quantize_nvfp4(x[-128:], outer=outer)
-            ref = fp4.dequantize(qa, shape[1]) @ fp4.dequantize(qb, shape[1]).t()
+            ref = fp4.dequantize(qa)[:, :shape[1]] @ fp4.dequantize(qb)[:, :shape[1]].t()
             err = ((fp4_gemm(qa, qb) - ref).abs().max() / ref.abs().max()).item()
             print(f"fp4_gemm nvfp4 outer={outer!s:6s} max |error| / max |C|: {err:.1e}")
     if device == "cuda":

@@ -4,9 +4,8 @@ sample.py: print text sampled from a checkpoint train.py wrote, FP4 or baseline 
     python sample.py --out-dir out                                  # 2 samples of 200 tokens after "\\n"
     python sample.py --out-dir out --start "def main(" --num-samples 4 --temperature 0.8 --top-k 50
 
-The model is rebuilt exactly as train.py built it: train.build_model from the checkpoint's config, and, for an
---fp4 run, the recipe from train.resolve_recipe, the implementation from fastpaths.select and the swap from
-fp4.convert_to_fp4, so an FP4 model samples through its FP4 forward. Text goes through the dataset's tokenizer
+The model is rebuilt exactly as train.py built it, by train.build_model from the checkpoint's config (FP4 recipe,
+kernel and layer swap included), so an FP4 model samples through its FP4 forward. Text goes through the dataset's tokenizer
 (byte, char or GPT-2 BPE, see data/prepare.py). The same --seed gives the same samples.
 """
 
@@ -15,12 +14,11 @@ import contextlib
 import os
 import pickle
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields, replace
 
 import torch
 
 import fastpaths
-import fp4
 import train
 from data.prepare import dataset_dir, tokenize
 
@@ -55,10 +53,9 @@ def parse_args(argv):
 
 
 def load_model(out_dir, device, dtype=None, fp4_path=None):
-    """<out_dir>/ckpt.pt -> (model in eval mode on `device`, checkpoint dict, TrainConfig, recipe or None,
-    FP4 implementation or None, select's line or None): the model as it trained, FP4 layers and their state
-    included. dtype: the activation dtype, None for the run's own (its --dtype on this device). Exits with one
-    line if the checkpoint is missing or unfit."""
+    """<out_dir>/ckpt.pt -> (model in eval mode on `device`, checkpoint, TrainConfig): the model as it trained, built
+    by train.build_model (FP4 layers, their recipe and state included). dtype: the activation dtype, None for the
+    run's own (what its --dtype gives on this device). Exits with one line if the checkpoint is missing or unfit."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
         sys.exit(f"error: no checkpoint at {ckpt_path}; train one first (python train.py --out-dir {out_dir}) "
@@ -71,32 +68,18 @@ def load_model(out_dir, device, dtype=None, fp4_path=None):
     except Exception as e:
         sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); re-run train.py "
                  f"or choose another --out-dir")
+    if fp4_path:
+        cfg = replace(cfg, fp4_path=fp4_path)
     if dtype is None:
         dtype, _ = train.activation_dtype(cfg.dtype, torch.device(device).type)
-    model, recipe, path, why = train.build_model(cfg, vocab_size, dtype), None, None, None
-    if cfg.fp4:                                            # as train.main: recipe, path, then the swap
-        recipe = train.resolve_recipe(cfg)
-        saved = ckpt.get("recipe")
-        if saved and asdict(recipe) != saved:              # a preset changed since training: the saved recipe
-            try:                                           # is what trained, if this fp4.py can still build it
-                recipe = fp4.Recipe(**saved)
-            except (TypeError, ValueError) as e:
-                print(f"note: the checkpoint's recipe {saved} does not build here ({e}); using {recipe}",
-                      file=sys.stderr)
-        try:
-            impl, why = fastpaths.select(fp4_path or cfg.fp4_path, device, recipe)
-            path = impl.name
-        except ValueError as e:
-            sys.exit(f"error: {e} (or pass --fp4-path auto)")
-        with contextlib.redirect_stdout(sys.stderr):       # its summary line is a log, not a sample
-            fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k,
-                               seed=cfg.seed * 1000, impl=impl)
+    with contextlib.redirect_stdout(sys.stderr):           # its start-up lines are a log, not a sample
+        model, _ = train.build_model(cfg, vocab_size, dtype, device, log=lambda line: print(line, file=sys.stderr))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         sys.exit(f"error: {ckpt_path} does not fit the model its config builds (written by another version of "
                  f"model.py or fp4.py?): {str(e).splitlines()[0]}")
-    return model.to(device).eval(), ckpt, cfg, recipe, path, why
+    return model.eval(), ckpt, cfg
 
 
 def tokenizer(ckpt, cfg):
@@ -139,14 +122,12 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     dtype, _ = train.activation_dtype(args.dtype, device.split(":")[0])
     torch.manual_seed(args.seed)
-    model, ckpt, cfg, recipe, path, why = load_model(args.out_dir, device, dtype, args.fp4_path)
-    if why and path == "reference":
-        print(why, file=sys.stderr)                        # auto fell back to the slow path: say why
+    model, ckpt, cfg = load_model(args.out_dir, device, dtype, args.fp4_path)
     encode, decode = tokenizer(ckpt, cfg)
     start_ids = encode(args.start)
     if not start_ids:
         sys.exit("error: --start encodes to no tokens; give at least one character")
-    what = f"FP4 recipe {recipe.name}, path {path}" if recipe else "baseline (no FP4)"
+    what = f"FP4 recipe {cfg.fp4_recipe}" if cfg.fp4 else "baseline (no FP4)"
     print(f"loaded {os.path.join(args.out_dir, 'ckpt.pt')}: model {cfg.model} ({model.num_params() / 1e6:.2f}M "
           f"parameters), step {ckpt.get('step', '?')}, val_loss {ckpt.get('best_val_loss', float('nan')):.4f}, "
           f"{what}, {ckpt['dataset_meta']['tokenizer']} tokens, activations {str(dtype).removeprefix('torch.')}, "

@@ -4,20 +4,20 @@
  * MXFP4) and quantize_nvfp4 (packed codes and scales: fp4.quantize_nvfp4). What they compute:
  *
  *     x (M, K), M a multiple of TR (1 or 16 rows per scale tile), K a multiple of the format's block
- *     optionally  x <- x H  per 16-chunk of a row (RHT-16, fp4.rht16), H (16, 16) fp32
+ *     optionally  x <- x H  per 16-chunk of a row (RHT-16, fp4.rht), H (16, 16) fp32
  *     amax_16 = max |x| over each TR x 16 tile      (replicated on the TR rows)
  *     NVFP4, outer = "tensor":  s_b = e4m3(min(amax_16 * (S_enc * fl(1/6)), 448));  scale = s_b * S_dec
  *     NVFP4, outer = 128:       s_o = amax_128 / 2688 (1 if 0);  s_i = e4m3(min((amax_16 / s_o) / 6, 448))
  *                               (2^-9 if amax_16 = 0);  scale = s_o * s_i
  *     MXFP4:                    scale = X = 2^(floor(log2 amax_32) - 2), an E8M0 value
- *     v = x * min(1 / scale, FLT_MAX);  q = E2M1 magnitude of |v| (RTN or SR, fp4.round_e2m1_magnitude)
+ *     v = x * min(1 / scale, FLT_MAX);  q = E2M1 magnitude of |v| (RTN or SR, fp4.round_e2m1)
  *     fake_quant: out = ±q * scale (0 for a block whose scale is 0), stored as fp32 or bf16 (round to nearest
  *     even);  quantize_nvfp4: the E2M1 codes of ±q, packed, and the scale bytes
  *   and fp4.py's 2026 additions, each bit for bit its reference function:
- *     RHT-128 (fp4._rotate128): x <- x * signs per 128-chunk, butterfly h = 1, 2, ..., 64, times fl(2^-3.5)
- *     Four Over Six (fp4._round_four_over_six): map-to-6 and map-to-4 scales per block (1536 = 6 * 256), each
+ *     RHT-128 (fp4.rht): x <- x * signs per 128-chunk, butterfly h = 1, 2, ..., 64, times fl(2^-3.5)
+ *     Four Over Six (fp4.round_four_over_six): map-to-6 and map-to-4 scales per block (1536 = 6 * 256), each
  *       rounded (RTN) and its error taken in TE's expression; map-to-4 kept iff strictly smaller
- *     MS-EDEN (fp4._round_eden): S_dec from 255.99 and 6.0721; per 128-group c = sum z^2 / sum z q (tree order);
+ *     MS-EDEN (fp4.round_eden): S_dec from 255.99 and 6.0721; per 128-group c = sum z^2 / sum z q (tree order);
  *       the scale s * c rounded stochastically to E4M3 with one uniform per block (row * K/16 + block)
  *
  * Why C: torch.compile fuses the same math into one loop, but its code recomputes each block's scales in
@@ -173,7 +173,7 @@ static void load_block(const void *x, int x_bf16, int64_t row_stride, int64_t co
 }
 
 /* RHT-16 of n contiguous fp32 values in place, chunk by chunk: out[q] = sum_i c[i] H[i][q] summed in the
- * order i = 0..15 (fp4._rotate16's order; each product is exact, so the order fixes every bit).
+ * order i = 0..15 (fp4.rht's order; each product is exact, so the order fixes every bit).
  * One chunk alone is a chain of 15 dependent adds per output vector (latency-bound: ~3 cycles per element on
  * Zen 3), so with AVX2 four chunks go through the 16 steps together: 8 independent accumulators, the same
  * operations in the same order per output (2048x512 fp32, one thread: the RHT's share of the kernel
@@ -215,7 +215,7 @@ static inline void rotate16(float *v, int n, const float *H) {
     for (; c < n; c += BLOCK) rotate16_one(v + c, H);
 }
 
-/* RHT-128 of n contiguous fp32 values in place (n a multiple of 128), chunk by chunk, as fp4._rotate128: y = c * s
+/* RHT-128 of n contiguous fp32 values in place (n a multiple of 128), chunk by chunk, as fp4.rht: y = c * s
  * (the 128 signs, exact), then the butterfly stages h = 1, 2, 4, ..., 64 in that order, within every 2h-block
  * (a, b) = (y[j], y[j + h]) -> (a + b, a - b), then one multiply by fl(2^-3.5). With AVX2 the chunk is 16
  * vectors of 8: stages h >= 8 add whole vectors, h = 1, 2, 4 add a vector to its lane-swapped self and blend
@@ -285,7 +285,7 @@ static inline void rotate128(float *v, int n, const float *signs) {
     }
 }
 
-/* the RHT the quantizer was given: hsize 16 (H = fp4.hadamard16(signs)) or 128 (H = the 128 signs) */
+/* the RHT the quantizer was given: hsize 16 (H = diag(s) H16 / 4, rht_operand) or 128 (H = the 128 signs) */
 static inline void rotate(float *v, int n, const float *H, int hsize) {
     if (hsize == OUTER) rotate128(v, n, H);
     else rotate16(v, n, H);
@@ -346,7 +346,7 @@ static inline float hmax_bits8(__m256i m) {              /* -> the fp32 max of t
  * packed E2M1 codes (quantize_nvfp4). */
 #define E2M1_STEP(a) ((a) >= 4.0f ? 2.0f : ((a) >= 2.0f ? 1.0f : 0.5f))   /* grid spacing 2^(e-1) */
 
-/* fp4.round_e2m1_magnitude(|v|): the E2M1 grid magnitude of scaled value v, RTN or SR with element i's noise */
+/* fp4.round_e2m1(|v|): the E2M1 grid magnitude of scaled value v, RTN or SR with element i's noise */
 static inline float round_e2m1(float v, const int sr, uint32_t i, uint32_t s0, uint32_t s1) {
     float a = min_keep_nan(fabsf(v), E2M1_MAX);
     float step = E2M1_STEP(a);
@@ -458,7 +458,7 @@ static inline __attribute__((always_inline)) void dequantize_row_avx2(
 }
 #endif
 
-/* codes as fp4._code_values: k = 2q for q <= 2, else min(q + 2, 7), 0 for NaN; + 8 if negative (and kept);
+/* codes as fp4.encode_e2m1: k = 2q for q <= 2, else min(q + 2, 7), 0 for NaN; + 8 if negative (and kept);
  * packed two to a byte, element 2j in the low nibble (fp4.pack_e2m1) */
 static inline __attribute__((always_inline)) void encode_row(
         const float *v, int n, const float *encE, const float *keptE, uint8_t *codes,
@@ -486,7 +486,7 @@ static inline uint8_t e4m3_byte(float s) {
 
 /* ------------------------------------------------------------------------------------------------------
  * What a quantization needs besides the data: the output, the recipe, and the per-tensor numbers of pass 1. */
-enum { FOS_NONE = 0, FOS_MAE = 1, FOS_MSE = 2 };   /* Four Over Six's error (fp4.FOUR_OVER_SIX_ERRORS) */
+enum { FOS_NONE = 0, FOS_MAE = 1, FOS_MSE = 2 };   /* Four Over Six's error (fp4.round_four_over_six) */
 typedef struct {
     int64_t K;                         /* row length of the (M, K) view: element (r, c) has flat index r*K + c */
     void *out;                         /* fake_quant's output, or NULL */
@@ -510,7 +510,7 @@ static inline float e4m3_value(uint32_t b) {
     return e == 0 ? (float)m * (1.0f / 512.0f) : bits_to_float(((e + 120u) << 23) | (m << 20));
 }
 
-/* fp4._stochastic_e4m3 of one t >= 0 (or NaN) with its uniform u -> the E4M3 byte: t where it is on the grid,
+/* fp4.stochastic_e4m3 of one t >= 0 (or NaN) with its uniform u -> the E4M3 byte: t where it is on the grid,
  * else its neighbour above iff u < (t - down) / (up - down), the neighbours found from r = e4m3(t) */
 static inline uint32_t stochastic_e4m3_byte(float t, float u) {
     t = min_keep_nan(t, E4M3_MAX);
@@ -528,7 +528,7 @@ static inline float block_noise(uint32_t i, uint32_t s0, uint32_t s1) {      /* 
 }
 
 /* Four Over Six's error of one 16-block of one row for one candidate (E4M3 scale s, decode scale sc), as
- * fp4._four_over_six_error: q = ±E2M1(x * min(1/sc, FLT_MAX)) (RTN, 0 if s = 0), x̂ = ((q * s) * A) / 1536
+ * fp4.round_four_over_six: q = ±E2M1(x * min(1/sc, FLT_MAX)) (RTN, 0 if s = 0), x̂ = ((q * s) * A) / 1536
  * (per-tensor) or q * sc (outer 128), d = |x̂ - x| or (x̂ - x)², summed left to right */
 static inline float fos_block_error(const float *x, float s, float sc, const Job *j) {
     const float enc = min_keep_nan(1.0f / sc, FLT_MAX);
@@ -611,7 +611,7 @@ static inline void fos_row_fake_avx2(const float *v, const float s[2][MAX_GROUP 
 }
 #endif
 
-/* Four Over Six's choice for one tile (fp4._round_four_over_six): pick[b] = 1 iff map-to-4's error is strictly
+/* Four Over Six's choice for one tile (fp4.round_four_over_six): pick[b] = 1 iff map-to-4's error is strictly
  * below map-to-6's (a tie, or a NaN, keeps map-to-6). With 16x16 tiles the 16 row errors of a block are added
  * as a tree: rows i + i+8, then i + i+4, ... (TE's warp reduction). */
 static void fos_pick(float v[][MAX_GROUP], int tile_rows, int nb, const float s[2][MAX_GROUP / BLOCK],
@@ -639,7 +639,7 @@ static void fos_pick(float v[][MAX_GROUP], int tile_rows, int nb, const float s[
 
 #ifdef __AVX2__
 /* MS-EDEN's two sums over one 128-group x (16 vectors of 8): z = x * enc[block], q = ±E2M1(z) rounded to nearest,
- * Σ z² and Σ z·q in fp4._tree_sum's order (element e + e+64 is vector k + k+8 in the same lane, ... down to one
+ * Σ z² and Σ z·q in fp4.tree_sum's order (element e + e+64 is vector k + k+8 in the same lane, ... down to one
  * vector, whose lanes are then added the same way: 0-3 + 4-7, 0-1 + 2-3, 0 + 1). q is kept in q_out (16 vectors)
  * unless it is NULL. */
 static inline void eden_sums_avx2(const float *x, const float *enc, __m256 *q_out, float *num, float *den) {
@@ -672,7 +672,7 @@ static inline void eden_sums_avx2(const float *x, const float *enc, __m256 *q_ou
 }
 #endif
 
-/* MS-EDEN's scales for one row of n (a multiple of 128) values (fp4._round_eden): from the tile amax, the first
+/* MS-EDEN's scales for one row of n (a multiple of 128) values (fp4.round_eden): from the tile amax, the first
  * E4M3 scale s (1 if 0) and its encode factor; per 128-group c = Σ z² / Σ z q (1 if Σ z q = 0), both sums in
  * _tree_sum's order (halves added elementwise); then the scale s * c rounded stochastically to E4M3 with block
  * (row, b)'s uniform. The elements are rounded with encode (from s) and dequantized with the new scale. */
@@ -813,7 +813,7 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
         }
         tile_amax[b] = m;
     }
-    if (j->fos) {                    /* Four Over Six: two candidates per block (fp4._four_over_six_scales) */
+    if (j->fos) {                    /* Four Over Six: two candidates per block (fp4.round_four_over_six) */
         float s[2][MAX_GROUP / BLOCK], sc[2][MAX_GROUP / BLOCK];
         int pick[MAX_GROUP / BLOCK];
         if (fmt == NVFP4_OUTER128) {
@@ -859,7 +859,7 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
         eden_scales(v[0], n, tile_amax, r0, c0, j, encode, block_scale);
         for (int b = 0; b < nb; b++) {
             scale[b] = block_scale[b] * j->s_dec;
-            keep[b] = 1;                                            /* fp4._round_eden has no zero-scale mask */
+            keep[b] = 1;                                            /* fp4.round_eden has no zero-scale mask */
         }
         have_encode = 1;
     } else if (fmt == NVFP4_OUTER128) {
@@ -874,7 +874,7 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             scale[b] = s_o * s_i;
             keep[b] = s_i != 0.0f;
         }
-    } else if (fmt == MXFP4) {      /* fp4._round_mxfp4: X = 2^(floor(log2 amax_32) - 2), an E8M0 byte */
+    } else if (fmt == MXFP4) {      /* fp4.quantize_mxfp4: X = 2^(floor(log2 amax_32) - 2), an E8M0 byte */
         for (int b = 0; b < nb; b += MX_BLOCK / BLOCK) {
             float a32 = max_keep_nan(tile_amax[b], tile_amax[b + 1]);
             int32_t e = (int32_t)((float_to_bits(a32) >> 23) & 0xFF) - 127 - E2M1_MAX_POW2;
@@ -1005,8 +1005,8 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
  *   tile_rows                           1 or 16 (TR above)
  *   fmt                                 NVFP4_TENSOR, NVFP4_OUTER128 (s_o per 1x128 / 16x128) or MXFP4
  *   sr, s0, s1                          stochastic rounding and its two uint32 seeds
- *   H, hsize                            NULL, or the 16x16 RHT matrix (fp4.hadamard16), row-major (hsize 16),
- *                                       or the 128 signs of RHT-128 (hsize 128)
+ *   H, hsize                            NULL, or the 16x16 RHT matrix (rht_operand below), row-major (hsize 16),
+ *                                       or the 128 signs of RHT-128 (hsize 128); the entry points take fp4.rht's signs
  *   eden                                MS-EDEN (NVFP4_TENSOR, 1x16, K a multiple of 128; s0, s1 seed the
  *                                       scales' noise, the elements round to nearest: sr = 0)
  *   fos                                 Four Over Six's error, FOS_NONE / FOS_MAE / FOS_MSE (NVFP4, RTN)
@@ -1024,7 +1024,7 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
             x = rotated, x_bf16 = 0, row_stride = K, col_stride = 1, H = NULL;
         }
         j.A = A;
-        if (eden) {                  /* fp4._round_eden: S_dec = (A / 255.99) / fl(6 / 0.988125) (1 if A = 0) */
+        if (eden) {                  /* fp4.round_eden: S_dec = (A / 255.99) / fl(6 / 0.988125) (1 if A = 0) */
             j.s_dec = A == 0.0f ? 1.0f : (A / EDEN_SCALE_BOUND) / EDEN_VAL_MAX;
         } else {
             float S_enc = A == 0.0f ? 1.0f : min_keep_nan((fos ? FOS_AMAX_TO_SCALE : AMAX_TO_SCALE) / A, FLT_MAX);
@@ -1054,15 +1054,29 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
     free(rotated);
 }
 
+/* The RHT operand rotate() takes, from the signs fp4.rht takes: for 16 signs the matrix H = diag(s) H16 / 4,
+ * row-major, H16[i][q] = (-1)^popcount(i & q) (the Sylvester matrix fp4.sylvester builds); 128 signs as they are. */
+static const float *rht_operand(const float *signs, int n_signs, float *H) {
+    if (!signs || n_signs == OUTER) return signs;
+    for (int i = 0; i < BLOCK; i++)
+        for (int q = 0; q < BLOCK; q++)
+            H[BLOCK * i + q] = signs[i] * ((__builtin_popcount(i & q) & 1) ? -0.25f : 0.25f);
+    return H;
+}
+
 void fake_quant(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
-                int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1, const float *H,
-                int hsize, int eden, int fos) {
-    run(x, x_bf16, row_stride, col_stride, out, out_bf16, NULL, M, K, tile_rows, fmt, sr, s0, s1, H, hsize, eden, fos);
+                int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1, const float *signs,
+                int n_signs, int eden, int fos) {
+    float H[BLOCK * BLOCK];
+    run(x, x_bf16, row_stride, col_stride, out, out_bf16, NULL, M, K, tile_rows, fmt, sr, s0, s1,
+        rht_operand(signs, n_signs, H), n_signs, eden, fos);
 }
 
 void quantize_nvfp4(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, uint8_t *codes,
                     uint8_t *scales, float *outer, int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0,
-                    uint32_t s1, const float *H, int hsize, int eden, int fos) {
+                    uint32_t s1, const float *signs, int n_signs, int eden, int fos) {
     CodesOut co = {codes, scales, outer};
-    run(x, x_bf16, row_stride, col_stride, NULL, 0, &co, M, K, tile_rows, fmt, sr, s0, s1, H, hsize, eden, fos);
+    float H[BLOCK * BLOCK];
+    run(x, x_bf16, row_stride, col_stride, NULL, 0, &co, M, K, tile_rows, fmt, sr, s0, s1,
+        rht_operand(signs, n_signs, H), n_signs, eden, fos);
 }
