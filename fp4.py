@@ -56,7 +56,7 @@ forth get snapped to their bin) and OutControl (a few outlier input channels kep
 
 Layout: E2M1 -> a minimal NVFP4 on one screen -> NVFP4 in full (per-tensor, double-block) -> Four Over Six ->
 MS-EDEN -> MXFP4/MXFP8 -> the RHT -> recipes -> fake_quant and its kernel hook -> the FP4 linear -> OsciReset,
-OutControl -> FP4 health -> an appendix of exactness tricks (bit-level exponents, exact division, SR noise as
+OutControl -> an appendix of exactness tricks (bit-level exponents, exact division, SR noise as
 a pure function of the element index) that let every implementation give the same bits.
 Left out: packed storage beyond nibbles, swizzled scale layouts, tensor subclasses, TP/FSDP.
 """
@@ -512,6 +512,7 @@ class Recipe:
             (self.other_rounding != "eden" or self.weight_tile == (1, 16),
              "MS-EDEN on the other operand needs weight_tile=1x16 (dgrad quantizes Wᵀ with W's tile)"),
             (set(self.rht) <= {"dgrad", "wgrad"}, "rht must be a subset of dgrad, wgrad"),
+            (isinstance(self.aligned, bool), "aligned must be true or false"),
             (self.rht_signs in ("fixed", "random"), "rht_signs must be fixed or random"),
             (self.rht_size in (NVFP4_BLOCK, OUTER_BLOCK), "rht_size must be 16 or 128"),
             (self.rht_size == NVFP4_BLOCK or self.rht_signs == "random", "RHT-128 needs rht_signs=random"),
@@ -552,7 +553,7 @@ RECIPES = {
 
 
 def _format_value(v):
-    """A Recipe field's value as parse_recipe reads it: 128, 16x16, dgrad+wgrad, none, true."""
+    """A Recipe field's value as parse_recipe reads it back: 128, 16x16, dgrad+wgrad, none, true."""
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, tuple):
@@ -565,32 +566,20 @@ def parse_recipe(spec):
     if isinstance(spec, Recipe):
         return spec
     name, _, rest = spec.partition("[")
-    if name not in RECIPES:
-        raise ValueError(f"unknown FP4 recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    if rest and not rest.endswith("]"):
-        raise ValueError(f"FP4 recipe {spec!r}: write overrides as {name}[field=value,...]")
-    kinds = {f.name: f for f in fields(Recipe)[1:]}
-    changes = {}
+    if name not in RECIPES or (rest and not rest.endswith("]")):
+        raise ValueError(f"unknown FP4 recipe {spec!r}; write a preset ({', '.join(RECIPES)}) or preset[field=value,...]")
+    known, changes = [f.name for f in fields(Recipe)[1:]], {}
     for item in filter(None, rest[:-1].split(",")):
-        key, eq, value = item.partition("=")
-        if key not in kinds or not eq:
-            raise ValueError(f"FP4 recipe {spec!r}: {item!r} is not field=value; fields: {', '.join(kinds)}")
-        default = getattr(RECIPES[name], key)
-        if key == "outer":
-            changes[key] = OUTER_BLOCK if value == str(OUTER_BLOCK) else value
-        elif key == "rht_size":
-            changes[key] = int(value) if value.isdigit() else value
-        elif key == "weight_tile":
-            changes[key] = tuple(int(v) for v in value.split("x")) if value.replace("x", "").isdigit() else value
-        elif key == "rht":
-            changes[key] = () if value == "none" else tuple(value.split("+"))
-        elif isinstance(default, bool):
-            if value not in ("true", "false"):
-                raise ValueError(f"FP4 recipe {spec!r}: {key} must be true or false")
-            changes[key] = value == "true"
-        else:
-            changes[key] = value
+        key, eq, v = item.partition("=")
+        if key not in known or not eq:
+            raise ValueError(f"FP4 recipe {spec!r}: {item!r} is not field=value with a field of {', '.join(known)}")
+        default = getattr(RECIPES[name], key)         # the value's type follows the field's preset value
+        changes[key] = (v == "true" if isinstance(default, bool) and v in ("true", "false") else
+                        int(v) if v.isdigit() else
+                        tuple(int(n) for n in v.split("x")) if key == "weight_tile" and v.replace("x", "").isdigit() else
+                        (() if v == "none" else tuple(v.split("+"))) if key == "rht" else v)
     return replace(RECIPES[name], **changes)
+
 
 # -----------------------------------------------------------------------------
 # fake_quant: quantize, then dequantize. The reference is literally dequantize(quantize(x)); KERNEL is the one
@@ -918,106 +907,6 @@ class OutControl:
     def summary(self):
         """-> {layer name: outlier channels}."""
         return {k: 0 if m.columns is None else len(m.columns[0]) for k, m in self.layers.items()}
-
-# -----------------------------------------------------------------------------
-# FP4 health (§9), read from a layer and a batch at eval time, outside autograd: SQNR of each operand as its GEMM
-# quantizes it, and how many blocks' scales saturate or underflow. Nothing here draws from a layer's generator.
-
-SATURATION_LIMIT = 7.0   # a scaled |x| above 7 loses more to the clamp at 6 than rounding loses anywhere in range
-
-
-def sqnr(x, x_dq):
-    """Signal-to-quantization-noise ratio in dB: 10·log10(‖x‖² / ‖x - x_dq‖²), in fp64."""
-    x, x_dq = x.double(), x_dq.double()
-    return (10 * torch.log10(x.square().sum() / (x - x_dq).square().sum())).item()
-
-
-def block_health(x, recipe, tile=(1, 16), four_over_six=None):
-    """-> (saturated, underflow) among the non-zero blocks of x (..., K): the fraction whose scaled amax exceeds
-    SATURATION_LIMIT (MXFP4's floor scale does this to 17% of randn's blocks; NVFP4's fitted scale never), and the
-    fraction whose scale is an E4M3 subnormal or zero (< 2^-6) or E8M0's smallest."""
-    q = quantize(x, recipe, tile=tile, four_over_six=four_over_six)
-    x2 = x.reshape(-1, x.shape[-1]).float()                                   # (M, K)
-    if isinstance(q, MX):
-        block, scale = MX_BLOCK, q.scale.float().view(x2.shape[0], -1)
-        tiny = q.scale.view(torch.uint8).view(scale.shape) == 0
-    else:
-        block, s = NVFP4_BLOCK, q.block_scale.float().view(x2.shape[0], -1)
-        outer = q.outer_scale if q.outer_scale.dim() == 0 else \
-            q.outer_scale.view(x2.shape[0], -1).repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)
-        scale, tiny = s * outer, s < 2.0 ** -6
-    x2 = torch.nn.functional.pad(x2, (0, scale.shape[1] * block - x2.shape[1]))
-    amax = x2.abs().view(x2.shape[0], -1, block).amax(-1)
-    nonzero = amax > 0
-    n = nonzero.sum().clamp(min=1)
-    saturated = (amax * (1.0 / scale).clamp(max=FLT_MAX) > SATURATION_LIMIT) & nonzero
-    return (saturated.sum() / n).item(), ((tiny & nonzero).sum() / n).item()
-
-
-def layer_health(layer, x, dy, generator):
-    """An FP4Linear and one batch's input x (..., in) and output gradient dy (..., out) -> {sqnr_x, sqnr_w,
-    sqnr_dy_dgrad, sqnr_dy_wgrad (dB), saturated_x/_w, underflow_x/_w}: each operand quantized as its GEMM does
-    (dY after the GEMM's RHT, its random draws from `generator`)."""
-    r, x2, dy2 = layer.recipe, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).float()
-    fx, fw = four_over_six_of(r, "activations"), four_over_six_of(r, "weights")
-    out = dict(sqnr_x=sqnr(x2, fake_quant_columns(x2, r, (1, 16), layer.columns, four_over_six=fx)),
-               sqnr_w=sqnr(layer.weight, layer.quantize_weight()))
-    out.update(zip(("saturated_x", "underflow_x"), block_health(x2, r, four_over_six=fx)))
-    out.update(zip(("saturated_w", "underflow_w"), block_health(layer.weight.detach(), r, r.weight_tile, fw)))
-    for gemm, a in (("dgrad", dy2), ("wgrad", dy2.t())):
-        signs = None
-        if gemm in r.rht:
-            signs = (random_signs(generator, a.device, r.rht_size) if r.rht_signs == "random"
-                     else torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32, device=a.device))
-        seen = a if signs is None else rht(pad_2d(a, 1, len(signs)), signs)
-        out[f"sqnr_dy_{gemm}"] = sqnr(seen, fake_quant(a, r, r.grad_rounding, generator=generator, rht_signs=signs))
-    return out
-
-
-def fp4_health(model, layers, batch, probe=False):
-    """One forward and backward of `batch` -> ({name: layer_health}, probe or None), touching nothing the run
-    continues with (gradients put back, each layer's generator restored, eval mode so OutControl does not count).
-    probe: also the FP4 gradient against the same weights in high precision: {grad_cosine, grad_rel_error} over
-    all parameters (under DDP pass the unwrapped model: no all-reduce)."""
-    params, was_training = list(model.parameters()), model.training
-    saved = [p.grad for p in params], {n: l.get_extra_state() for n, l in layers.items()}
-    captured, hooks = {}, []
-
-    def capture(name):
-        def hook(module, inputs, output):
-            captured[name] = [inputs[0].detach(), None]
-            output.register_hook(lambda g: captured[name].__setitem__(1, g.detach()))
-        return hook
-
-    grads = []
-    try:
-        model.eval()
-        hooks = [l.register_forward_hook(capture(n)) for n, l in layers.items()]
-        for shadow in (False, True) if probe else (False,):
-            for p in params:
-                p.grad = None
-            for l in layers.values():
-                l.high_precision = shadow
-            model(*batch)[1].backward()
-            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-                                    for p in params]))
-            for h in hooks if not shadow else ():
-                h.remove()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, g in zip(params, saved[0]):
-            p.grad = g
-        for n, l in layers.items():
-            l.high_precision = False
-            l.set_extra_state(saved[1][n])
-        model.train(was_training)
-    gen = torch.Generator(next(iter(layers.values())).weight.device).manual_seed(0)
-    health = {n: layer_health(l, *captured[n], gen) for n, l in layers.items()}
-    if not probe:
-        return health, None
-    g4, g = grads
-    return health, {"grad_cosine": (g4 @ g / (g4.norm() * g.norm())).item(), "grad_rel_error": ((g4 - g).norm() / g.norm()).item()}
 
 # =============================================================================
 # Appendix: exactness tricks. Each computes a documented value in a way that gives the same bits on every

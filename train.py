@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import fastpaths
 import fp4
+import health
 from data.prepare import dataset_dir, load_dataset, prepare_pystdlib
 from model import GPT, GPTConfig, PRESETS
 
@@ -246,22 +247,6 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def fp4_line(step, health, osci, outctl):
-    """FP4 health at an eval -> (record for log.jsonl, one line): per layer and the mean over layers."""
-    layers = {n: dict(h) for n, h in health.items()}
-    for n, v in osci.last.items():
-        layers[n].update(oscillating=v["oscillating"], reset=v["reset"])
-    for n, count in (outctl.summary() if outctl else {}).items():
-        layers[n]["outliers"] = count
-    mean = {k: sum(v[k] for v in layers.values() if k in v) / len(layers) for k in sorted({k for v in layers.values() for k in v})}
-    osc, reset = osci.summary()
-    total = dict(mean, oscillating=osc, reset=reset, outliers=sum(outctl.summary().values()) if outctl else 0)
-    sq = " ".join(f"{k[5:]} {mean[k]:.1f}" for k in mean if k.startswith("sqnr"))
-    return {"total": total, "layers": layers}, (
-        f"fp4  {step:5d} | sqnr(dB) {sq} | saturated x {mean['saturated_x']:.2%} w {mean['saturated_w']:.2%} | underflow "
-        f"x {mean['underflow_x']:.2%} w {mean['underflow_w']:.2%} | oscillating {osc:.3%} reset {reset} | outliers {total['outliers']}")
-
-
 def main(argv=None):
     # -----------------------------------------------------------------------------
     # config, device, DDP
@@ -392,8 +377,8 @@ def main(argv=None):
             if fp4_layers:
                 batch = get_batch(splits["train"], cfg, rank, world, torch.Generator().manual_seed(cfg.seed + HEALTH_SEED_OFFSET), device)
                 with model.no_sync() if ddp else nullcontext():
-                    health, probe = fp4.fp4_health(raw_model, fp4_layers, batch, cfg.fp4_probe)
-                record["fp4"], line = fp4_line(step, health, osci, outctl)
+                    layers_health, probe = health.measure(raw_model, fp4_layers, batch, cfg.fp4_probe)
+                record["fp4"], line = health.report(step, layers_health, osci, outctl)
                 if probe:
                     record["fp4"]["probe"] = probe
                     line += f" | grad vs high precision: cosine {probe['grad_cosine']:.4f} rel. error {probe['grad_rel_error']:.4f}"
@@ -428,7 +413,7 @@ def main(argv=None):
             what = f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step} (loss {loss.item():.4g}, grad norm {grad_norm.item():.4g})"
             if not cfg.skip_nonfinite:
                 for n, m in fp4_layers.items():              # where a NaN came from: each FP4 weight's scales
-                    sat, under = fp4.block_health(m.weight.detach(), m.recipe, m.recipe.weight_tile, fp4.four_over_six_of(m.recipe, "weights"))
+                    sat, under = health.block_health(m.weight.detach(), m.recipe, m.recipe.weight_tile, fp4.four_over_six_of(m.recipe, "weights"))
                     log(f"  {n}: weight blocks saturated {sat:.2%}, underflowed {under:.2%}")
                 fix = "keep more layers in high precision (--keep-first-k/--keep-last-k), " if cfg.fp4 else ""
                 sys.exit(f"error: {what}. Stopped without saving: {ckpt_path} holds the last good state. Lower --lr, {fix}or --skip-nonfinite")

@@ -49,34 +49,39 @@ def timeit(fn, device, repeat, warmup=2):
 
 def paths_here(device, recipe):
     """The FP4 paths that can run on this device for this recipe (reference and compiled everywhere torch
-    runs; cpu and triton where their probe passes, as fastpaths.select requires)."""
-    recipe = fp4.get_recipe(recipe)
+    runs; cpu and triton where their probe passes, as fastpaths.use requires)."""
+    recipe = fp4.parse_recipe(recipe)
     return [p for p in fastpaths.PATHS if p in ("reference", "compiled") or fastpaths.probe(p, device, recipe) is None]
+
+
+def on(path, fn):
+    """fn with fp4.KERNEL set to `path`'s kernel while it runs (each table switches paths between calls)."""
+    def run():
+        fp4.KERNEL = fastpaths.kernel(path)
+        return fn()
+    return run
 
 
 def bench_quant(device, repeat):
     x = torch.randn(QUANT_SHAPE, device=device)
     n = x.numel()
-    nvfp4_bytes = n * (4 + 0.5 + 1 / 16)                       # fp32 in; packed codes + E4M3 scales out
     rows = [("copy (x.clone())", timeit(x.clone, device, repeat), n * 8)]
     try:
         from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale
         rows.append(("torchao nvfp4_quantize (per-tensor)", timeit(
-            lambda: nvfp4_quantize(x, 16, per_tensor_amax_to_scale(x.abs().amax())), device, repeat), nvfp4_bytes))
+            lambda: nvfp4_quantize(x, 16, per_tensor_amax_to_scale(x.abs().amax())), device, repeat),
+            n * (4 + 0.5 + 1 / 16)))                               # fp32 in; packed codes + E4M3 scales out
     except ImportError:
         print("(torchao not installed: no torchao row)")
     gen = torch.Generator(device).manual_seed(0)
-    variants = (("per-tensor 1x16 RTN", dict()), ("per-tensor 16x16 RTN", dict(tile=(16, 16))),
-                ("double-block RTN", dict(outer=128)), ("per-tensor SR", dict(rounding="stochastic")),
-                ("double-block SR", dict(outer=128, rounding="stochastic")))
+    variants = (("nvidia", "per-tensor 1x16 RTN", dict()), ("nvidia", "per-tensor 16x16 RTN", dict(tile=(16, 16))),
+                ("nvidia", "per-tensor SR", dict(rounding="stochastic")), ("tetrajet", "double-block RTN", dict()),
+                ("tetrajet", "double-block SR", dict(rounding="stochastic")), ("mxfp4", "mxfp4 RTN", dict()))
     for path in paths_here(device, "nvidia"):
-        for name, kw in variants:
-            rows.append((f"quantize_nvfp4 {name} [{path}]", timeit(
-                lambda: fastpaths.get(path).quantize_nvfp4(x, **kw, generator=gen), device, repeat), nvfp4_bytes))
-        for recipe, rounding in (("tetrajet", "nearest"), ("tetrajet", "stochastic"), ("mxfp4", "nearest")):
+        for recipe, name, kw in variants:
             if path in paths_here(device, recipe):
-                rows.append((f"fake_quant {recipe} {rounding} [{path}]", timeit(
-                    lambda: fastpaths.get(path).fake_quant(x, recipe, rounding, generator=gen), device, repeat), n * 8))
+                rows.append((f"fake_quant {name} [{path}]", timeit(
+                    on(path, lambda: fp4.fake_quant(x, recipe, generator=gen, **kw)), device, repeat), n * 8))
     copy_ms = rows[0][1]
     print(f"\n1. quantizers, {QUANT_SHAPE[0]}x{QUANT_SHAPE[1]} fp32 on {device} (GB/s = bytes read + written)")
     print(f"{'':52s} {'ms':>8s} {'Gelem/s':>8s} {'GB/s':>7s} {'x copy':>7s}")
@@ -99,8 +104,8 @@ def bench_linear(device, repeat, recipe):
         base = timeit(lambda: step(ref), device, repeat)
         cells = []
         for path in paths_here(device, recipe):
-            layer = fp4.FP4Linear.from_linear(ref, recipe, impl=fastpaths.get(path))
-            t = timeit(lambda: step(layer), device, repeat)
+            layer = fp4.FP4Linear.from_linear(ref, recipe)
+            t = timeit(on(path, lambda: step(layer)), device, repeat)
             cells.append(f"{t:9.1f} ({t / base:5.1f}x)")
         print(f"{tokens:>6d} x {k_in:>4d} x {k_out:>4d}  {base:8.1f} " + " ".join(f"{c:>18s}" for c in cells))
 
@@ -118,13 +123,13 @@ def bench_step(device, repeat, recipe, argv):
     steps = {}
     for label, path in [(base, None)] + [(f"fp4 {recipe} [{p}]", p) for p in paths_here(device, recipe)]:
         torch.manual_seed(cfg.seed)
-        model = train.build_model(cfg, BYTE_VOCAB, dtype)
+        model = train.build_model(cfg, BYTE_VOCAB, dtype, device)[0]
         if path is not None:
-            fp4.convert_to_fp4(model, recipe, impl=fastpaths.get(path))
-        model.to(device)
+            fp4.convert_to_fp4(model, recipe)
         opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
 
-        def step(model=model, opt=opt):
+        def step(model=model, opt=opt, path=path):
+            fp4.KERNEL = fastpaths.kernel(path or "reference")
             _, loss = model(x, y)
             loss.backward()
             opt.step()
@@ -146,11 +151,15 @@ def bench_step(device, repeat, recipe, argv):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--recipe", default="tetrajet", choices=list(fp4.RECIPES))
+    p.add_argument("--recipe", default="tetrajet", help="a recipe preset or spec, e.g. 'tetrajet[rht=none]'")
     p.add_argument("--only", choices=["quant", "linear", "step"])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--train-flags", default="", help="extra train.py flags for table 3, e.g. '--model 70m'")
     args = p.parse_args(argv)
+    try:
+        fp4.parse_recipe(args.recipe)
+    except ValueError as e:
+        sys.exit(f"error: {e} (--recipe)")
     device = torch.device(args.device)
     print(f"torch {torch.__version__} | {device} | {torch.get_num_threads()} threads"
           + (f" | {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
