@@ -607,9 +607,18 @@ def dequantize(q):
 
 
 def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None, dtype=torch.float32,
-               four_over_six=None):
+               four_over_six=None, columns=None):
     """x (..., K) -> (..., K) in dtype = dequantize(quantize(x)), the padding cropped; with rht_signs the result
-    is rht(x)'s, of width K rounded up to the chunk (rotated padding is not zero)."""
+    is rht(x)'s, of width K rounded up to the chunk (rotated padding is not zero).
+    columns (OutControl, §8; x 2-D, round to nearest): None, or (outliers, inliers), LongTensors in descending-norm
+    order: the recipe's FP4 on the inlier columns, MXFP8 on the outliers, each part quantized as its own matrix
+    with its columns in that order, as a kernel sees it after gathering (which channels share a block matters)."""
+    if columns is not None:
+        outliers, inliers = columns
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        out[:, inliers] = fake_quant(x[:, inliers], recipe, tile=tile, dtype=dtype, four_over_six=four_over_six)
+        out[:, outliers] = dequantize_mxfp8(quantize_mxfp8(x[:, outliers]))[:, :len(outliers)].to(dtype)
+        return out
     recipe, tile = parse_recipe(recipe), tuple(tile)
     x2 = pad_2d(x, tile[0], k_multiple(recipe.fmt, recipe.outer, rounding, rht_signs))   # (Mp, Kp)
     seed = _seed(rounding, generator, x2)
@@ -625,20 +634,6 @@ def reference_kernel(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_
     if fmt == "mxfp4":
         return dequantize(_quantize_mxfp4_2d(x2 if rht_signs is None else rht(x2, rht_signs), rounding, seed))
     return dequantize(_quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs, four_over_six))
-
-
-def fake_quant_columns(x, recipe, tile, columns, dtype=torch.float32, four_over_six=None):
-    """x (M, K) -> (M, K) in dtype, round to nearest: the recipe's FP4 on the inlier columns, MXFP8 on the outliers
-    (OutControl, §8). columns: None (all FP4) or (outliers, inliers), LongTensors in descending-norm order; each
-    part is quantized as its own matrix with its columns in that order, as a kernel sees it after gathering:
-    which channels share a block is part of the numerics."""
-    if columns is None:
-        return fake_quant(x, recipe, tile=tile, dtype=dtype, four_over_six=four_over_six)
-    outliers, inliers = columns
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    out[:, inliers] = fake_quant(x[:, inliers], recipe, tile=tile, dtype=dtype, four_over_six=four_over_six)
-    out[:, outliers] = dequantize_mxfp8(quantize_mxfp8(x[:, outliers]))[:, :len(outliers)].to(dtype)
-    return out
 
 
 def four_over_six_of(recipe, operand):
@@ -680,8 +675,9 @@ class FP4LinearFunction(torch.autograd.Function):
         dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])                          # (N, in)
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
         # (with OutControl: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, §8)
-        x_hat = fake_quant_columns(x2, recipe, (1, 16), columns, dtype, four_over_six_of(recipe, "activations"))
-        w_hat = fake_quant_columns(weight, recipe, recipe.weight_tile, columns, dtype, four_over_six_of(recipe, "weights"))
+        x_hat = fake_quant(x2, recipe, dtype=dtype, four_over_six=four_over_six_of(recipe, "activations"), columns=columns)
+        w_hat = fake_quant(weight, recipe, tile=recipe.weight_tile, dtype=dtype,
+                           four_over_six=four_over_six_of(recipe, "weights"), columns=columns)
         # NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (§2): when dgrad would re-quantize W as the forward did (RTN,
         # no RHT), it reuses Ŵ. Aligned recipes keep X̂, Ŵ for the backward; the others keep X and W.
         ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
@@ -750,8 +746,8 @@ class FP4Linear(nn.Linear):
 
     def quantize_weight(self):
         """Ŵ (out, in) fp32, the forward's quantized weight: what OsciReset tracks."""
-        return fake_quant_columns(self.weight.detach(), self.recipe, self.recipe.weight_tile, self.columns,
-                                  four_over_six=four_over_six_of(self.recipe, "weights"))
+        return fake_quant(self.weight.detach(), self.recipe, tile=self.recipe.weight_tile, columns=self.columns,
+                          four_over_six=four_over_six_of(self.recipe, "weights"))
 
     def get_extra_state(self):
         rng = None if self.generator is None else (self.generator.device.type, self.generator.get_state())
@@ -860,7 +856,7 @@ class OsciReset:
 # -----------------------------------------------------------------------------
 # OutControl (TetraJet-v2 §4, §8): a few input channels carry most of the activation energy, and they stay the same
 # through training. After a short calibration the top `frac` by L2 norm are fixed and kept in MXFP8 in fprop and
-# wgrad (fake_quant_columns); dgrad stays FP4.
+# wgrad (fake_quant's columns); dgrad stays FP4.
 
 
 def select_outlier_channels(channel_norm, frac, generator=None):

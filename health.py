@@ -57,7 +57,7 @@ def layer_health(layer, x, dy, generator):
     (dY after the GEMM's RHT, its random draws from `generator`)."""
     r, x2, dy2 = layer.recipe, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).float()
     fx, fw = fp4.four_over_six_of(r, "activations"), fp4.four_over_six_of(r, "weights")
-    out = dict(sqnr_x=sqnr(x2, fp4.fake_quant_columns(x2, r, (1, 16), layer.columns, four_over_six=fx)),
+    out = dict(sqnr_x=sqnr(x2, fp4.fake_quant(x2, r, four_over_six=fx, columns=layer.columns)),
                sqnr_w=sqnr(layer.weight, layer.quantize_weight()))
     out.update(zip(("saturated_x", "underflow_x"), block_health(x2, r, four_over_six=fx)))
     out.update(zip(("saturated_w", "underflow_w"), block_health(layer.weight.detach(), r, r.weight_tile, fw)))

@@ -60,10 +60,10 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     "nvidia": "--fp4 --fp4-recipe nvidia",
     # NVIDIA as published keeps ~16% of the linears in bf16 (the first 2 and last 8 of 62 blocks, arXiv 2509.25149
     # §4); of the 4 blocks of the default model the last one (25%) is the nearest that keeps the same side heavier
-    "nvidia-paper": "--fp4 --fp4-recipe nvidia --bf16-last-k 1",
+    "nvidia-paper": "--fp4 --fp4-recipe nvidia --keep-last-k 1",
     # NVIDIA's recipe with Four Over Six block scales (docs/numerics.md §10) on both forward operands, X and W
     # (TE's nvfp4_4over6="all"; our 4/6 is forward only, so the backward stays the nvidia recipe's)
-    "nvidia-4over6": "--fp4 --fp4-recipe nvidia --fp4-4over6 all",
+    "nvidia-4over6": "--fp4 --fp4-recipe nvidia-4over6",
     # Quartet II (docs/numerics.md §11): 4/6 (MSE) forward, MS-EDEN after a fresh RHT-128 in both backward GEMMs
     "quartet2": "--fp4 --fp4-recipe quartet2",
     "mxfp4": "--fp4 --fp4-recipe mxfp4",
@@ -77,8 +77,8 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     # the two ablations the gradient report (docs/estimator.md) makes most telling: TetraJet-v2 with its second
     # backward operand (W^ in dgrad, X^ in wgrad) rounded to nearest, ~15% less gradient noise at a bias still at
     # the floor; and 4/6 on 1x16 weight tiles, where it lowers the forward loss (on NVIDIA's 16x16 tiles it raises it)
-    "tetrajet-rtn2": "--fp4 --fp4-recipe tetrajet --fp4-other-rounding nearest",
-    "nvidia-w1x16-4over6": "--fp4 --fp4-recipe nvidia --fp4-weight-tile 1x16 --fp4-4over6 all",
+    "tetrajet-rtn2": "--fp4 --fp4-recipe tetrajet[other_rounding=nearest]",
+    "nvidia-w1x16-4over6": "--fp4 --fp4-recipe nvidia-4over6[weight_tile=1x16]",
 }
 OWNED_FLAGS = ("--seed", "--out-dir", "--resume")          # compare.py sets these per run
 
