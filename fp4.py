@@ -128,21 +128,22 @@ FLT_MAX = 3.4028234663852886e38        # the largest finite fp32
 
 def nvfp4_minimal(x, stochastic=False, generator=None):
     """x (M, K) fp32, K a multiple of 16 -> x_dq (M, K) fp32, per-tensor NVFP4 quantized and dequantized (§2):
-        A = amax|x|;  S_enc = 2688 ⊘ A (1 if A = 0);  S_dec = 1 ⊘ S_enc         (one fp32 scale per tensor)
+        A = amax|x|;  S_enc = min(2688 ⊘ A, FLT_MAX) (1 if A = 0);  S_dec = 1 ⊘ S_enc   (one per tensor)
         s_b = e4m3(min(amax_b ⊗ (S_enc ⊗ fl(1/6)), 448))                      (one E4M3 scale per 16-block b)
         x_dq = E2M1(x ⊗ (1 ⊘ (s_b ⊗ S_dec))) ⊗ (s_b ⊗ S_dec)
     ⊗ ⊘ are fp32 operations; E2M1 rounds to nearest even or, with stochastic=True, with uniform_noise."""
     M, K = x.shape
     A = x.abs().amax()
-    S_enc = torch.where(A == 0, 1.0, x.new_full((), NVFP4_AMAX_TO_SCALE) / A)
+    S_enc = torch.where(A == 0, 1.0, (x.new_full((), NVFP4_AMAX_TO_SCALE) / A).clamp(max=FLT_MAX))
     S_dec = 1.0 / S_enc
     blocks = x.view(M, K // NVFP4_BLOCK, NVFP4_BLOCK)                               # (M, K/16, 16)
     s_b = (blocks.abs().amax(-1) * (S_enc * FP32_ONE_SIXTH)).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)
     scale = s_b.float() * S_dec                                                     # (M, K/16) decode scale
     v = blocks * (1.0 / scale).clamp(max=FLT_MAX)[..., None]                        # what E2M1 sees, |v| <~ 6
     noise = uniform_noise(draw_seed(generator), v.shape) if stochastic else None
-    q = round_e2m1(v.abs(), noise) * (s_b.float() != 0)[..., None]                  # a 0 scale zeroes its block
-    return (torch.where(v < 0, -q, q) * scale[..., None]).view(M, K)
+    keep = (s_b.float() != 0)[..., None]                                            # a 0 scale zeroes its block (+0)
+    q = round_e2m1(v.abs(), noise) * keep
+    return (torch.where((v < 0) & keep, -q, q) * scale[..., None]).view(M, K)
 
 # -----------------------------------------------------------------------------
 # NVFP4 in full (§2 per-tensor, §3 double-block): any shape, padding, 16x16 weight tiles, and the variants.
@@ -326,7 +327,7 @@ def tree_sum(t):
 # MS-EDEN (Quartet II, §11): round the elements to nearest (low noise), then correct each 128-group's scale so the
 # group's projection is unbiased, c = Σz² / Σz·q, and round the corrected E4M3 scale stochastically. Unbiased in
 # expectation over a fresh RHT-128 of the operand (the rotation is what makes the RTN errors look random);
-# docs/numerics.md §11 says where that holds and where heavy tails break it.
+# docs/numerics.md §11 has the derivation.
 
 EDEN_VAL_MAX = 6.07210636138916        # fl32(6 / 0.988125): Quartet II's backward grid max, (17/16)·0.93 scale override
 EDEN_SCALE_BOUND = 255.99000549316406  # fl32(255.99): the tensor scale's bound, room for c > 1 in E4M3
@@ -569,7 +570,7 @@ def parse_recipe(spec):
     if name not in RECIPES or (rest and not rest.endswith("]")):
         raise ValueError(f"unknown FP4 recipe {spec!r}; write a preset ({', '.join(RECIPES)}) or preset[field=value,...]")
     known, changes = [f.name for f in fields(Recipe)[1:]], {}
-    for item in filter(None, rest[:-1].split(",")):
+    for item in filter(None, rest[:-1].split(",")):      # (rht lists its GEMMs in the order dgrad, wgrad)
         key, eq, v = item.partition("=")
         if key not in known or not eq:
             raise ValueError(f"FP4 recipe {spec!r}: {item!r} is not field=value with a field of {', '.join(known)}")
@@ -577,8 +578,11 @@ def parse_recipe(spec):
         changes[key] = (v == "true" if isinstance(default, bool) and v in ("true", "false") else
                         int(v) if v.isdigit() else
                         tuple(int(n) for n in v.split("x")) if key == "weight_tile" and v.replace("x", "").isdigit() else
-                        (() if v == "none" else tuple(v.split("+"))) if key == "rht" else v)
-    return replace(RECIPES[name], **changes)
+                        (() if v == "none" else tuple(sorted(v.split("+"), key=lambda g: g != "dgrad"))) if key == "rht" else v)
+    try:
+        return replace(RECIPES[name], **changes)
+    except ValueError as e:                           # name the spec as given, not just its preset
+        raise ValueError(str(e).replace(f"FP4 recipe {name}:", f"FP4 recipe {spec}:", 1)) from None
 
 
 # -----------------------------------------------------------------------------
@@ -711,7 +715,7 @@ class FP4LinearFunction(torch.autograd.Function):
 
 
 NOISE_SEED_OFFSET = 1 << 32   # seed s + 2^32: seed s alone would replay torch.manual_seed(s)'s stream, which drew
-                              # the weights, and SR noise correlated with what it rounds is biased (§9)
+                              # the weights, and SR noise correlated with what it rounds is biased (§1)
 
 
 class FP4Linear(nn.Linear):

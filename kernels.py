@@ -225,7 +225,7 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
                   FAKE: tl.constexpr, DOUBLE_BLOCK: tl.constexpr, TILE16: tl.constexpr, SR: tl.constexpr,
                   RHT: tl.constexpr, EDEN: tl.constexpr, FOUR_OVER_SIX: tl.constexpr, BM: tl.constexpr,
                   BK: tl.constexpr):
-    """RHT: 0 (none), 16 (h_ptr: hadamard16(signs)) or 128 (h_ptr: the 128 signs). FOUR_OVER_SIX: 0 (off),
+    """RHT: 0 (none), 16 (h_ptr: H = diag(signs) H16 / 4, _rht_operand) or 128 (h_ptr: the 128 signs). FOUR_OVER_SIX: 0 (off),
     1 ("mae") or 2 ("mse"). EDEN: MS-EDEN (per-tensor, 1x16, SR False: its noise is per block)."""
     NB: tl.constexpr = BK // 16                                         # 16-blocks per tile row
     rows = tl.program_id(0) * BM + tl.arange(0, BM)                     # (BM,)
