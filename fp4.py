@@ -247,7 +247,7 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs=None, four_ove
         block_scale, scale, outer_scale = nvfp4_scales(x2, outer, tile)
         noise = uniform_noise(seed, tuple(x2.shape)) if rounding == "stochastic" else None
         magnitude, negative = round_blocks(x2, block_scale, scale, noise)
-    return NVFP4(pack_e2m1(encode_e2m1(magnitude, negative).view(x2.shape)), block_scale, outer_scale)
+    return NVFP4(pack_e2m1(encode_e2m1(magnitude, negative).reshape(x2.shape)), block_scale, outer_scale)
 
 
 def dequantize_nvfp4(q):
@@ -617,7 +617,7 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, r
     columns (OutControl, §8; x 2-D, round to nearest): None, or (outliers, inliers), LongTensors in descending-norm
     order: the recipe's FP4 on the inlier columns, MXFP8 on the outliers, each part quantized as its own matrix
     with its columns in that order, as a kernel sees it after gathering (which channels share a block matters)."""
-    if columns is not None:
+    if columns is not None and len(columns[0]):                                   # (no outliers: all FP4)
         outliers, inliers = columns
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         out[:, inliers] = fake_quant(x[:, inliers], recipe, tile=tile, dtype=dtype, four_over_six=four_over_six)
@@ -677,6 +677,7 @@ class FP4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, recipe, generator, columns=None):
         dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])                          # (N, in)
+        columns = columns if columns is not None and len(columns[0]) else None
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
         # (with OutControl: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, §8)
         x_hat = fake_quant(x2, recipe, dtype=dtype, four_over_six=four_over_six_of(recipe, "activations"), columns=columns)

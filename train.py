@@ -112,7 +112,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.error = lambda message: sys.exit(f"error: {message} (see python train.py --help)")
-    to_bool = lambda s: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[s.lower()]
+    def to_bool(s):                                  # a ValueError becomes argparse's one line
+        if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(s)
+        return s.lower() in ("1", "true", "yes")
     for f in fields(TrainConfig):
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"), choices=f.metadata["choices"])
         if f.type is bool:

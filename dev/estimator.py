@@ -19,18 +19,20 @@ recipe's backward that is dY Ŵ and dYᵀ X̂, the forward's dequantized tensors
 high-precision network's operands (dY W, dYᵀ X), whose difference from (a) is the misalignment. fprop is round
 to nearest: its noise is 0 and its bias is the forward's quantization error.
 The whole model (`model`): the gradient of every parameter, concatenated, for one fixed batch, against the same
-network without FP4 (fp4_training.high_precision, same weights): rel_error = sqrt(mean_k ‖ĝ_k − g‖²)/‖g‖, split into
+network without FP4 (every FP4Linear's high_precision flag set, same weights): rel_error = sqrt(mean_k ‖ĝ_k − g‖²)/‖g‖, split into
 deterministic = ‖ḡ − g‖/‖g‖ and noise = sqrt(mean_k ‖ĝ_k − ḡ‖²)/‖g‖; forward_loss_delta is the FP4 forward's
 loss minus the high-precision forward's, same weights, over --loss-batches validation batches.
 
 Operands come from the checkpoint's model in high precision on one training batch (snr.capture_from_checkpoint);
-the FP4 GEMMs run on the fast path fastpaths.select picks for each recipe (the same bits as fp4.py).
+the FP4 GEMMs run on the fast path fastpaths.use picks for each recipe (fp4.KERNEL: the same bits as fp4.py).
 """
 
+import contextlib
 import json
 import math
 import os
 import sys
+from dataclasses import fields, replace
 
 if __package__ in (None, ""):                   # run as a script (python dev/X.py): the repo root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,7 +40,6 @@ import torch
 
 import fastpaths
 import fp4
-import fp4_training
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 FIELDS = ("bias", "bias_floor", "noise", "gain", "cosine")
@@ -58,25 +59,27 @@ def estimator_stats(draws, exact):
             "gain": (mean @ G).item() / norm ** 2, "cosine": cosine}
 
 
-def layer_draws(recipe, x, w, dy, draws, impl, seed=0):
+def layer_draws(recipe, x, w, dy, draws, seed=0):
     """One layer's three GEMMs, `draws` times with independent noise -> {"fprop"|"dgrad"|"wgrad": (N, ...) fp32}
-    and the forward's dequantized (X̂, Ŵ) (for the aligned references)."""
+    and the forward's dequantized (X̂, Ŵ) (for the aligned references). The quantizers run on fp4.KERNEL."""
     # fprop is round to nearest, the same every draw: one forward, then `draws` backward passes through its saved
     # graph, each drawing fresh noise and signs from the layer's generator
     xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = fp4.FP4LinearFunction.apply(xi, wi, recipe, torch.Generator().manual_seed(seed), None, None, impl)
+    y = fp4.FP4LinearFunction.apply(xi, wi, recipe, torch.Generator().manual_seed(seed))
     out = {g: [] for g in GEMMS}
     for k in range(draws):
         dx, dw = torch.autograd.grad(y, (xi, wi), dy, retain_graph=k < draws - 1)
         for g, t in zip(GEMMS, (y.detach(), dx, dw)):
             out[g].append(t.float())
-    _, x_hat, w_hat = fp4._fprop(x, w, recipe, None, impl, x.dtype)
+    x_hat = fp4.fake_quant(x, recipe, dtype=x.dtype, four_over_six=fp4.four_over_six_of(recipe, "activations"))
+    w_hat = fp4.fake_quant(w, recipe, tile=recipe.weight_tile, dtype=x.dtype,
+                           four_over_six=fp4.four_over_six_of(recipe, "weights"))      # what fprop multiplied
     return {g: torch.stack(v) for g, v in out.items()}, x_hat, w_hat
 
 
-def layer_report(recipe, x, w, dy, draws, impl, seed=0):
+def layer_report(recipe, x, w, dy, draws, seed=0):
     """-> {gemm: {FIELDS..., "vs_network": {FIELDS...}}} for one layer's operands X (N, in), W (out, in), dY (N, out)."""
-    got, x_hat, w_hat = layer_draws(recipe, x, w, dy, draws, impl, seed)
+    got, x_hat, w_hat = layer_draws(recipe, x, w, dy, draws, seed)
     x64, w64, dy64 = x.double(), w.double(), dy.double()
     network = {"fprop": x64 @ w64.t(), "dgrad": dy64 @ w64, "wgrad": dy64.t() @ x64}
     own = dict(network)
@@ -85,24 +88,37 @@ def layer_report(recipe, x, w, dy, draws, impl, seed=0):
     return {g: dict(estimator_stats(got[g], own[g]), vs_network=estimator_stats(got[g], network[g])) for g in GEMMS}
 
 
+@contextlib.contextmanager
+def high_precision(layers):
+    """with high_precision(layers): the FP4Linear layers run as plain linears (FP4Linear.high_precision), the same
+    network without FP4; nothing is drawn inside, so their noise streams continue unchanged after it."""
+    for layer in layers:
+        layer.high_precision = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.high_precision = False
+
+
 def flat_grad(model):
     return torch.cat([p.grad.reshape(-1).double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
                       for p in model.parameters()])
 
 
 def model_report(model, layers, batch, val_batches, draws):
-    """Whole-model gradient of `batch` over `draws` FP4 draws against fp4_training.high_precision's, and the forward loss
+    """Whole-model gradient of `batch` over `draws` FP4 draws against high_precision's, and the forward loss
     delta over `val_batches` -> ({MODEL_FIELDS...}, forward_loss_delta, its standard error over the batches: each
     batch's FP4 loss minus its own high-precision loss, a paired difference). `layers`: the model's FP4Linear."""
     x, y = batch
     model.zero_grad(set_to_none=True)
-    with fp4_training.high_precision(layers):
+    with high_precision(layers):
         model(x, y)[1].backward()
     g = flat_grad(model)
     grads = []
     for k in range(draws):
         for i, layer in enumerate(layers):                  # a fresh, independent noise stream per draw
-            layer.set_extra_state(dict(layer.get_extra_state(), seed=k * 1009 + i, rng_state=None))
+            layer.set_extra_state(dict(layer.get_extra_state(), seed=k * 1009 + i, rng=None))
         model.zero_grad(set_to_none=True)
         model(x, y)[1].backward()
         grads.append(flat_grad(model))
@@ -115,11 +131,21 @@ def model_report(model, layers, batch, val_batches, draws):
              "cosine": (G @ g / (G.norm(dim=1) * norm)).mean().item()}
     with torch.no_grad():
         fp4_loss = [model(*b)[1].item() for b in val_batches]
-        with fp4_training.high_precision(layers):
+        with high_precision(layers):
             deltas = [a - model(*b)[1].item() for a, b in zip(fp4_loss, val_batches)]
     mean = sum(deltas) / len(deltas)
     se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1) / len(deltas)) if len(deltas) > 1 else 0.0
     return stats, mean, se
+
+
+def checkpoint_config(ckpt):
+    """A checkpoint's TrainConfig. One written before the redesign (cfeb258) has bf16_first_k/bf16_last_k, read as
+    keep_first_k/keep_last_k, and per-field recipe flags, ignored (the tools take their recipes from --recipes)."""
+    import train
+    renamed = {"bf16_first_k": "keep_first_k", "bf16_last_k": "keep_last_k"}
+    known = {f.name for f in fields(train.TrainConfig)}
+    config = {renamed.get(k, k): v for k, v in ckpt["config"].items()}
+    return train.TrainConfig(**{k: v for k, v in config.items() if k in known and k not in train.PER_INVOCATION})
 
 
 def load_checkpoint_model(path):
@@ -127,18 +153,18 @@ def load_checkpoint_model(path):
     import train
     from data.prepare import dataset_dir, load_dataset
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in train.PER_INVOCATION})
-    model = train.build_model(cfg, ckpt["dataset_meta"]["vocab_size"], torch.float32)
+    cfg = checkpoint_config(ckpt)
+    model, _ = train.build_model(replace(cfg, fp4=False), ckpt["dataset_meta"]["vocab_size"], torch.float32, "cpu")
     model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
     _, splits = load_dataset(dataset_dir(cfg.dataset), cfg.block_size)
     return ckpt, cfg, model, splits
 
 
-def fp4_model(path, recipe, impl):
+def fp4_model(path, recipe):
     """The checkpoint's model with every block linear the checkpoint ran in FP4 converted to `recipe` (its
-    bf16_first_k / bf16_last_k kept) -> (cfg, model, [FP4Linear], splits)."""
+    keep_first_k / keep_last_k kept) -> (cfg, model, [FP4Linear], splits)."""
     _, cfg, model, splits = load_checkpoint_model(path)
-    fp4.convert_to_fp4(model, recipe, bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k, impl=impl)
+    fp4.convert_to_fp4(model, recipe, keep_first_k=cfg.keep_first_k, keep_last_k=cfg.keep_last_k)
     return cfg, model, [m for m in model.modules() if isinstance(m, fp4.FP4Linear)], splits
 
 
@@ -151,19 +177,27 @@ def batches(cfg, splits, split, n, seed):
 def run(args, chosen, layer_operands):
     """args: snr.py's parsed flags (--draws, --checkpoint, --loss-batches); chosen: {label: Recipe};
     layer_operands: {layer name: (X, W, dY)} -> the report dict (the JSON's shape)."""
-    report = {"draws": args.draws, "recipes": {}}
-    for label, recipe in chosen.items():
-        impl, line = fastpaths.select("auto", "cpu", recipe)
-        print(f"{label}: {line.strip('!').strip()}", file=sys.stderr)
-        entry = {"layers": {name: layer_report(recipe, x, w, dy, args.draws, impl, seed)
-                            for seed, (name, (x, w, dy)) in enumerate(layer_operands.items())}}
-        if args.checkpoint:
-            cfg, model, layers, splits = fp4_model(args.checkpoint, recipe, impl)
-            train_batch = batches(cfg, splits, "train", 1, 0)[0]
-            entry["model"], entry["forward_loss_delta"], entry["forward_loss_delta_se"] = model_report(
-                model, layers, train_batch, batches(cfg, splits, "val", args.loss_batches, 1), args.draws)
-        report["recipes"][label] = entry
+    report, kernel = {"draws": args.draws, "recipes": {}}, fp4.KERNEL
+    try:
+        for label, recipe in chosen.items():
+            line = fastpaths.use("auto", "cpu", recipe)                     # sets fp4.KERNEL for this recipe
+            print(f"{label}: {line.strip('!').strip()}", file=sys.stderr)
+            report["recipes"][label] = recipe_report(args, recipe, layer_operands)
+    finally:
+        fp4.KERNEL = kernel
     return report
+
+
+def recipe_report(args, recipe, layer_operands):
+    """run()'s entry for one recipe: its layers and, with --checkpoint, its whole model."""
+    entry = {"layers": {name: layer_report(recipe, x, w, dy, args.draws, seed)
+                        for seed, (name, (x, w, dy)) in enumerate(layer_operands.items())}}
+    if args.checkpoint:
+        cfg, model, layers, splits = fp4_model(args.checkpoint, recipe)
+        train_batch = batches(cfg, splits, "train", 1, 0)[0]
+        entry["model"], entry["forward_loss_delta"], entry["forward_loss_delta_se"] = model_report(
+            model, layers, train_batch, batches(cfg, splits, "val", args.loss_batches, 1), args.draws)
+    return entry
 
 
 def layer_mean(entry, gemm, field, ref=None):

@@ -15,10 +15,10 @@ Protocols (tensors X (M, K), W (N, K), dY (M, N)):
   outlier   N(0, 1) + Bernoulli(0.005) · N(0, 100²): rare huge values, the published anchor's protocol
             (AMD ALTO NVFP4 report), where one outlier sets a per-tensor scale for everything else.
 Besides fp4.RECIPES (nvidia, tetrajet, quartet2, mxfp4): `tetrajet+oc` is TetraJet-v2 with OutControl (the
-top 10% of X's channels by L2 norm, rounded up to 32, computed on the same X, kept in MXFP8); `nvidia-4over6`
-is NVIDIA's recipe with Four Over Six scales on both forward operands (TE's nvfp4_4over6="all", MAE); the
-TetraJet-v2 ablations `tetrajet-rtn2` (its second backward operand rounded to nearest), `tetrajet-norht` and
-`tetrajet-unaligned` change one knob each.
+top 10% of X's channels by L2 norm, rounded up to 32, computed on the same X, kept in MXFP8); the preset
+`nvidia-4over6` is NVIDIA's recipe with Four Over Six scales on both forward operands (TE's nvfp4_4over6="all",
+MAE); the TetraJet-v2 ablations `tetrajet-rtn2` (its second backward operand rounded to nearest), `tetrajet-norht` and
+`tetrajet-unaligned` change one knob each; --variant NAME=SPEC adds any recipe string (train.py's --fp4-recipe).
 """
 
 import argparse
@@ -31,12 +31,11 @@ if __package__ in (None, ""):                   # run as a script (python dev/X.
 import torch
 
 import fp4
-import fp4_training
 
 OUTLIER_P, OUTLIER_STD = 0.005, 100.0
 HEADERS = ("O (dB)", "dX (dB)", "dW (dB)")
 VARIANTS = {                                   # label -> (base recipe, the fields it changes)
-    "tetrajet+oc": ("tetrajet", {}), "nvidia-4over6": ("nvidia", {"four_over_six": "all"}),
+    "tetrajet+oc": ("tetrajet", {}),
     "tetrajet-rtn2": ("tetrajet", {"other_rounding": "nearest"}), "tetrajet-norht": ("tetrajet", {"rht": ()}),
     "tetrajet-unaligned": ("tetrajet", {"aligned": False}),
 }
@@ -58,19 +57,20 @@ def snr_db(ref, out):
     return (10 * torch.log10(ref.square().sum() / (ref - out).square().sum())).item()
 
 
-def fp4_gemms(recipe, x, w, dy, seed, outliers=None):
-    """-> (O, dX, dW) of the FP4 linear for one seed of SR noise and RHT signs."""
+def fp4_gemms(recipe, x, w, dy, seed, columns=None):
+    """-> (O, dX, dW) of the FP4 linear for one seed of SR noise and RHT signs; columns: OutControl's
+    (outliers, inliers) or None."""
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    o = fp4.FP4LinearFunction.apply(x, w, recipe, torch.Generator().manual_seed(seed), outliers)
+    o = fp4.FP4LinearFunction.apply(x, w, recipe, torch.Generator().manual_seed(seed), columns)
     o.backward(dy)
     return o.detach(), x.grad, w.grad
 
 
-def measure(recipe, x, w, dy, seeds, outliers=None):
+def measure(recipe, x, w, dy, seeds, columns=None):
     """-> {"O"|"dX"|"dW": (mean dB, std dB)} over `seeds` runs against the fp64 reference."""
     x64, w64, dy64 = x.double(), w.double(), dy.double()
     refs = (x64 @ w64.t(), dy64 @ w64, dy64.t() @ x64)
-    runs = [[snr_db(r, o) for r, o in zip(refs, fp4_gemms(recipe, x, w, dy, seed, outliers))] for seed in range(seeds)]
+    runs = [[snr_db(r, o) for r, o in zip(refs, fp4_gemms(recipe, x, w, dy, seed, columns))] for seed in range(seeds)]
     cols = list(zip(*runs))
     return {name: (sum(c) / len(c), torch.tensor(c).std().item() if len(c) > 1 else 0.0)
             for name, c in zip(("O", "dX", "dW"), cols)}
@@ -90,15 +90,22 @@ def recipes(args):
             changes["weight_tile"] = {"1x16": (1, 16), "16x16": (16, 16)}[args.weight_tile]
         if args.aligned is not None:
             changes["aligned"] = args.aligned == "on"
-        out[name] = (dataclasses.replace(base, **changes), name.endswith("+oc"))
-    for spec in args.variant:                      # NAME=FLAGS through train.py's own recipe flags
+        try:
+            out[name] = (dataclasses.replace(base, **changes), name.endswith("+oc"))
+        except ValueError as e:                    # e.g. --no-rht on quartet2: MS-EDEN needs its RHT-128
+            sys.exit(f"error: {e}; leave {name} out of --recipes or change the ablation")
+    for spec in args.variant:                      # NAME=SPEC, a recipe string as train.py's --fp4-recipe reads it
         import shlex
         import train
-        name, sep, flags = spec.partition("=")
+        name, sep, recipe = spec.partition("=")
         if not sep or not name:
-            sys.exit(f"error: --variant wants NAME=FLAGS, got {spec!r}")
-        given = train.parse_args(["--fp4", *shlex.split(flags)])
-        out[name] = (dataclasses.replace(train.resolve_recipe(train.TrainConfig(**given)), name=name), False)
+            sys.exit(f"error: --variant wants NAME=SPEC (a recipe string, e.g. nvidia[weight_tile=1x16]), got {spec!r}")
+        if recipe.startswith("-"):                 # NAME=--fp4-recipe SPEC, train.py's flag, also reads
+            recipe = train.parse_args(["--fp4", *shlex.split(recipe)]).get("fp4_recipe", train.TrainConfig.fp4_recipe)
+        try:
+            out[name] = (dataclasses.replace(fp4.parse_recipe(recipe), name=name), False)
+        except ValueError as e:
+            sys.exit(f"error: --variant {name}: {e}")
     return out
 
 
@@ -112,7 +119,7 @@ def capture_from_checkpoint(path, batches=1):
     if not cfg.fp4:             # a baseline checkpoint (no recipe's own bins in its weights): the layers --fp4 converts
         import copy, contextlib, io
         with contextlib.redirect_stdout(io.StringIO()):           # convert_to_fp4's report is for train.py
-            probe = fp4.convert_to_fp4(copy.deepcopy(model), bf16_first_k=cfg.bf16_first_k, bf16_last_k=cfg.bf16_last_k)
+            probe = fp4.convert_to_fp4(copy.deepcopy(model), keep_first_k=cfg.keep_first_k, keep_last_k=cfg.keep_last_k)
         names = sorted(n for n, m in probe.named_modules() if isinstance(m, fp4.FP4Linear))
     captured = {n: [None, model.get_submodule(n).weight.detach(), None] for n in names}
     hooks = []
@@ -156,9 +163,9 @@ def main(argv=None):
     p.add_argument("--weight-tile", choices=["1x16", "16x16"], help="ablation: W's scale tile (NVFP4 recipes)")
     p.add_argument("--aligned", choices=["on", "off"], help="ablation: force backward operand alignment on/off")
     p.add_argument("--checkpoint", help="also measure on real X, W, dY of this train.py checkpoint")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                   help="an extra recipe: a name and train.py's recipe flags, e.g. 'nv-1x16=--fp4-recipe nvidia "
-                        "--fp4-weight-tile 1x16' (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
+                   help="an extra recipe: a name and a recipe string as train.py's --fp4-recipe reads it, e.g. "
+                        "'nv-1x16=nvidia[weight_tile=1x16]' (repeatable)")
     p.add_argument("--grad", action="store_true", help="the gradient-estimator report (dev/estimator.py) instead")
     p.add_argument("--draws", type=int, default=32, help="--grad: independent FP4 draws per GEMM and of the model")
     p.add_argument("--loss-batches", type=int, default=32, help="--grad: validation batches for the forward loss delta")
@@ -180,16 +187,16 @@ def main(argv=None):
             x, w, dy = (make_tensor(s, dist, gen) for s in ((args.m, k), (args.n, k), (args.m, args.n)))
             rows = []
             for label, (recipe, oc) in chosen.items():
-                outliers = fp4_training.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
-                rows.append(measure(recipe, x, w, dy, args.seeds, outliers))
+                columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
+                rows.append(measure(recipe, x, w, dy, args.seeds, columns))
                 results[(dist, k, label)] = rows[-1]
             print_table(f"{dist}, M={args.m} N={args.n} K={k}, {args.seeds} seeds", rows, list(chosen))
     if args.checkpoint:
         for name, (x, w, dy) in capture_from_checkpoint(args.checkpoint).items():
             rows = []
             for label, (recipe, oc) in chosen.items():
-                outliers = fp4_training.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
-                rows.append(measure(recipe, x.float(), w.float(), dy.float(), args.seeds, outliers))
+                columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
+                rows.append(measure(recipe, x.float(), w.float(), dy.float(), args.seeds, columns))
                 results[("checkpoint", name, label)] = rows[-1]
             print_table(f"{name}: X {tuple(x.shape)}, W {tuple(w.shape)}", rows, list(chosen))
     return results

@@ -38,7 +38,7 @@ def test_val_from_splits_at_the_given_byte_and_refuses_a_split_inside_a_characte
         prepare.prepare_text("w", text, "byte", "t", root=tmp_path, val_from=10 ** 6)
 
 
-@pytest.mark.skipif(not SHARED_TIKTOKEN.is_dir(), reason="../shared/data/tiktoken_cache not present")
+@pytest.mark.skipif(not SHARED_TIKTOKEN.is_dir(), reason="the shared tiktoken cache (GPT-2 BPE files) is not present")
 def test_gpt2_dataset_uses_tiktoken_bpe(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
     meta, (tr, _) = load(prepare.prepare_text("g", "Hello world" + TEXT, "gpt2", "t", root=tmp_path))

@@ -1,5 +1,7 @@
-"""The FP4 linear (numerics.md §6): shapes, fidelity to a high-precision linear, which operands each recipe's
-backward uses, NaN behaviour, determinism and convert_to_fp4. Run: python -m pytest tests/test_linear.py -q"""
+"""The FP4 linear (docs/numerics.md §6, §9): recipes and their strings; the three GEMMs (shapes, fidelity to a
+high-precision linear, which operands each recipe's backward uses, the backward GEMM's draws, NaN behaviour,
+determinism); FP4Linear's state; convert_to_fp4; FP4 health, which reads a model without changing it.
+(OsciReset and OutControl: test_osci_outcontrol.py.) Run: python -m pytest tests/test_linear.py -q"""
 import dataclasses
 
 import pytest
@@ -8,24 +10,81 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fp4
+import health
+from conftest import sqnr
+from model import GPT, GPTConfig
 
 ABLATIONS = {  # every knob of a Recipe runs on its own
     "tetrajet_no_rht": dataclasses.replace(fp4.RECIPES["tetrajet"], rht=()),
     "tetrajet_2d_weight": dataclasses.replace(fp4.RECIPES["tetrajet"], weight_tile=(16, 16)),
     "nvidia_1d_weight": dataclasses.replace(fp4.RECIPES["nvidia"], weight_tile=(1, 16)),
     "nvidia_no_sr": dataclasses.replace(fp4.RECIPES["nvidia"], grad_rounding="nearest"),
+    "nvidia_rht128": fp4.parse_recipe("nvidia[rht=dgrad+wgrad,rht_signs=random,rht_size=128]"),
 }
 ALL = {**fp4.RECIPES, **ABLATIONS}
+
+# -----------------------------------------------------------------------------
+# recipes: every knob independent, printed as preset[field=value,...], read back by parse_recipe
+
+
+@pytest.mark.parametrize("spec", [*fp4.RECIPES, "tetrajet[rht=none,aligned=false]", "nvidia[weight_tile=1x16]",
+                                  "tetrajet[outer=tensor,rht=wgrad,rht_signs=fixed]", "mxfp4[grad_rounding=nearest]",
+                                  "nvidia[rht=dgrad+wgrad,rht_signs=random,rht_size=128]", "quartet2[aligned=false]",
+                                  "nvidia-4over6[four_over_six=weights,four_over_six_error=mse]"])
+def test_a_recipe_prints_as_the_string_that_builds_it(spec):
+    recipe = fp4.parse_recipe(spec)
+    assert fp4.parse_recipe(str(recipe)) == recipe and fp4.parse_recipe(recipe) is recipe
+    assert str(recipe) == (spec if "[" in spec else recipe.name)        # the preset alone prints as its name
+    if spec in fp4.RECIPES:
+        assert recipe == fp4.RECIPES[spec]
+    assert torch.equal(fp4.fake_quant(torch.ones(2, 32), spec), torch.ones(2, 32))  # fake_quant takes the string
+
+
+def test_overrides_print_in_field_order_and_only_what_differs():
+    assert str(fp4.parse_recipe("tetrajet[aligned=false,rht=none]")) == "tetrajet[rht=none,aligned=false]"
+    assert str(fp4.parse_recipe("tetrajet[aligned=true,outer=128]")) == "tetrajet"
+    assert fp4.parse_recipe("tetrajet[rht=none]") == dataclasses.replace(fp4.RECIPES["tetrajet"], rht=())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fp8", "unknown FP4 recipe 'fp8'"), ("tetrajet[rht=none", "unknown FP4 recipe 'tetrajet[rht=none'"),
+    ("tetrajet[bogus=1]", "'bogus=1' is not field=value"), ("tetrajet[rht]", "'rht' is not field=value"),
+    ("nvidia[aligned=yes]", "aligned must be true or false"),
+    ("nvidia[outer=64]", "outer must be tensor or 128"),
+    ("nvidia[weight_tile=4x4]", "weight_tile must be 1x16 or 16x16"),
+    ("nvidia[grad_rounding=floor]", "roundings must be in ('nearest', 'stochastic', 'eden')"),
+    ("mxfp4[weight_tile=16x16]", "mxfp4 has no outer scale and no 2-D tiles"),
+    ("mxfp4[outer=128]", "mxfp4 has no outer scale"),
+    ("tetrajet[rht=fprop]", "rht must be a subset of dgrad, wgrad"),
+    ("nvidia[rht_signs=sometimes]", "rht_signs must be fixed or random"),
+    ("nvidia[rht_size=64]", "rht_size must be 16 or 128"),
+    ("nvidia[rht_size=128]", "RHT-128 needs rht_signs=random"),
+    ("mxfp4[rht_signs=random,rht_size=128]", "RHT-128 is for nvfp4"),
+    ("nvidia[fmt=fp8]", "fmt must be nvfp4 or mxfp4"),
+    ("nvidia[four_over_six_error=max]", "four_over_six_error must be mae or mse"),
+    ("quartet2[weight_tile=16x16]", "MS-EDEN on the other operand needs weight_tile=1x16")])
+def test_a_bad_recipe_is_one_value_error_naming_the_fix(spec, message):
+    with pytest.raises(ValueError) as e:
+        fp4.parse_recipe(spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    if "unknown" in message:                       # the fix: the presets and the override form
+        assert all(name in str(e.value) for name in fp4.RECIPES) and "[field=value,...]" in str(e.value)
+    if "field=value" in message:                   # the fix: the fields
+        assert all(f in str(e.value) for f in ("fmt", "outer", "weight_tile", "rht_size", "four_over_six_error"))
+
+
+# -----------------------------------------------------------------------------
+# the FP4 linear's three GEMMs
 
 
 def cos(a, b):
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
-def run(recipe, x, w, dy, seed=0):
+def run(recipe, x, w, dy, seed=0, columns=None):
     """-> y, dx, dw of the FP4 linear (fresh leaf copies of x and w)."""
     x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    y = fp4.FP4LinearFunction.apply(x, w, recipe, torch.Generator().manual_seed(seed))
+    y = fp4.FP4LinearFunction.apply(x, w, recipe, torch.Generator().manual_seed(seed), columns)
     y.backward(dy)
     return y.detach(), x.grad, w.grad
 
@@ -48,7 +107,7 @@ def test_fp4_linear_shapes_and_dtypes_with_unaligned_sizes(name):
     assert all(t.isfinite().all() for t in (y, x.grad, layer.weight.grad))
 
 
-# Tolerances, from the quantizers' SQNR on Gaussian data (tests/test_nvfp4.py): a GEMM of two operands with
+# Tolerances, from the quantizers' SQNR on Gaussian data (test_numerics.py): a GEMM of two operands with
 # independent relative errors 1/s1, 1/s2 has cos ≈ 1/sqrt(1 + 1/s1 + 1/s2). NVFP4 RTN is 20.4 dB (s = 110), SR
 # 17.3 dB (s = 54), MXFP4 RTN 18.8 dB, so: forward ≈ 0.991 (NVFP4) / 0.987 (MXFP4), and the worst backward,
 # TetraJet's three errors (X̂, then SR on both operands) ≈ 0.978. Measured: 0.989-0.991 / 0.977-0.986. SR noise
@@ -89,6 +148,32 @@ def test_tetrajet_backward_is_unbiased_for_the_dequantized_forward_operands():
         assert (mean - aligned).norm() < 0.3 * (aligned - plain).norm()
 
 
+@pytest.mark.parametrize("name", ["tetrajet", "nvidia", "quartet2", "nvidia_no_sr"])
+def test_the_backward_gemms_are_backward_gemm_with_its_draws_in_order(name):
+    # dgrad, then wgrad, each drawing from the layer's generator: its RHT signs, dY's noise, the other's noise
+    recipe = ALL[name]
+    x, w, dy = data(48, 128, 64)
+    _, dx, dw = run(recipe, x, w, dy, seed=4)
+    g = torch.Generator().manual_seed(4)
+    x_src, w_src = (fp4.fake_quant(x, recipe, four_over_six=fp4.four_over_six_of(recipe, "activations")),
+                    fp4.fake_quant(w, recipe, tile=recipe.weight_tile, four_over_six=fp4.four_over_six_of(recipe, "weights"))
+                    ) if recipe.aligned else (x, w)
+    if recipe.weight_tile == (16, 16) and not recipe.aligned and recipe.other_rounding == "nearest" and "dgrad" not in recipe.rht:
+        want_dx = fp4.fake_quant(dy, recipe, recipe.grad_rounding, generator=g) @ fp4.fake_quant(w, recipe, tile=(16, 16))
+    else:
+        want_dx = fp4.backward_gemm("dgrad", dy, w_src.t(), recipe, g, recipe.weight_tile)
+    assert torch.equal(dx, want_dx)
+    assert torch.equal(dw, fp4.backward_gemm("wgrad", dy.t(), x_src.t(), recipe, g))
+    signs = fp4.random_signs(torch.Generator().manual_seed(9), n=recipe.rht_size)      # the order, spelled out
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    if recipe.rht_signs == "random" and recipe.rht:
+        assert torch.equal(fp4.random_signs(g2, n=recipe.rht_size), signs)
+        gemm = recipe.rht[0]
+        a_dq = fp4.fake_quant(dy.t(), recipe, recipe.grad_rounding, generator=g2, rht_signs=signs)
+        b_dq = fp4.fake_quant(x.t(), recipe, recipe.other_rounding, (1, 16), g2, rht_signs=signs)
+        assert torch.equal(fp4.backward_gemm(gemm, dy.t(), x.t(), recipe, g1), a_dq @ b_dq.t())
+
+
 @pytest.mark.parametrize("name", list(fp4.RECIPES))
 def test_nan_or_inf_in_the_input_makes_its_output_row_nan(name):
     x, w, _ = data(32, 256, 48)
@@ -108,19 +193,42 @@ def test_fp4_linear_is_deterministic_given_its_seed():
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert torch.equal(a[0], c[0]) and not torch.equal(a[2], c[2])  # forward is RTN; backward is random
 
+# -----------------------------------------------------------------------------
+# FP4Linear and convert_to_fp4
 
-def test_fp4_linear_random_stream_survives_a_state_dict_round_trip():
+
+def test_fp4_linear_seeds_its_generator_on_first_use_and_its_stream_survives_a_state_dict_round_trip():
     x, _, dy = data(32, 64, 48)
     layer = fp4.FP4Linear(64, 48, recipe="tetrajet", seed=3)
+    assert layer.generator is None and layer.columns is None and layer.channel_norm is None
     layer(x).backward(dy)                           # advance the generator
+    fresh_gen = torch.Generator().manual_seed(3 + fp4.NOISE_SEED_OFFSET)
+    assert layer.generator is not None and not torch.equal(layer.generator.get_state(), fresh_gen.get_state())
     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in layer.state_dict().items()}
+    extra = state["_extra_state"]
+    assert set(extra) == {"recipe", "seed", "rng", "columns", "channel_norm"} and extra["recipe"] == "tetrajet"
     layer.weight.grad = None
     layer(x).backward(dy)
     expected = layer.weight.grad.clone()
     fresh = fp4.FP4Linear(64, 48, recipe="tetrajet", seed=999)
     fresh.load_state_dict(state)
     fresh(x).backward(dy)
-    assert torch.equal(fresh.weight.grad, expected)
+    assert torch.equal(fresh.weight.grad, expected) and fresh.seed == 3
+    first = fp4.FP4Linear(64, 48, recipe="tetrajet", seed=3)                 # the stream starts at seed + 2^32
+    first.weight.data.copy_(layer.weight.data)
+    first(x.clone().requires_grad_()).backward(dy)                          # (dgrad draws first, as in run)
+    assert torch.equal(first.weight.grad, run(fp4.RECIPES["tetrajet"], x, layer.weight, dy, 3 + fp4.NOISE_SEED_OFFSET)[2])
+
+
+def test_high_precision_runs_the_layer_as_a_plain_linear_and_quantize_weight_is_the_forwards():
+    x, w, _ = data(16, 64, 32)
+    layer = fp4.FP4Linear(64, 32, bias=True, recipe="nvidia")
+    layer.weight.data.copy_(w)
+    layer.high_precision = True
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), rtol=0, atol=0)
+    assert layer.generator is None                                            # nothing drawn
+    assert torch.equal(layer.quantize_weight(), fp4.fake_quant(w, "nvidia", tile=(16, 16)))
+    assert "recipe=nvidia" in repr(layer)
 
 
 class Block(nn.Module):
@@ -140,10 +248,11 @@ class Toy(nn.Module):
 def test_convert_to_fp4_swaps_block_linears_shares_weights_and_reports(capsys):
     model = Toy()
     weights = {n: p for n, p in model.named_parameters()}
-    fp4.convert_to_fp4(model, "nvidia", bf16_first_k=1, bf16_last_k=1)
+    fp4.convert_to_fp4(model, "nvidia", keep_first_k=1, keep_last_k=1, seed=10)
     kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert [n for n, k in kinds.items() if k is fp4.FP4Linear] == [
-        f"transformer.h.{i}.{s}" for i in (1, 2) for s in ("attn.c_attn", "attn.c_proj", "mlp.0", "mlp.2")]
+    converted = [f"transformer.h.{i}.{s}" for i in (1, 2) for s in ("attn.c_attn", "attn.c_proj", "mlp.0", "mlp.2")]
+    assert [n for n, k in kinds.items() if k is fp4.FP4Linear] == converted
+    assert [model.get_submodule(n).seed for n in converted] == list(range(10, 18))      # layer i: seed + i
     assert kinds["lm_head"] is nn.Linear and kinds["transformer.h.0.mlp.0"] is nn.Linear
     assert all(p is weights[n] for n, p in model.named_parameters())   # shared, not copied
     out = capsys.readouterr().out
@@ -151,16 +260,71 @@ def test_convert_to_fp4_swaps_block_linears_shares_weights_and_reports(capsys):
 
 
 def test_convert_to_fp4_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="blocks"):
+    with pytest.raises(AttributeError, match="transformer"):
         fp4.convert_to_fp4(nn.Sequential(nn.Linear(4, 4)), "tetrajet")
-    with pytest.raises(ValueError, match="bf16_first_k"):
-        fp4.convert_to_fp4(Toy(), "tetrajet", bf16_first_k=3, bf16_last_k=2)
+    with pytest.raises(ValueError, match="keep_first_k 3 \\+ keep_last_k 2 must fit the model's 4 blocks"):
+        fp4.convert_to_fp4(Toy(), "tetrajet", keep_first_k=3, keep_last_k=2)
     with pytest.raises(ValueError, match="unknown FP4 recipe"):
         fp4.convert_to_fp4(Toy(), "fp8")
 
 
-def test_recipe_rejects_inconsistent_knobs():
-    with pytest.raises(ValueError, match="mxfp4 has no outer scale"):
-        dataclasses.replace(fp4.RECIPES["mxfp4"], weight_tile=(16, 16))
-    with pytest.raises(ValueError, match="rht must be"):
-        dataclasses.replace(fp4.RECIPES["tetrajet"], rht=("fprop",))
+def test_model_quantizes_exactly_the_block_linears():
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=32, mlp_hidden=64))
+    fp4.convert_to_fp4(model, "tetrajet", keep_last_k=1)
+    fp4_layers = sorted(n for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear))
+    assert fp4_layers == sorted(f"transformer.h.{i}.{s}" for i in (0, 1)
+                                for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+
+# -----------------------------------------------------------------------------
+# FP4 health (§9): read at eval time, outside autograd, changing nothing
+
+
+def test_block_health_sees_mxfp4_saturate_and_per_tensor_scales_underflow():
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    sat, under = health.block_health(x, "mxfp4")
+    assert 0.12 < sat < 0.22 and under == 0                  # MXFP4's floor scale: ~17% of randn's blocks
+    assert health.block_health(x, "nvidia") == (0.0, 0.0)       # NVFP4's fitted scale never saturates
+    x[0, 0] = 1e6                                            # one spike: per-tensor E4M3 scales underflow
+    assert health.block_health(x, "nvidia")[1] > 0.9 and health.block_health(x, "tetrajet")[1] < 0.01
+
+
+def tiny_fp4_model(recipe="tetrajet"):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64))
+    fp4.convert_to_fp4(model, recipe, seed=5)
+    batch = tuple(torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    return model, {n: m for n, m in model.named_modules() if isinstance(m, fp4.FP4Linear)}, batch
+
+
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia", "mxfp4"])
+def test_fp4_health_reports_every_layer_and_touches_nothing_the_run_continues_with(recipe):
+    model, layers, batch = tiny_fp4_model(recipe)
+    model(*batch)[1].backward()                              # a training step's gradients and generator draws
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = {n: l.generator.get_state() for n, l in layers.items()}
+    report, probe = health.measure(model, layers, batch)
+    assert probe is None and set(report) == set(layers)
+    for h in report.values():
+        assert set(h) == {"sqnr_x", "sqnr_w", "sqnr_dy_dgrad", "sqnr_dy_wgrad", "saturated_x", "saturated_w",
+                          "underflow_x", "underflow_w"}
+        assert 10 < h["sqnr_x"] < 30 and 10 < h["sqnr_w"] < 30 and 5 < h["sqnr_dy_wgrad"] < 30
+    report2, probe = health.measure(model, layers, batch, probe=True)
+    assert report2 == report                                 # the same numbers: nothing it drew carried over
+    assert 0.5 < probe["grad_cosine"] <= 1 and 0 < probe["grad_rel_error"] < 1 and set(probe) == {"grad_cosine", "grad_rel_error"}
+    assert model.training and all(not l.high_precision for l in layers.values())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(l.generator.get_state(), rng[n]) for n, l in layers.items())
+
+
+def test_layer_health_quantizes_each_operand_as_its_gemm_does():
+    x, w, dy = data(64, 128, 48)
+    layer = fp4.FP4Linear(128, 48, recipe="nvidia")
+    layer.weight.data.copy_(w)
+    h = health.layer_health(layer, x, dy, torch.Generator().manual_seed(0))
+    assert h["sqnr_x"] == sqnr(x, fp4.fake_quant(x, "nvidia"))
+    assert h["sqnr_w"] == sqnr(w, fp4.fake_quant(w, "nvidia", tile=(16, 16)))
+    g = torch.Generator().manual_seed(0)                     # dgrad: no RHT; wgrad: dYᵀ after NVIDIA's fixed RHT
+    assert h["sqnr_dy_dgrad"] == sqnr(dy, fp4.fake_quant(dy, "nvidia", "stochastic", generator=g))
+    signs = torch.tensor(fp4.NVIDIA_RHT_SIGNS, dtype=torch.float32)
+    assert h["sqnr_dy_wgrad"] == sqnr(fp4.rht(dy.t(), signs),
+                                          fp4.fake_quant(dy.t(), "nvidia", "stochastic", generator=g, rht_signs=signs))

@@ -1,41 +1,69 @@
-"""Every fast implementation (fastpaths.py: compiled, cpu, triton) equals the reference bit for bit: fake
-quantization, codes and scales, and a whole FP4 layer's forward and backward, for every NVFP4 variant and
-MXFP4, RTN and SR (the same counter-based noise from the same seed), with RHT, fp32 and bf16, contiguous and
-transposed inputs, NaN, Inf and all-zero blocks. Triton runs in its interpreter on a CPU (slow: fewer cases)
-and on the GPU when there is one; a path that cannot be built here (no triton, no C compiler) is skipped.
-Run: python -m pytest tests/test_paths.py -q"""
+"""Every fast path (fastpaths.py: compiled, cpu, triton) as fp4.KERNEL gives the reference's bits (fp4.KERNEL = None):
+fake quantization, codes and scales (the C and Triton quantizers), and a whole FP4 layer's forward and backward,
+for every NVFP4 variant (Four Over Six, MS-EDEN, RHT-128) and MXFP4, RTN and SR (the same counter-based noise from
+the same seed), with RHT, fp32 and bf16, contiguous and transposed inputs, NaN, Inf and all-zero blocks. Then
+fastpaths.use/probe/kernel (what auto picks and says, what it refuses) and compile_model. Triton runs in its
+interpreter on a CPU (slow: fewer cases) and on the GPU when there is one; a path that cannot be built here (no
+triton, no C compiler) is skipped. Run: python -m pytest tests/test_paths.py -q"""
 import pytest
 import torch
 
 import fastpaths
 import fp4
-from conftest import DEVICE, awkward, equal_with_nan, layer_outputs_and_grads, same_quantized
+from conftest import DEVICE, awkward, equal_with_nan, layer_outputs_and_grads, same_quantized, with_kernel
 
 # the interpreter runs the kernels in numpy, which warns on the Inf/NaN arithmetic the NaN tests exercise
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 INTERPRETED = not torch.cuda.is_available()          # triton through TRITON_INTERPRET=1 (conftest.py)
 SIGNS = fp4.random_signs(torch.Generator().manual_seed(5))
+SIGNS128 = fp4.random_signs(torch.Generator().manual_seed(6), n=128)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(params=["compiled", "cpu", "triton"])
-def impl(request):
-    """A fast implementation, or a skip saying why it cannot run here."""
+def path(request):
+    """A fast path's name, or a skip saying why it cannot be built here."""
     try:
-        impl = fastpaths.get(request.param)
-        if request.param == "cpu":
-            impl.kernels.library()                   # builds the C library (or says why not)
+        fastpaths.kernel(request.param)
     except Exception as e:
-        pytest.skip(f"{request.param} is not available here: {type(e).__name__}: {e}")
-    return impl
+        pytest.skip(f"{request.param} is not available here: {type(e).__name__}: {str(e).splitlines()[0]}")
+    return request.param
 
 
-def device_of(impl):
-    return DEVICE if impl.name == "triton" else "cpu"
+def device_of(path):
+    return DEVICE if path == "triton" else "cpu"
 
 
-def skip_unsupported(impl, recipe):
-    if impl.name == "triton" and fp4.get_recipe(recipe).fmt != "nvfp4":
+def both(path, fn):
+    """-> (fn() with fp4.KERNEL = the path's kernel, fn() with the reference)."""
+    return with_kernel(fastpaths.kernel(path), fn), with_kernel(None, fn)
+
+
+def skip_unsupported(path, recipe):
+    if path == "triton" and fp4.parse_recipe(recipe).fmt != "nvfp4":
         pytest.skip("kernels.py has NVFP4 kernels only")
+
+
+def kernel_codes(path, x, outer, tile=(1, 16), rounding="nearest", signs=None, four_over_six=None, seed=3):
+    """The path's own NVFP4 quantizer on x padded as fp4.quantize_nvfp4 pads it, the seed drawn as fp4 draws it,
+    cropped to x's rows -> (codes, block_scale, outer_scale); the reference's fp4.quantize_nvfp4 of x."""
+    if path == "compiled":
+        pytest.skip("compiled: fastpaths compiles fake_quant's reference_kernel only (no codes)")
+    dev = x.device
+    x2 = fp4.pad_2d(x, tile[0], fp4.k_multiple("nvfp4", outer, rounding, signs))
+    s = None if rounding == "nearest" else fp4.draw_seed(torch.Generator(dev).manual_seed(seed), dev)
+    if path == "cpu":
+        import cpu_kernels
+        got = cpu_kernels.quantize_nvfp4(x2, outer, tile, rounding, s, signs, four_over_six)
+    else:
+        import kernels
+        got = kernels.quantize_nvfp4(x2, outer, tile, s, signs, rounding == "eden", four_over_six)
+    rows = x.shape[0]
+    got = (got[0][:rows], got[1][:rows], got[2] if outer == "tensor" else got[2][:rows])
+    # (the reference of the contiguous copy: what the reference gives does not depend on the layout, test_variants.py)
+    ref = fp4.quantize_nvfp4(x.contiguous(), outer=outer, tile=tile, rounding=rounding, rht_signs=signs,
+                             four_over_six=four_over_six, generator=torch.Generator(dev).manual_seed(seed))
+    return got, ref
 
 
 # torch.compile costs a few seconds per graph when its cache is cold (CI): the compiled path, whose code is fp4.py's
@@ -43,138 +71,223 @@ def skip_unsupported(impl, recipe):
 COMPILED_FAKE_QUANT = {("tetrajet", (1, 16), "nearest"), ("tetrajet", (16, 16), "stochastic"),
                        ("nvidia", (16, 16), "nearest"), ("nvidia", (1, 16), "stochastic"),
                        ("mxfp4", (1, 16), "nearest"), ("mxfp4", (1, 16), "stochastic")}
-COMPILED_CODES = {("tensor", (16, 16), "nearest"), (128, (1, 16), "stochastic")}
 
 
-def compiled_subset(impl, case, subset):
-    if impl.name == "compiled" and case not in subset:
+def compiled_subset(path, case, subset):
+    if path == "compiled" and case not in subset:
         pytest.skip("compiled: a representative subset (each graph is a cold compile)")
 
 
-def variants(impl):
+def variants(path):
     """(rht_signs, input dtype, output dtype) combinations: all eight, or two where each costs a compile (torch.compile:
     one graph per input dtype and RHT) or minutes (the Triton interpreter)."""
     full = [(s, i, o) for s in (None, SIGNS) for i in (torch.float32, torch.bfloat16) for o in (torch.float32, torch.bfloat16)]
-    return full[::7] if impl.name == "compiled" or (impl.name == "triton" and INTERPRETED) else full
+    return full[::7] if path == "compiled" or (path == "triton" and INTERPRETED) else full
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("recipe,tile", [(r, t) for r in ("nvidia", "tetrajet") for t in ((1, 16), (16, 16))]
                          + [("mxfp4", (1, 16))])
-def test_fake_quant_equals_the_reference_bit_for_bit(impl, recipe, tile, rounding):
-    skip_unsupported(impl, recipe)
-    compiled_subset(impl, (recipe, tile, rounding), COMPILED_FAKE_QUANT)
-    x = awkward(cols=200).to(device_of(impl))    # K = 200: padded to 208 (per-tensor), 224 (MXFP4), 256 (1x128)
+def test_fake_quant_equals_the_reference_bit_for_bit(path, recipe, tile, rounding):
+    skip_unsupported(path, recipe)
+    compiled_subset(path, (recipe, tile, rounding), COMPILED_FAKE_QUANT)
+    x = awkward(cols=200).to(device_of(path))    # K = 200: padded to 208 (per-tensor), 224 (MXFP4), 256 (1x128)
     x[11, 7] = float("nan")                      # its block (or the whole tensor) is NaN, the rest the same bits
     for shape_x in (x, x[:17]):                  # a second row count: the compiled graph is shared across them
-        for signs, in_dtype, dtype in variants(impl):
-            got, ref = [i.fake_quant(shape_x.to(in_dtype), recipe, rounding, tile,
-                                     torch.Generator(shape_x.device).manual_seed(3),
-                                     rht_signs=None if signs is None else signs.to(shape_x.device), dtype=dtype)
-                        for i in (impl, fp4.REFERENCE)]
+        for signs, in_dtype, dtype in variants(path):
+            got, ref = both(path, lambda: fp4.fake_quant(
+                shape_x.to(in_dtype), recipe, rounding, tile, torch.Generator(shape_x.device).manual_seed(3),
+                rht_signs=None if signs is None else signs.to(shape_x.device), dtype=dtype))
             assert got.dtype == dtype and equal_with_nan(got, ref), (signs is not None, in_dtype, dtype)
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("outer,tile", [(o, t) for o in ("tensor", 128) for t in ((1, 16), (16, 16))])
-def test_codes_and_scales_equal_the_reference_bit_for_bit(impl, outer, tile, rounding):
-    compiled_subset(impl, (outer, tile, rounding), COMPILED_CODES)
-    x = awkward(cols=200).to(device_of(impl))
+def test_codes_and_scales_equal_the_reference_bit_for_bit(path, outer, tile, rounding):
+    x = awkward(cols=200).to(device_of(path))
     x[11, 7], x[30, 150] = float("nan"), float("inf")      # a NaN scale's byte included
-    for signs, in_dtype, _ in variants(impl)[::2]:
-        got, ref = [i.quantize_nvfp4(x.to(in_dtype), outer=outer, tile=tile, rounding=rounding,
-                                     generator=torch.Generator(x.device).manual_seed(3),
-                                     rht_signs=None if signs is None else signs.to(x.device))
-                    for i in (impl, fp4.REFERENCE)]
+    for signs, in_dtype, _ in variants(path)[::2]:
+        got, ref = kernel_codes(path, x.to(in_dtype), outer, tile, rounding, None if signs is None else signs.to(x.device))
         assert same_quantized(got, ref), (signs is not None, in_dtype)
 
 
 @pytest.mark.parametrize("recipe", ["nvidia", "tetrajet", "mxfp4"])
-def test_transposed_operands_and_zero_tensors_equal_the_reference(impl, recipe):
+def test_transposed_operands_and_zero_tensors_equal_the_reference(path, recipe):
     # wgrad quantizes dYᵀ and Xᵀ: strided views (the C kernel reads them in place with 8x8 in-register transposes,
     # 16 rows per block; the compiled path copies them first), with the RHT, a NaN and an Inf block
-    skip_unsupported(impl, recipe)
-    dev = device_of(impl)
+    skip_unsupported(path, recipe)
+    dev = device_of(path)
     x = awkward(rows=384, cols=64).to(dev)
     x[5, 3], x[200, 60] = float("nan"), float("inf")       # a NaN block, and an Inf block: its scale is NaN
-    for signs, in_dtype, dtype in variants(impl)[-1:] if impl.name == "compiled" else variants(impl):
+    for signs, in_dtype, dtype in variants(path)[-1:] if path == "compiled" else variants(path):
         xt = x.to(in_dtype).t()                                                       # (64, 384), strides (1, 64)
-        for rounding in ("stochastic",) if impl.name == "compiled" else ("nearest", "stochastic"):
-            got, ref = [i.fake_quant(xt, recipe, rounding, generator=torch.Generator(dev).manual_seed(4), dtype=dtype,
-                                     rht_signs=None if signs is None else signs.to(dev)) for i in (impl, fp4.REFERENCE)]
+        for rounding in ("stochastic",) if path == "compiled" else ("nearest", "stochastic"):
+            got, ref = both(path, lambda: fp4.fake_quant(xt, recipe, rounding, generator=torch.Generator(dev).manual_seed(4),
+                                                         dtype=dtype, rht_signs=None if signs is None else signs.to(dev)))
             assert equal_with_nan(got, ref), (signs is not None, in_dtype, rounding, dtype)
     zeros = torch.zeros(32, 128, device=dev)        # per-tensor A = 0 takes S_enc = 1; zero blocks get the tiny scales
-    assert not impl.fake_quant(zeros, recipe, "stochastic", generator=torch.Generator(dev)).view(torch.int32).any()
+    got = with_kernel(fastpaths.kernel(path), lambda: fp4.fake_quant(zeros, recipe, "stochastic", generator=torch.Generator(dev)))
+    assert not got.view(torch.int32).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia", "mxfp4"])
-def test_fp4_layer_outputs_and_grads_equal_the_reference(impl, recipe, dtype, monkeypatch):
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia", "mxfp4", "quartet2"])
+def test_fp4_layer_outputs_and_grads_equal_the_reference(path, recipe, dtype):
     # a whole layer: RTN, SR, RHT on transposed operands, the same random draws in the same order; in bf16 and in
-    # fp32 (what --dtype auto picks on a CPU without native bf16). The simulated GEMMs: test_gemm.py tests the
-    # FP4 tensor-core branch.
-    skip_unsupported(impl, recipe)
-    compiled_subset(impl, recipe, {"tetrajet"})                # each layer case is ~6 cold compiles
-    if impl.name == "triton":
-        monkeypatch.setattr(impl.kernels, "fp4_gemm_supported", lambda device: False)
-    got, ref = (layer_outputs_and_grads(i, recipe, device_of(impl), dtype) for i in (impl, fp4.REFERENCE))
+    # fp32 (what --dtype auto picks on a CPU without native bf16)
+    skip_unsupported(path, recipe)
+    compiled_subset(path, recipe, {"tetrajet"})                # each layer case is ~6 cold compiles
+    if recipe == "quartet2" and dtype == torch.bfloat16:
+        pytest.skip("quartet2: fp32 (its quantizers are the same in bf16: the cases below)")
+    got, ref = (layer_outputs_and_grads(k, recipe, device_of(path), dtype) for k in (fastpaths.kernel(path), None))
     assert got[0].dtype == dtype and all(equal_with_nan(g, r) for g, r in zip(got, ref))     # y, dx, dW
 
 
-@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia"])
-def test_the_start_up_probe_passes(impl, recipe):
-    if impl.name == "triton" and DEVICE != "cuda":
-        pytest.skip("select() takes triton on CUDA only")
-    assert fastpaths.probe(impl.name, torch.device(device_of(impl)), fp4.get_recipe(recipe)) is None
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia", "nvidia-4over6", "quartet2", "mxfp4"])
+def test_the_start_up_probe_passes(path, recipe):
+    if path == "triton" and DEVICE != "cuda":
+        pytest.skip("fastpaths takes triton on CUDA only")
+    skip_unsupported(path, recipe)
+    if path == "compiled" and recipe != "tetrajet":
+        pytest.skip("compiled: one recipe (each probe is several cold compiles)")
+    assert fastpaths.probe(path, torch.device(device_of(path)), fp4.parse_recipe(recipe)) is None
 
-
+# -----------------------------------------------------------------------------
 # Four Over Six (§10), MS-EDEN and RHT-128 (§11): the 2026 recipes' quantizers on every path
-SIGNS128 = fp4.random_signs(torch.Generator().manual_seed(6), n=128)
-COMPILED_NEW = {("mse", "tensor", (1, 16))}         # a 4/6 graph is ~25 s to compile cold: one case (fp4.py's code)
 
 
 @pytest.mark.parametrize("error", ["mae", "mse"])
 @pytest.mark.parametrize("outer,tile", [(o, t) for o in ("tensor", 128) for t in ((1, 16), (16, 16))])
-def test_four_over_six_equals_the_reference_bit_for_bit(impl, error, outer, tile):
-    compiled_subset(impl, (error, outer, tile), COMPILED_NEW)
+def test_four_over_six_equals_the_reference_bit_for_bit(path, error, outer, tile):
+    # (a 4/6 graph is ~25 s to compile cold: the compiled path runs one case, fp4.py's own code)
+    compiled_subset(path, (error, outer, tile), {("mse", "tensor", (1, 16))})
     recipe = fp4.Recipe("nvidia" if outer == "tensor" else "tetrajet", outer=outer)
-    x = awkward(cols=200).to(device_of(impl))
+    x = awkward(cols=200).to(device_of(path))
     x[11, 7] = float("nan")
-    both = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16))
-    for in_dtype, dtype in both[:1] if impl.name == "triton" and INTERPRETED else both:   # (bf16 in: the codes below)
-        got, ref = [i.fake_quant(x.to(in_dtype), recipe, tile=tile, dtype=dtype, four_over_six=error)
-                    for i in (impl, fp4.REFERENCE)]
+    pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16))
+    for in_dtype, dtype in pairs[:1] if path == "triton" and INTERPRETED else pairs:   # (bf16 in: the codes below)
+        got, ref = both(path, lambda: fp4.fake_quant(x.to(in_dtype), recipe, tile=tile, dtype=dtype, four_over_six=error))
         assert equal_with_nan(got, ref), (in_dtype, dtype)
-    # codes too, and a transposed bf16 operand whose K (384) is a whole number of 128-blocks (the reference's
-    # codes once failed on it: the chosen candidates' layout followed the transposed input)
-    xt = awkward(rows=384, cols=64).to(device_of(impl)).bfloat16().t()
+    # codes too, and a transposed bf16 operand whose K (384) is a whole number of 128-blocks (read in place)
+    xt = awkward(rows=384, cols=64).to(device_of(path)).bfloat16().t()
     for operand in (x, xt):
-        got, ref = [i.quantize_nvfp4(operand, outer=outer, tile=tile, four_over_six=error) for i in (impl, fp4.REFERENCE)]
+        got, ref = kernel_codes(path, operand, outer, tile, four_over_six=error)
         assert same_quantized(got, ref), tuple(operand.shape)
 
 
 @pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])
-def test_ms_eden_and_rht128_equal_the_reference_bit_for_bit(impl, rounding, n_signs):
+def test_ms_eden_and_rht128_equal_the_reference_bit_for_bit(path, rounding, n_signs):
     # MS-EDEN (the per-128 correction, the stochastically rounded E4M3 scale) and the RHT-128 butterfly, on
     # contiguous and transposed (wgrad) operands, K = 200 padded to 256, a NaN row block and an Inf
-    compiled_subset(impl, (rounding, n_signs), {("eden", 128)})
-    dev = device_of(impl)
+    compiled_subset(path, (rounding, n_signs), {("eden", 128)})
+    dev = device_of(path)
     signs = None if n_signs is None else SIGNS128.to(dev)
     x = awkward(cols=200).to(dev)
     x[11, 7] = float("nan")
     xt = awkward(rows=384, cols=64).to(dev).t()                                        # (64, 384), strided
     for operand in (x, xt, x[:17]):
         for in_dtype, dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
-            got, ref = [i.fake_quant(operand.to(in_dtype), "nvidia", rounding, generator=torch.Generator(dev).manual_seed(3),
-                                     rht_signs=signs, dtype=dtype) for i in (impl, fp4.REFERENCE)]
+            got, ref = both(path, lambda: fp4.fake_quant(operand.to(in_dtype), "nvidia", rounding, rht_signs=signs,
+                                                         generator=torch.Generator(dev).manual_seed(3), dtype=dtype))
             assert equal_with_nan(got, ref), (tuple(operand.shape), in_dtype, dtype)
-    got, ref = [i.quantize_nvfp4(x, rounding=rounding, generator=torch.Generator(dev).manual_seed(3), rht_signs=signs)
-                for i in (impl, fp4.REFERENCE)]
+    got, ref = kernel_codes(path, x, "tensor", rounding=rounding, signs=signs)
     assert same_quantized(got, ref)
+    if rounding != "eden":                          # RHT-128 with a per-128 outer scale (TetraJet-style)
+        got, ref = kernel_codes(path, x, 128, rounding=rounding, signs=signs)
+        assert same_quantized(got, ref)
+
+# -----------------------------------------------------------------------------
+# fastpaths.use / probe / kernel: what auto picks and says, what it refuses
 
 
-def test_quartet2_layer_outputs_and_grads_equal_the_reference(impl, monkeypatch):
-    if impl.name == "triton":
-        monkeypatch.setattr(impl.kernels, "fp4_gemm_supported", lambda device: False)
-    got, ref = (layer_outputs_and_grads(i, "quartet2", device_of(impl), torch.float32) for i in (impl, fp4.REFERENCE))
-    assert all(equal_with_nan(g, r) for g, r in zip(got, ref))
+def test_auto_picks_a_fast_path_on_cpu_names_it_and_refuses_what_cannot_run():
+    line = fastpaths.use("auto", "cpu", fp4.RECIPES["tetrajet"])       # cpu_kernels/, or compiled saying why not
+    assert (fp4.KERNEL is fastpaths.kernel("cpu") and "FP4 path: cpu" in line) or \
+           (fp4.KERNEL is fastpaths.kernel("compiled") and "not cpu:" in line)
+    assert "recipe tetrajet" in line
+    line = fastpaths.use("auto", "cpu", fp4.RECIPES["nvidia-4over6"])  # its probe checks a 16x16 "mae" 4/6 too
+    assert "FP4 path: cpu" in line or "not cpu:" in line
+    fastpaths.use("compiled", "cpu", fp4.RECIPES["mxfp4"])
+    assert fp4.KERNEL is fastpaths.kernel("compiled") and fastpaths.kernel("reference") is None
+    assert fastpaths.use("reference", "cpu", fp4.RECIPES["nvidia"]).startswith("FP4 path: reference") and fp4.KERNEL is None
+    with pytest.raises(ValueError, match="FP4 path triton is not available: its kernels need a CUDA device .*use --fp4-path compiled"):
+        fastpaths.use("triton", "cpu", fp4.RECIPES["tetrajet"])
+    with pytest.raises(ValueError, match="unknown FP4 path 'fastest'"):
+        fastpaths.use("fastest", "cpu", fp4.RECIPES["tetrajet"])
+    assert fastpaths.probe("cpu", torch.device("cuda"), fp4.RECIPES["tetrajet"]).startswith("its kernels run on the CPU")
+    assert fastpaths.probe("triton", torch.device("cuda"), fp4.RECIPES["mxfp4"]) == "kernels.py has no mxfp4 kernel"
+
+
+def test_a_failed_c_build_is_one_clear_error_and_auto_says_why_it_passed_over_cpu(monkeypatch, tmp_path):
+    cpu_kernels = pytest.importorskip("cpu_kernels")
+    monkeypatch.setattr(cpu_kernels, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", cpu_kernels.CFLAGS + ("-fno-such-flag",))
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="could not build fp4_cpu.c: .*no-such-flag"):
+            cpu_kernels.library()
+        line = fastpaths.use("auto", "cpu", fp4.RECIPES["tetrajet"])
+        assert fp4.KERNEL is fastpaths.kernel("compiled") and "not cpu: RuntimeError" in line
+        with pytest.raises(ValueError, match="FP4 path cpu is not available"):
+            fastpaths.use("cpu", "cpu", fp4.RECIPES["tetrajet"])
+    finally:
+        cpu_kernels.library.cache_clear()               # the next caller loads the real build again
+
+
+def test_cpu_kernels_write_bf16_like_torch_and_take_only_2d_cpu_tensors(path):
+    if path != "cpu":
+        pytest.skip("cpu_kernels only")
+    import cpu_kernels
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 1e3
+    x[0, 0] = float("nan")                              # ties to even and NaN exactly as torch's .to(torch.bfloat16)
+    args = ("nvfp4", "tensor", (1, 16), "nearest", None, None, None)
+    out32 = cpu_kernels.fake_quant(x, *args, dtype=torch.float32)
+    out16 = cpu_kernels.fake_quant(x, *args, dtype=torch.bfloat16)
+    assert out16.dtype == torch.bfloat16 and equal_with_nan(out16, out32.to(torch.bfloat16))
+    assert equal_with_nan(out32, fp4.reference_kernel(x, *args))
+    assert cpu_kernels.fake_quant(x, *args, dtype=torch.float16).dtype == torch.float32   # fake_quant casts the rest
+    got, ref = both(path, lambda: fp4.fake_quant(x, "nvidia", dtype=torch.float16))
+    assert got.dtype == torch.float16 and equal_with_nan(got, ref)
+    with pytest.raises(AssertionError, match="a 2-D CPU tensor"):
+        cpu_kernels.fake_quant(x.view(4, 16, 128), *args)
+
+
+def test_triton_takes_only_padded_nvfp4_operands():
+    kernels = pytest.importorskip("kernels", reason="triton is not installed")
+    with pytest.raises(AssertionError, match="NVFP4 kernels only"):
+        kernels.fake_quant(torch.randn(4, 64, device=DEVICE), "mxfp4", "tensor", (1, 16), "nearest", None)
+    with pytest.raises(AssertionError, match="not padded"):
+        kernels.fake_quant_nvfp4(torch.randn(16, 200, device=DEVICE), outer=128)
+
+
+def test_fp4_layers_inside_a_compiled_model_give_the_same_bits():
+    # train.py --compile: fastpaths.compile_model keeps each FP4Linear an eager island between the compiled graphs
+    # (dynamo used to crash on it); with ReLU between the layers (exact everywhere) compiled must equal eager
+    fp4.KERNEL = fastpaths.kernel("compiled")
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(fp4.FP4Linear(64, 48, seed=3), torch.nn.ReLU(), fp4.FP4Linear(48, 32, seed=4))
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (build(), fastpaths.compile_model(build())):
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        y.square().sum().backward()
+        results.append((y.detach(), xg.grad, getattr(model, "_orig_mod", model)[0].weight.grad))
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt,outer,tile", [("nvfp4", 128, (1, 16)), ("nvfp4", "tensor", (16, 16)),
+                                            ("nvfp4", "tensor", (1, 16)), ("mxfp4", None, (1, 16))])
+def test_the_reference_gives_the_same_bits_on_cpu_and_gpu(fmt, outer, tile):
+    """fp4.py is the judge on every device, so none of its ops may round differently on a GPU (CUDA divides by a
+    Python number as a multiplication by its reciprocal: fp4._div divides by a device tensor instead)."""
+    x, seed = awkward(rows=512, cols=1024), fp4.draw_seed(torch.Generator().manual_seed(4))
+    for rounding in ("nearest", "stochastic") + (("eden",) if (fmt, outer, tile) == ("nvfp4", "tensor", (1, 16)) else ()):
+        cpu, gpu = (fp4.reference_kernel(x.to(d), fmt, outer, tile, rounding, seed.to(d)) for d in ("cpu", "cuda"))
+        assert equal_with_nan(gpu.cpu(), cpu), rounding
+    cpu, gpu = fp4.quantize_mxfp8(x), fp4.quantize_mxfp8(x.cuda())            # OutControl's MXFP8 channels
+    assert all(torch.equal(g.cpu().view(torch.uint8), c.view(torch.uint8)) for g, c in zip(gpu, cpu))

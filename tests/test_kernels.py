@@ -1,16 +1,22 @@
-"""kernels.py compiles to machine code for the GPUs it is written for, checked on any machine: Triton's compiler
-and the ptxas it ships need no GPU. test_paths.py runs the kernels through the interpreter, which executes their
-Python and skips compilation, so it cannot see what only the compiler rejects. (It missed one: the kernels read a
-plain global, RNE_MAGIC, which the interpreter allowed and which made every GPU launch fail to compile.)
+"""kernels.py, the Triton NVFP4 kernels, checked on any machine: (1) they compile to machine code for the GPUs they
+are written for (Triton's compiler and the ptxas it ships need no GPU); (2) kernels.fp4_gemm, the GEMM straight from
+the FP4 codes, equals the matmul of the dequantized operands. Their bits against fp4.py: test_paths.py.
 
-Checked here, for H100 (sm_90) and B200 (sm_100):
-  - the quantizer, in the variants training launches (Four Over Six, MS-EDEN and RHT-128 included), compiles; its PTX has no fused multiply-add and no
-    approximate division (div.full), so it rounds as fp4.py does, one operation at a time;
+(1) test_paths.py runs the kernels through the interpreter, which executes their Python and skips compilation, so it
+cannot see what only the compiler rejects. (It missed one: the kernels read a plain global, RNE_MAGIC, which the
+interpreter allowed and which made every GPU launch fail to compile.) Checked here, for H100 (sm_90) and B200 (sm_100):
+  - the quantizer, in the variants training launches (Four Over Six, MS-EDEN and RHT-128 included), compiles; its PTX
+    has no fused multiply-add and no approximate division (div.full), so it rounds as fp4.py does, one operation at
+    a time;
   - the FP4 GEMM compiles, and on sm_100 it runs on the block-scaled FP4 tensor cores: tcgen05.mma kind::mxf4nvf4
     with a scale per 16 (NVFP4) and kind::mxf4 with a scale per 32 (MXFP4).
 The compiles run in one child process without TRITON_INTERPRET (conftest.py sets it for this process, and it
 turns every @triton.jit function into the interpreter's). About 25 s.
-Run: python -m pytest tests/test_kernels_compile.py -q"""
+(2) On a CPU fp4_gemm runs in TRITON_INTERPRET=1 with MXFP4 operands only: the interpreter decodes every dot_scaled
+scale as E8M0, so an NVFP4 (E4M3-scaled) product is wrong there by construction; the NVFP4 tests need a Blackwell GPU
+and skip elsewhere. The per-128 outer scale, the part that is the same for both formats, is tested on MXFP4 codes.
+(fp4.py no longer calls fp4_gemm: the FP4 linear simulates its GEMMs; fp4_gemm stays for FP4 hardware.)
+Run: python -m pytest tests/test_kernels.py -q"""
 
 import json
 import os
@@ -19,6 +25,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import fp4
+from conftest import DEVICE
 
 pytest.importorskip("triton")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -123,3 +133,60 @@ def test_fp4_gemm_compiles_and_uses_fp4_tensor_cores_on_blackwell(compiled, arch
     if arch >= 100:
         kind = "kind::mxf4nvf4.block_scale.block16" if group == 16 else "kind::mxf4.block_scale.block32"
         assert any(kind in m for m in result["mma"]), f"expected tcgen05.mma {kind}, the PTX has {result['mma']}"
+
+# -----------------------------------------------------------------------------
+# (2) kernels.fp4_gemm from the codes
+
+
+def kernels_module():
+    return pytest.importorskip("kernels", reason="triton is not installed")   # interpreted on a CPU (conftest.py)
+
+
+def needs_blackwell():
+    if not (torch.cuda.is_available() and kernels_module().fp4_gemm_supported("cuda")):
+        pytest.skip("needs a GPU with FP4 tensor cores (compute capability >= 10)")
+
+
+def operands(m, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, m)[:, None]    # rows at very different scales
+    return a.to(DEVICE), torch.randn(n, k, generator=g).to(DEVICE)
+
+
+def test_fp4_gemm_of_mxfp4_codes_equals_the_dequantized_matmul():
+    a, b = operands(40, 24, 200)              # K = 200 pads to 224: the last K step is half padding
+    qa, qb = fp4.quantize_mxfp4(a), fp4.quantize_mxfp4(b)
+    ref = fp4.dequantize(qa) @ fp4.dequantize(qb).t()                          # (the padded width, 224)
+    got = kernels_module().fp4_gemm(qa, qb)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_fp4_gemm_applies_per_128_outer_scales_chunk_by_chunk():
+    a, b = operands(40, 24, 384)
+    qa, qb = fp4.quantize_mxfp4(a), fp4.quantize_mxfp4(b)
+    g = torch.Generator().manual_seed(1)
+    oa, ob = (torch.rand(r, 3, generator=g).add(0.5).to(DEVICE) for r in (40, 24))   # (rows, K/128)
+    got = kernels_module()._fp4_gemm(qa.codes, qa.scale.view(torch.uint8), oa, qb.codes, qb.scale.view(torch.uint8), ob)
+    ref = ((fp4.dequantize(qa) * oa.repeat_interleave(128, 1)) @ (fp4.dequantize(qb) * ob.repeat_interleave(128, 1)).t())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_fp4_gemm_rejects_operands_that_do_not_match():
+    kernels = kernels_module()
+    a, b = operands(16, 16, 256)
+    with pytest.raises(ValueError, match="share K"):
+        kernels.fp4_gemm(fp4.quantize_mxfp4(a), fp4.quantize_mxfp4(b[:, :128]))
+    with pytest.raises(ValueError, match="both have per-tensor or both per-128"):
+        kernels.fp4_gemm(fp4.quantize_nvfp4(a), fp4.quantize_nvfp4(b, outer=128))
+    with pytest.raises(ValueError, match="two NVFP4 or two MXFP4"):
+        kernels.fp4_gemm(fp4.quantize_nvfp4(a), fp4.quantize_mxfp4(b))
+
+
+@pytest.mark.parametrize("outer,tile", [("tensor", (16, 16)), (128, (1, 16))])
+def test_fp4_gemm_of_nvfp4_codes_equals_the_dequantized_matmul_on_blackwell(outer, tile):
+    needs_blackwell()
+    a, b = operands(300, 200, 1000)
+    qa, qb = fp4.quantize_nvfp4(a, outer=outer), fp4.quantize_nvfp4(b, outer=outer, tile=tile)
+    ref = fp4.dequantize(qa) @ fp4.dequantize(qb).t()
+    got = kernels_module().fp4_gemm(qa, qb)[:, :ref.shape[1]]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
