@@ -14,10 +14,11 @@ import contextlib
 import os
 import pickle
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import torch
 
+import config
 import fastpaths
 import train
 from data.prepare import dataset_dir, tokenize
@@ -38,8 +39,8 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
     p.add_argument("--seed", type=int, default=1337, help="the sampling generator's seed (default: 1337)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default: auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="activation dtype; auto as train.py picks it (default: auto)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
+                   help="activation dtype; auto as train.py picks it (default: the run's own)")
     p.add_argument("--fp4-path", choices=["auto", *fastpaths.PATHS],
                    help="FP4 quantizer implementation (same bits on every path; default: the checkpoint's)")
     args = p.parse_args(argv)
@@ -57,21 +58,15 @@ def load_model(out_dir, device, dtype=None, fp4_path=None):
     by train.build_model (FP4 layers, their recipe and state included). dtype: the activation dtype, None for the
     run's own (what its --dtype gives on this device). Exits with one line if the checkpoint is missing or unfit."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"error: no checkpoint at {ckpt_path}; train one first (python train.py --out-dir {out_dir}) "
-                 f"or pass --out-dir of a finished run")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        known = {f.name for f in fields(train.TrainConfig)}     # a config field since removed is ignored
-        cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-        vocab_size = ckpt["dataset_meta"]["vocab_size"]
-    except Exception as e:
-        sys.exit(f"error: checkpoint {ckpt_path} is unreadable ({type(e).__name__}: {e}); re-run train.py "
-                 f"or choose another --out-dir")
+    ckpt, cfg = config.load_checkpoint(ckpt_path, f"train one first (python train.py --out-dir {out_dir}) or pass "
+                                                  f"--out-dir of a finished run")
+    if "dataset_meta" not in ckpt or "model" not in ckpt:
+        sys.exit(f"error: {ckpt_path} is not a checkpoint train.py wrote (no model or dataset_meta)")
+    vocab_size = ckpt["dataset_meta"]["vocab_size"]
     if fp4_path:
         cfg = replace(cfg, fp4_path=fp4_path)
-    if dtype is None:
-        dtype, _ = train.activation_dtype(cfg.dtype, torch.device(device).type)
+    if dtype is None:                                      # the run's own (a config from before it was resolved: auto)
+        dtype, _ = config.activation_dtype(cfg.dtype, torch.device(device).type)
     with contextlib.redirect_stdout(sys.stderr):           # its start-up lines are a log, not a sample
         model, _ = train.build_model(cfg, vocab_size, dtype, device, log=lambda line: print(line, file=sys.stderr))
     try:
@@ -120,7 +115,7 @@ def main(argv=None):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    dtype, _ = train.activation_dtype(args.dtype, device.split(":")[0])
+    dtype = config.activation_dtype(args.dtype, device.split(":")[0])[0] if args.dtype else None
     torch.manual_seed(args.seed)
     model, ckpt, cfg = load_model(args.out_dir, device, dtype, args.fp4_path)
     encode, decode = tokenizer(ckpt, cfg)
@@ -130,7 +125,7 @@ def main(argv=None):
     what = f"FP4 recipe {cfg.fp4_recipe}" if cfg.fp4 else "baseline (no FP4)"
     print(f"loaded {os.path.join(args.out_dir, 'ckpt.pt')}: model {cfg.model} ({model.num_params() / 1e6:.2f}M "
           f"parameters), step {ckpt.get('step', '?')}, val_loss {ckpt.get('best_val_loss', float('nan')):.4f}, "
-          f"{what}, {ckpt['dataset_meta']['tokenizer']} tokens, activations {str(dtype).removeprefix('torch.')}, "
+          f"{what}, {ckpt['dataset_meta']['tokenizer']} tokens, activations {str(model.compute_dtype).removeprefix('torch.')}, "
           f"{device}")
     x = torch.tensor([start_ids] * args.num_samples, dtype=torch.long, device=device)   # (num_samples, T)
     gen = torch.Generator(device).manual_seed(args.seed)

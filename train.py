@@ -6,12 +6,11 @@ train.py: train a GPT with simulated 4-bit (NVFP4 / MXFP4) linear layers, or in 
     python train.py --fp4 --fp4-recipe nvidia   # NVIDIA's recipe; 'tetrajet[rht=none,aligned=false]' overrides fields
     torchrun --standalone --nproc_per_node=8 train.py --fp4 --model 150m --dataset <name>
 
-Every TrainConfig field is a --flag (python train.py --help); the resolved config is printed and saved in every
-checkpoint. Writes <out_dir>/log.jsonl (one JSON object per eval) and <out_dir>/ckpt.pt; --resume continues
-exactly (the same losses as an uninterrupted run); Ctrl-C saves first.
+Every config.TrainConfig field is a --flag (python train.py --help); the resolved config is printed and saved in
+every checkpoint. Writes <out_dir>/log.jsonl (one JSON object per eval) and <out_dir>/ckpt.pt; --resume continues
+exactly (the same losses as an uninterrupted run) and refuses a flag that would change the run; Ctrl-C saves first.
 """
 
-import argparse
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import config
 import fastpaths
 import fp4
 import health
@@ -34,161 +34,11 @@ from data.prepare import dataset_dir, load_dataset, prepare_pystdlib
 from model import GPT, GPTConfig, PRESETS
 
 # -----------------------------------------------------------------------------
-# config: one dataclass, one --flag per field, its help text beside it
+# seeds: every stream follows from --seed (config.py holds the flags and their checks)
 
-
-PRESET_NAMES = ", ".join(fp4.RECIPES)    # (inside TrainConfig the name fp4 is the --fp4 field)
-
-
-def flag(default, help, choices=None):
-    return field(default=default, metadata=dict(help=help, choices=choices))
-
-
-@dataclass
-class TrainConfig:
-    # data
-    dataset: str = flag("pystdlib", "name under data/, or a path, holding train.bin, val.bin, meta.pkl (pystdlib is built on first use)")
-    batch_size: int = flag(16, "sequences per micro-batch per process")
-    block_size: int = flag(128, "context length in tokens")
-    grad_accum: int = flag(1, "micro-batches per optimizer step (per process)")
-    # model
-    model: str = flag("tiny", "size preset (TetraJet-v2's OLMo 2 sizes and a CPU one)", list(PRESETS))
-    n_layer: int = flag(0, "override the preset's layer count (0 = keep)")
-    n_head: int = flag(0, "override the preset's head count (0 = keep)")
-    n_embd: int = flag(0, "override the preset's width (0 = keep)")
-    mlp_hidden: int = flag(0, "override the preset's SwiGLU hidden width (0 = keep)")
-    # FP4
-    fp4: bool = flag(False, "every Linear inside the blocks in simulated FP4 (off = the high-precision baseline)")
-    fp4_recipe: str = flag("tetrajet", f"a preset ({PRESET_NAMES}), optionally with field overrides: "
-                           "tetrajet[rht=none,aligned=false] (fields: fp4.Recipe)")
-    fp4_path: str = flag("auto", "quantizer implementation, the same bits on each (fastpaths.py)", ["auto", *fastpaths.PATHS])
-    keep_first_k: int = flag(0, "keep the Linears of the first k blocks in high precision")
-    keep_last_k: int = flag(0, "keep the Linears of the last k blocks in high precision")
-    osci_reset: bool = flag(False, "OsciReset: snap oscillating FP4 weights to their bin centre (TetraJet-v2)")
-    osci_period: int = flag(200, "steps between oscillation windows (shrunk to fit short runs)")
-    osci_window: int = flag(50, "steps each window accumulates over")
-    osci_threshold: float = flag(8.0, "reset weights whose sum|dQ(w)| / sum|dw| >= this")
-    osci_start: float = flag(0.6, "first window: a step, or a fraction (< 1) of max_iters (measured even without the reset)")
-    out_control: bool = flag(False, "OutControl: keep each FP4 layer's outlier input channels in MXFP8 (TetraJet-v2)")
-    out_control_frac: float = flag(0.1, "fraction of input channels kept in MXFP8 (rounded up to 32, at most half)")
-    out_control_step: float = flag(0.1, "calibration starts at this step, or this fraction (< 1) of max_iters")
-    out_control_window: int = flag(50, "calibration steps (input-channel norms summed over them)")
-    out_control_choice: str = flag("norm", "norm (the top by L2 norm) or random (as many at random: a control)", ["norm", "random"])
-    fp4_probe: bool = flag(False, "at every eval: cosine and relative error of the FP4 gradient vs the high-precision one")
-    # optimizer (AdamW on fp32 master weights) and schedule
-    lr: float = flag(3e-3, "peak learning rate")
-    min_lr: float = flag(3e-4, "final learning rate")
-    lr_schedule: str = flag("cosine", "cosine, or wsd (warmup-stable-decay: the last 20% decays linearly)", ["cosine", "wsd"])
-    warmup_iters: int = flag(20, "linear warmup steps")
-    weight_decay: float = flag(0.1, "decoupled weight decay on matrices")
-    beta1: float = flag(0.9, "AdamW beta1")
-    beta2: float = flag(0.95, "AdamW beta2")
-    grad_clip: float = flag(1.0, "clip the global grad norm to this (0 = off)")
-    max_iters: int = flag(200, "optimizer steps; the LR schedule spans them")
-    stop_iter: int = flag(0, "save and exit after this step (0 = run to max_iters); --resume continues")
-    skip_nonfinite: bool = flag(False, "skip (and count) steps whose loss or gradient is NaN/Inf instead of stopping")
-    # evaluation and logging
-    eval_interval: int = flag(50, "evaluate, log FP4 health and save a checkpoint every this many steps")
-    eval_iters: int = flag(10, "val batches per evaluation (the same batches every time)")
-    eval_set: str = flag("seeded", "val windows: seeded (random, from --seed) or fixed (evenly spaced, the same for every seed)", ["seeded", "fixed"])
-    log_interval: int = flag(10, "print a train line every this many steps")
-    # system
-    seed: int = flag(1337, "model init, data order and FP4 noise all follow from it")
-    device: str = flag("auto", "auto (cuda > mps > cpu), cuda, mps, cpu", ["auto", "cuda", "mps", "cpu"])
-    dtype: str = flag("auto", "activations: auto (bf16 where matmuls run it natively, else fp32), bfloat16, float32", ["auto", "bfloat16", "float32"])
-    compile: bool = flag(False, "torch.compile the model (the FP4 layers keep their bits; see docs/usage.md)")
-    out_dir: str = flag("out", "log.jsonl and ckpt.pt go here")
-    resume: bool = flag(False, "continue from <out_dir>/ckpt.pt with its config")
-
-
-PER_INVOCATION = ("resume", "stop_iter")    # flags a resumed run does not inherit from its checkpoint
 EVAL_SEED_OFFSET = 10_000      # --eval-set seeded: its own stream, apart from the training data's (seed + rank)
 HEALTH_SEED_OFFSET = 20_000    # the batch FP4 health and the probe read at every eval (the same batch every time)
 LAYER_SEED_STRIDE, RANK_SEED_STRIDE = 1000, 100_000   # FP4 layer noise: seed·1000 + rank·100000 + layer index
-
-
-def parse_args(argv):
-    """-> the flags given (only those), typed. Unknown, abbreviated or malformed flags: one line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    p.error = lambda message: sys.exit(f"error: {message} (see python train.py --help)")
-    def to_bool(s):                                  # a ValueError becomes argparse's one line
-        if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
-            raise ValueError(s)
-        return s.lower() in ("1", "true", "yes")
-    for f in fields(TrainConfig):
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"), choices=f.metadata["choices"])
-        if f.type is bool:
-            kw.update(nargs="?", const=True, metavar="BOOL")
-        p.add_argument("--" + f.name.replace("_", "-"), type=to_bool if f.type is bool else f.type, **kw)
-    return vars(p.parse_args(argv))
-
-
-def load_config(given):
-    """The flags given (and, with --resume, the checkpoint's config under them) -> (cfg, checkpoint or None)."""
-    cfg, ckpt = replace(TrainConfig(), **given), None
-    if cfg.resume:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        if not os.path.exists(path):
-            sys.exit(f"error: --resume but no checkpoint at {path}; run without --resume to start fresh")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            cfg = replace(TrainConfig(**{k: v for k, v in ckpt["config"].items() if k not in PER_INVOCATION}), **given)
-        except Exception as e:
-            sys.exit(f"error: checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it or choose another --out-dir")
-    return cfg, ckpt
-
-
-def check(cfg, given):
-    """Contradictory or impossible settings -> exit with one line naming the flag and the fix; else the recipe."""
-    n_layer = cfg.n_layer or PRESETS[cfg.model]["n_layer"]
-    fp4_only = [k for k in given if k.startswith(("fp4_", "keep_", "osci_", "out_control")) and k != "fp4_path"]
-    for bad, msg in (
-            (not cfg.fp4 and fp4_only, f"--{fp4_only[0].replace('_', '-') if fp4_only else ''} needs --fp4 (without it the model is the baseline)"),
-            (cfg.fp4 and not cfg.out_control and any(k.startswith("out_control_") for k in given),
-             "--out-control-frac/-step/-window/-choice have no effect without --out-control: add it or drop them"),
-            (not 0 <= cfg.out_control_frac <= 0.5, "--out-control-frac must be between 0 and 0.5"),
-            (not (0 <= cfg.keep_first_k and 0 <= cfg.keep_last_k and cfg.keep_first_k + cfg.keep_last_k <= n_layer),
-             f"--keep-first-k + --keep-last-k must be between 0 and the model's {n_layer} blocks"),
-            *((getattr(cfg, k) < 1, f"--{k.replace('_', '-')} must be >= 1") for k in (
-                "batch_size", "block_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval")),
-            (not 0 <= cfg.stop_iter <= cfg.max_iters, "--stop-iter must be between 0 and --max-iters"),
-            (not (math.isfinite(cfg.lr) and cfg.lr > 0), "--lr must be a positive number"),
-            (not (math.isfinite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.lr), "--min-lr must be between 0 and --lr"),
-            (not 0 <= cfg.warmup_iters <= cfg.max_iters, "--warmup-iters must be between 0 and --max-iters")):
-        if bad:
-            sys.exit(f"error: {msg}")
-    try:
-        return fp4.parse_recipe(cfg.fp4_recipe) if cfg.fp4 else None
-    except ValueError as e:
-        sys.exit(f"error: {e} (--fp4-recipe)")
-
-
-def resolve_schedules(cfg):
-    """-> cfg with the OsciReset and OutControl schedules in steps, as they will run: if fewer than two OsciReset
-    periods fit after its start, the period shrinks to half the remaining steps and the window to at most a
-    quarter of it (--max-iters 200: start 120, period 40, window 10); the OutControl window ends before the last step."""
-    start_of = lambda v: int(v * cfg.max_iters) if v < 1 else int(v)       # a fraction of max_iters, or a step
-    start, period, window = start_of(cfg.osci_start), cfg.osci_period, cfg.osci_window
-    if cfg.max_iters - start < 2 * period:
-        period = max(2, (cfg.max_iters - start) // 2)
-        window = max(1, min(window, period // 4))
-    oc_start = start_of(cfg.out_control_step)
-    return replace(cfg, osci_start=start, osci_period=period, osci_window=window, out_control_step=oc_start,
-                   out_control_window=max(1, min(cfg.out_control_window, cfg.max_iters - oc_start - 1)))
-
-
-def activation_dtype(requested, device_type):
-    """-> (dtype, why). auto: bf16 on CUDA, and on a CPU only where it multiplies bf16 natively (AVX512-BF16 or AMX:
-    without them torch's CPU bf16 matmul is ~40x slower than fp32); else fp32. The FP4 quantizers compute in fp32
-    either way; only the high-precision parts and the GEMMs' output rounding differ."""
-    if requested != "auto":
-        return getattr(torch, requested), "as requested"
-    if device_type == "cuda":
-        return torch.bfloat16, "auto: CUDA multiplies bf16 natively"
-    if device_type == "cpu" and any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile")):
-        return torch.bfloat16, "auto: this CPU multiplies bf16 natively (AVX512-BF16 or AMX)"
-    return torch.float32, f"auto: no native bf16 matmul on this {device_type} ({torch.backends.cpu.get_cpu_capability()})"
 
 # -----------------------------------------------------------------------------
 # the model as a run trains it (sample.py builds it with the same function)
@@ -253,10 +103,9 @@ def get_lr(step, cfg):
 def main(argv=None):
     # -----------------------------------------------------------------------------
     # config, device, DDP
-    given = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg, ckpt = load_config(given)
-    recipe = check(cfg, given)
-    cfg = resolve_schedules(cfg)
+    given = config.parse_args(sys.argv[1:] if argv is None else argv, __doc__)
+    cfg, ckpt, changes = config.load_config(given)                # resolved: what will run, saved as such
+    recipe = config.check(cfg, given)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)                   # fail now, not after an hour of training
         open(os.path.join(cfg.out_dir, ".write_test"), "w").close()
@@ -265,10 +114,7 @@ def main(argv=None):
         sys.exit(f"error: cannot write to --out-dir {cfg.out_dir} ({e.strerror or e}); choose a writable folder")
     ddp = int(os.environ.get("RANK", -1)) != -1                   # launched by torchrun?
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = cfg.device if cfg.device != "auto" else \
-        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
-        sys.exit(f"error: --device {device}, but this torch sees no {device} device; use --device cpu or auto")
+    device = cfg.device
     if ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if device == "cuda" else device
         if device.startswith("cuda"):
@@ -277,10 +123,16 @@ def main(argv=None):
     master, device_type = rank == 0, device.split(":")[0]
     log = lambda *a: tqdm.write(" ".join(map(str, a))) if master else None
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    dtype, dtype_why = activation_dtype(cfg.dtype, device_type)  # activations; master weights stay fp32
+    dtype = getattr(torch, cfg.dtype)                            # activations; master weights stay fp32
+    why = "the checkpoint's" if ckpt and "dtype" not in given else config.activation_dtype(given.get("dtype", "auto"), device_type)[1]
     torch.manual_seed(cfg.seed)
-    log(f"torch {torch.__version__} | device {device} x {world} | activations {dtype} ({dtype_why}) | config:")
+    log(f"torch {torch.__version__} | device {device} x {world} | activations {cfg.dtype} ({why}) | config:")
     log(json.dumps(asdict(cfg)))
+    for line in changes:
+        log(f"resumed with {line}" + (": the LR schedule now spans the new length" if line.startswith("--max-iters") else ""))
+    if cfg.compile:
+        log("--compile: the FP4 layers keep their bits; the compiled high-precision parts round differently from eager, "
+            "so losses differ slightly from an eager run's (docs/usage.md)")
     # -----------------------------------------------------------------------------
     # data: uint16 token memmaps (pystdlib, the default, is built on first use from Python's own library)
     data_dir = dataset_dir(cfg.dataset)
@@ -362,7 +214,7 @@ def main(argv=None):
             log(f"interrupted at step {step}: saved {ckpt_path}; continue with: python train.py --resume --out-dir {cfg.out_dir}")
             sys.exit(128 + (interrupted[0] if interrupted else signal.SIGTERM))
         # once in a while: evaluate, FP4 health on a fixed batch, log, checkpoint
-        if (step % cfg.eval_interval == 0 or step == last_step) and (step != resumed_at or step == last_step):
+        if (step % cfg.eval_interval == 0 or step == last_step) and step != resumed_at:   # (saved after its eval)
             model.eval()
             with torch.no_grad():
                 losses = torch.stack([model(x, y)[1].float() for x, y in eval_batches(splits["val"], cfg, rank, world, device)])

@@ -141,11 +141,11 @@ def model_report(model, layers, batch, val_batches, draws):
 def checkpoint_config(ckpt):
     """A checkpoint's TrainConfig. One written before the redesign (cfeb258) has bf16_first_k/bf16_last_k, read as
     keep_first_k/keep_last_k, and per-field recipe flags, ignored (the tools take their recipes from --recipes)."""
-    import train
+    import config
     renamed = {"bf16_first_k": "keep_first_k", "bf16_last_k": "keep_last_k"}
-    known = {f.name for f in fields(train.TrainConfig)}
-    config = {renamed.get(k, k): v for k, v in ckpt["config"].items()}
-    return train.TrainConfig(**{k: v for k, v in config.items() if k in known and k not in train.PER_INVOCATION})
+    known = {f.name for f in fields(config.TrainConfig)}
+    saved = {renamed.get(k, k): v for k, v in ckpt["config"].items()}
+    return config.TrainConfig(**{k: v for k, v in saved.items() if k in known and k not in config.PER_INVOCATION})
 
 
 def load_checkpoint_model(path):

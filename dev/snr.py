@@ -96,12 +96,12 @@ def recipes(args):
             sys.exit(f"error: {e}; leave {name} out of --recipes or change the ablation")
     for spec in args.variant:                      # NAME=SPEC, a recipe string as train.py's --fp4-recipe reads it
         import shlex
-        import train
+        import config
         name, sep, recipe = spec.partition("=")
         if not sep or not name:
             sys.exit(f"error: --variant wants NAME=SPEC (a recipe string, e.g. nvidia[weight_tile=1x16]), got {spec!r}")
         if recipe.startswith("-"):                 # NAME=--fp4-recipe SPEC, train.py's flag, also reads
-            recipe = train.parse_args(["--fp4", *shlex.split(recipe)]).get("fp4_recipe", train.TrainConfig.fp4_recipe)
+            recipe = config.parse_args(["--fp4", *shlex.split(recipe)]).get("fp4_recipe", config.TrainConfig.fp4_recipe)
         try:
             out[name] = (dataclasses.replace(fp4.parse_recipe(recipe), name=name), False)
         except ValueError as e:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import config
 import fp4
-import train
 
 # -----------------------------------------------------------------------------
 # OsciReset
@@ -133,11 +133,11 @@ def test_mxfp8_columns_are_never_tracked_or_reset():
 
 def test_the_config_holds_the_schedule_that_runs():
     # a short run shrinks the windows to fit; the resolved steps are what the config prints and saves
-    cfg = train.resolve_schedules(train.TrainConfig(max_iters=200))
+    cfg = config.resolve(config.TrainConfig(max_iters=200))
     assert (cfg.osci_start, cfg.osci_period, cfg.osci_window) == (120, 40, 10)         # resets at 130 and 170
     assert (cfg.out_control_step, cfg.out_control_window) == (20, 50)
-    assert train.resolve_schedules(cfg) == cfg                                        # a resumed run keeps it
-    long = train.resolve_schedules(train.TrainConfig(max_iters=5000))
+    assert config.resolve(cfg) == cfg                                        # a resumed run keeps it
+    long = config.resolve(config.TrainConfig(max_iters=5000))
     assert (long.osci_start, long.osci_period, long.osci_window) == (3000, 200, 50)
 
 # -----------------------------------------------------------------------------

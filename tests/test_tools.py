@@ -196,7 +196,7 @@ def log_finals(out, config):
 
 
 def test_the_table_is_the_runs_own_numbers(sweep):
-    import train
+    import config as train_config
     out, rows = sweep
     table = read(out / "results.md")
     for config in ("baseline", "tetrajet", "fast"):
@@ -205,7 +205,7 @@ def test_the_table_is_the_runs_own_numbers(sweep):
         assert rows[config]["mean"] == pytest.approx(statistics.fmean(got))
         assert rows[config]["std"] == pytest.approx(statistics.stdev(got))
         assert f"| {compare.label(config, rows[config])} |" in table
-    ran_in = str(train.activation_dtype("auto", "cpu")[0]).removeprefix("torch.")      # what --dtype auto chose here
+    ran_in = str(train_config.activation_dtype("auto", "cpu")[0]).removeprefix("torch.")      # what --dtype auto chose here
     assert rows["baseline"]["dtype"] == ran_in
     assert f"| baseline ({compare.DTYPE_NAMES[ran_in]}) |" in table
     base, tj, fast = (log_finals(out, c) for c in ("baseline", "tetrajet", "fast"))

@@ -9,9 +9,11 @@ import subprocess
 import sys
 from dataclasses import fields, replace
 
+import numpy as np
 import pytest
 import torch
 
+import config
 import fastpaths
 import fp4
 import health
@@ -57,6 +59,13 @@ def strip(records):
     (["--fp4", "--fp4-recipe", "mxfp4[outer=128]"], "mxfp4 has no outer scale"),
     (["--fp4", "--fp4-recipe", "tetrajet[aligned=yes]"], "aligned must be true or false"),
     (["--fp4", "--keep-first-k", "3", "--keep-last-k", "2"], "--keep-first-k + --keep-last-k must be between 0 and"),
+    (["--beta1", "1.5"], "--beta1 and --beta2 must be in"), (["--beta2", "nan"], "--beta1 and --beta2 must be in"),
+    (["--grad-clip", "-1"], "--grad-clip and --weight-decay must be >= 0"),   # (was: trained, clipping to -1)
+    (["--weight-decay", "-0.1"], "--grad-clip and --weight-decay must be >= 0"),
+    (["--fp4", "--osci-period", "0"], "--osci-window must be between 1 and --osci-period - 1"),
+    (["--fp4", "--osci-start", "-1"], "--osci-start and --out-control-step must be >= 0"),
+    (["--fp4", "--osci-threshold", "nan"], "--osci-threshold must be a positive number"),
+    (["--n-head", "3"], "must split into --n-head 3 heads"), (["--n-layer", "-1"], "must be >= 0"),
     (["--fp4", "--out-control-choice", "random"], "no effect without --out-control"),
     (["--fp4", "--out-control", "--out-control-choice", "top"], "invalid choice"),
     (["--fp4", "--out-control", "--out-control-frac", "0.7"], "--out-control-frac must be between 0 and 0.5"),
@@ -86,17 +95,17 @@ def test_what_this_machine_cannot_run_exits_with_one_clear_line(argv, message, d
 
 def test_every_config_field_is_a_flag_with_its_help_that_sets_it(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
+        config.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for f in fields(train.TrainConfig):
+    for f in fields(config.TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         assert flag in out and " ".join(f.metadata["help"].split())[:40] in out, f.name
         choices = f.metadata["choices"]
         value = (next(c for c in choices if c != f.default) if choices else "elsewhere" if f.type is str else
                  str(not f.default) if f.type is bool else str(f.type(f.default + 3)))
-        parsed = train.parse_args([flag, value])[f.name]
+        parsed = config.parse_args([flag, value])[f.name]
         assert parsed != f.default and str(parsed).lower() == value.lower(), f.name
-    assert train.parse_args(["--fp4", "--compile=false"]) == {"fp4": True, "compile": False}
+    assert config.parse_args(["--fp4", "--compile=false"]) == {"fp4": True, "compile": False}
 
 
 def test_a_recipe_string_turns_one_preset_into_another_and_the_checkpoint_says_so(dataset, tmp_path, capsys):
@@ -117,14 +126,14 @@ def test_a_recipe_string_turns_one_preset_into_another_and_the_checkpoint_says_s
 def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    dtype, why = train.activation_dtype("auto", "cpu")
+    dtype, why = config.activation_dtype("auto", "cpu")
     assert dtype == torch.float32 and "no native bf16" in why
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    dtype, why = train.activation_dtype("auto", "cpu")
+    dtype, why = config.activation_dtype("auto", "cpu")
     assert dtype == torch.bfloat16 and why.startswith("auto: this CPU multiplies bf16 natively")
-    assert train.activation_dtype("auto", "cuda")[0] == torch.bfloat16
-    assert train.activation_dtype("bfloat16", "cpu") == (torch.bfloat16, "as requested")
-    assert train.activation_dtype("auto", "mps")[0] == torch.float32
+    assert config.activation_dtype("auto", "cuda")[0] == torch.bfloat16
+    assert config.activation_dtype("bfloat16", "cpu") == (torch.bfloat16, "as requested")
+    assert config.activation_dtype("auto", "mps")[0] == torch.float32
 
 
 def test_fixed_eval_set_is_the_same_tokens_for_every_seed_and_the_seeded_one_is_not(dataset):
@@ -133,7 +142,7 @@ def test_fixed_eval_set_is_the_same_tokens_for_every_seed_and_the_seeded_one_is_
     val = splits["val"]
 
     def batches(seed, eval_set):
-        cfg = train.TrainConfig(seed=seed, eval_set=eval_set, block_size=32, batch_size=4, eval_iters=3)
+        cfg = config.TrainConfig(seed=seed, eval_set=eval_set, block_size=32, batch_size=4, eval_iters=3)
         return train.eval_batches(val, cfg, 0, 1, "cpu")
     fixed, seeded = [batches(s, "fixed") for s in (1, 2)], [batches(s, "seeded") for s in (1, 2)]
     assert len(fixed[0]) == 3 and fixed[0][0][0].shape == (4, 32)
@@ -144,7 +153,7 @@ def test_fixed_eval_set_is_the_same_tokens_for_every_seed_and_the_seeded_one_is_
     assert torch.equal(x[0], torch.from_numpy(val[:32].astype("int64")))      # evenly spaced from the start
     assert len({tuple(x[i].tolist()) for x, _ in fixed[0] for i in range(4)}) == 12   # 12 distinct windows
     gen = torch.Generator().manual_seed(1 + train.EVAL_SEED_OFFSET)          # seeded: its own stream
-    cfg = train.TrainConfig(seed=1, block_size=32, batch_size=4)
+    cfg = config.TrainConfig(seed=1, block_size=32, batch_size=4)
     assert torch.equal(seeded[0][0][0], train.get_batch(val, cfg, 0, 1, gen, "cpu")[0])
     offsets = (train.EVAL_SEED_OFFSET, train.HEALTH_SEED_OFFSET, train.LAYER_SEED_STRIDE, train.RANK_SEED_STRIDE)
     assert len(set(offsets)) == 4
@@ -174,7 +183,7 @@ def test_each_recipe_overfits_one_batch(recipe):
 
 
 def test_build_model_converts_and_seeds_the_fp4_layers_as_a_run_does(capsys):
-    cfg = train.TrainConfig(fp4=True, fp4_recipe="nvidia", fp4_path="reference", keep_last_k=1, n_layer=3, seed=5)
+    cfg = config.TrainConfig(fp4=True, fp4_recipe="nvidia", fp4_path="reference", keep_last_k=1, n_layer=3, seed=5)
     gpt, layers = train.build_model(cfg, 200, torch.float32, "cpu", rank=1, log=print)
     assert "FP4 path: reference" in capsys.readouterr().out and fp4.KERNEL is None
     assert gpt.config.vocab_size == 256 and sorted(layers) == sorted(
@@ -183,7 +192,7 @@ def test_build_model_converts_and_seeds_the_fp4_layers_as_a_run_does(capsys):
     assert seeds == list(range(5 * train.LAYER_SEED_STRIDE + train.RANK_SEED_STRIDE, 5 * train.LAYER_SEED_STRIDE
                                + train.RANK_SEED_STRIDE + 8))                  # independent noise per process
     assert all(str(l.recipe) == "nvidia" for l in layers.values())
-    _, none = train.build_model(train.TrainConfig(n_layer=2), 200, torch.float32, "cpu", log=print)
+    _, none = train.build_model(config.TrainConfig(n_layer=2), 200, torch.float32, "cpu", log=print)
     assert none == {}
 
 
@@ -320,10 +329,36 @@ def test_unwritable_out_dir_fails_before_training(dataset, tmp_path):
         train.main(["--dataset", dataset, "--out-dir", str(tmp_path / "a_file" / "out")])
 
 
-def test_resuming_with_a_different_model_is_a_clear_error(dataset, tmp_path):
+def test_resume_refuses_a_flag_that_changes_the_run_unless_allowed(dataset, tmp_path, capsys):
+    # (the bug: --resume --fp4-recipe nvidia on a tetrajet run trained on as nvidia and said nothing)
+    run(dataset, tmp_path, "--fp4", "--max-iters", "4", "--eval-interval", "2", "--stop-iter", "2")
+    for flags, named in ((["--fp4-recipe", "nvidia"], "--fp4-recipe nvidia (the checkpoint's: tetrajet)"),
+                         (["--lr", "0.02"], "--lr 0.02 (the checkpoint's: 0.01)"),
+                         (["--compile"], "--compile True (the checkpoint's: False)"),
+                         (["--dtype", "bfloat16"], "--dtype bfloat16 (the checkpoint's: float32)")):
+        with pytest.raises(SystemExit, match="--allow-config-change") as e:
+            run(dataset, tmp_path, "--resume", *flags)
+        assert named in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="does not fit the model"):            # allowed, and still cannot load
+        run(dataset, tmp_path, "--resume", "--n-layer", "3", "--allow-config-change")
+    capsys.readouterr()
+    records = run(dataset, tmp_path, "--resume", "--lr", "0.02", "--allow-config-change", "--osci-start", "0.6")
+    assert "resumed with --lr 0.02 (the checkpoint's: 0.01)" in capsys.readouterr().out   # (0.6 of 4 = the saved 2)
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["lr"] == 0.02
+
+
+def test_resume_of_a_finished_run_needs_a_longer_max_iters_and_logs_it(dataset, tmp_path, capsys):
+    # (the bug: resuming a finished run wrote its last step to log.jsonl a second time)
     run(dataset, tmp_path, "--max-iters", "2", "--eval-interval", "2")
-    with pytest.raises(SystemExit, match="does not fit the model"):
-        run(dataset, tmp_path, "--resume", "--n-layer", "3")
+    with pytest.raises(SystemExit, match="already at step 2 .*give a larger --max-iters"):
+        run(dataset, tmp_path, "--resume")
+    with pytest.raises(SystemExit, match="--max-iters 1 is below the checkpoint's step 2"):
+        run(dataset, tmp_path, "--resume", "--max-iters", "1")
+    capsys.readouterr()
+    records = run(dataset, tmp_path, "--resume", "--max-iters", "4")
+    assert "resumed with --max-iters 4 (the checkpoint's: 2): the LR schedule now spans" in capsys.readouterr().out
+    assert [r["step"] for r in records] == [0, 2, 4]
 
 # -----------------------------------------------------------------------------
 # sampling: model.GPT.generate and sample.py
@@ -383,3 +418,47 @@ def test_bad_input_exits_with_one_clear_line(argv, message):
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+# -----------------------------------------------------------------------------
+# random flags: every run trains or ends in one line
+
+VALID = {             # flags and values that are fine alone (None: the flag alone); the model stays tiny, runs short
+    "--fp4": [None, "true"], "--fp4-recipe": ["nvidia", "tetrajet[rht=none]", "quartet2", "mxfp4", "nvidia-4over6"],
+    "--fp4-path": ["reference", "cpu"], "--keep-first-k": ["0", "1"], "--keep-last-k": ["1"], "--osci-reset": [None],
+    "--osci-period": ["2"], "--osci-window": ["5"], "--osci-start": ["0.5"], "--out-control": [None], "--out-control-frac": ["0.1", "0.5"],
+    "--out-control-step": ["1"], "--lr": ["1e-2"], "--min-lr": ["1e-3", "0"], "--max-iters": ["3"],
+    "--warmup-iters": ["1", "0"], "--batch-size": ["2"], "--block-size": ["16"], "--n-layer": ["1"],
+    "--grad-accum": ["2"], "--device": ["cpu", "auto"], "--dtype": ["float32"], "--seed": ["1", "-5"],
+    "--lr-schedule": ["wsd"], "--stop-iter": ["1"], "--grad-clip": ["0"], "--weight-decay": ["0"],
+    "--eval-set": ["fixed"], "--eval-interval": ["1"], "--skip-nonfinite": [None], "--fp4-probe": [None],
+}
+INVALID = {          # each wrong alone, or wrong on this machine (no CUDA), or in the checks' blind spots once
+    "--fp4": ["maybe"], "--fp4-recipe": ["fp8", "nvidia[grad_rounding=eden]", "tetrajet[outer=7]", "nvidia-4over6[",
+    "quartet2[rht=dgrad]"], "--fp4-path": ["triton", "gpu"], "--keep-first-k": ["-1", "9"], "--keep-last-k": ["x"],
+    "--osci-period": ["0", "-3"], "--osci-start": ["-1"], "--out-control-frac": ["0.7", "nan"],
+    "--out-control-step": ["-2"], "--lr": ["-1", "nan", "inf", "0"], "--min-lr": ["1"], "--max-iters": ["0", "-2"],
+    "--batch-size": ["0"], "--block-size": ["100000"], "--n-head": ["3"], "--n-layer": ["-1"], "--grad-accum": ["0"],
+    "--device": ["cuda", "mps", "tpu"], "--dtype": ["float16"], "--lr-schedule": ["linear"],
+    "--resume": [None], "--stop-iter": ["9"], "--model": ["huge"], "--grad-clip": ["-1"], "--weight-decay": ["-0.1"],
+    "--beta1": ["1.5"], "--beta2": ["nan"], "--eval-set": ["bogus"], "--eval-interval": ["0"], "--max-iter": ["2"],
+    "--allow-config-change": [None], "--compile": ["nope"], "--osci-threshold": ["nan"],
+}
+
+
+def test_random_flag_combinations_train_or_end_in_one_error_line(dataset, tmp_path, capsys):
+    rng, outcomes = np.random.default_rng(0), {"trained": 0, "error": 0}
+    for i in range(40):
+        argv = ["--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1"]
+        picks = [(name, VALID) for name in rng.choice(list(VALID), size=int(rng.integers(1, 6)), replace=False)]
+        picks += [(rng.choice(list(INVALID)), INVALID)] * (i % 2)     # every other run one wrong flag
+        for name, pool in picks:
+            value = pool[name][int(rng.integers(len(pool[name])))]
+            argv += [name] if value is None else [name, value]
+        try:
+            train.main(["--dataset", dataset, "--out-dir", str(tmp_path / str(i)), *TINY, *argv])
+            outcomes["trained"] += 1
+        except SystemExit as e:
+            assert isinstance(e.code, str) and e.code.startswith("error: ") and "\n" not in e.code, (argv, e.code)
+            outcomes["error"] += 1
+        assert "Traceback" not in capsys.readouterr().err, argv
+    assert min(outcomes.values()) >= 5, outcomes          # both kinds are exercised

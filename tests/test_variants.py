@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import fp4
 import train
 from conftest import equal_with_nan, sqnr
@@ -152,9 +153,9 @@ def test_the_forward_gets_four_over_six_on_the_operands_the_recipe_names():
 
 
 def test_four_over_six_recipe_strings_build_it_and_a_bad_one_exits_with_one_line():
-    recipe = train.check(train.TrainConfig(fp4=True, fp4_recipe="nvidia[four_over_six=weights]"), {})
+    recipe = config.check(config.TrainConfig(fp4=True, fp4_recipe="nvidia[four_over_six=weights]"), {})
     assert str(recipe) == "nvidia[four_over_six=weights]" and recipe.four_over_six == "weights"
-    recipe = train.check(train.TrainConfig(fp4=True, fp4_recipe="nvidia[four_over_six=all,four_over_six_error=mse]"), {})
+    recipe = config.check(config.TrainConfig(fp4=True, fp4_recipe="nvidia[four_over_six=all,four_over_six_error=mse]"), {})
     assert recipe.four_over_six_error == "mse" and fp4.parse_recipe(str(recipe)) == recipe
     assert fp4.RECIPES["nvidia-4over6"] == dataclasses.replace(fp4.RECIPES["nvidia"], name="nvidia-4over6",
                                                                four_over_six="all")
@@ -321,6 +322,6 @@ def test_ms_eden_recipe_strings_and_the_combinations_it_refuses():
         with pytest.raises(ValueError, match="MS-EDEN needs a fresh RHT-128 on both backward GEMMs"):
             fp4.parse_recipe(spec)
     exits_with(["--fp4", "--fp4-recipe", "quartet2[rht=wgrad]"], "MS-EDEN needs a fresh RHT-128")
-    cfg = train.TrainConfig(fp4=True, fp4_recipe="nvidia[rht=dgrad+wgrad,rht_signs=random,rht_size=128,grad_rounding=eden]")
-    recipe = train.check(cfg, {})
+    cfg = config.TrainConfig(fp4=True, fp4_recipe="nvidia[rht=dgrad+wgrad,rht_signs=random,rht_size=128,grad_rounding=eden]")
+    recipe = config.check(cfg, {})
     assert (recipe.rht_size, recipe.grad_rounding, recipe.rht) == (128, "eden", ("dgrad", "wgrad"))

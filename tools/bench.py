@@ -23,6 +23,7 @@ if __package__ in (None, ""):                   # run as a script (python tools/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
+import config
 import fastpaths
 import fp4
 import train
@@ -114,8 +115,8 @@ def bench_step(device, repeat, recipe, argv):
     """fwd + bwd + AdamW of train.py's model at its defaults (plus any --train-flags), bf16 vs every FP4 path.
     The models take turns, one step each, `repeat` rounds after two warm-up rounds, and each reports its
     median: a shared machine's slow drifts then hit every column alike."""
-    cfg = train.TrainConfig(**train.parse_args(argv))
-    dtype, why = train.activation_dtype(cfg.dtype, device.type)           # train.py's default (--dtype auto)
+    cfg = config.TrainConfig(**config.parse_args(argv))
+    dtype, why = config.activation_dtype(cfg.dtype, device.type)           # train.py's default (--dtype auto)
     base = "bf16" if dtype == torch.bfloat16 else "fp32"
     idx = torch.randint(0, BYTE_VOCAB, (cfg.batch_size, cfg.block_size + 1), device=device,
                         generator=torch.Generator(device).manual_seed(0))
