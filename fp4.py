@@ -1,10 +1,9 @@
 """
 fp4.py: 4-bit (NVFP4 / MXFP4) training numerics in plain PyTorch, read top to bottom as a lesson.
 
-Every number here is defined in docs/numerics.md ("§n" below), with its sources: NVIDIA's "Pretraining LLMs
-with NVFP4" (arXiv 2509.25149, Transformer Engine), TetraJet-v2 (arXiv 2510.27527), Four Over Six (arXiv
-2512.02010) and Quartet II (arXiv 2601.22813). This file is the reference: the C and Triton kernels must give
-its bits, and the one place that swaps a kernel in (fastpaths.py, through the KERNEL hook below) says so.
+Every number here is defined in docs/numerics.md ("§n" below) with its sources: NVIDIA (arXiv 2509.25149 and
+Transformer Engine), TetraJet-v2 (arXiv 2510.27527), Four Over Six (2512.02010), Quartet II (2601.22813). This file
+is the reference: the C and Triton kernels that fastpaths.py swaps in through the KERNEL hook must give its bits.
 
 The format
 ----------
@@ -13,9 +12,7 @@ An FP4 number is E2M1: 1 sign bit, 2 exponent bits, 1 mantissa bit. Its eight ma
     code k:     0    1    2    3    4    5    6    7
     value:      0   0.5   1   1.5   2    3    4    6          (code | 8 = the negative twin)
 
-so it holds two significant bits (1.5 = 1.1 in binary) over a range of 12x. To be useful it needs a scale per
-small block of elements:
-
+so a normal value has two significant bits (1.5 = 1.1 in binary), over a range of 12x: it needs a scale per block.
   NVFP4  blocks of 16 along the GEMM's reduction dim K, each with an E4M3 (fp8, max 448) scale, on top of an
          fp32 outer scale: one per tensor (NVIDIA, §2) or one per 1x128 block ("double-block", TetraJet-v2, §3).
   MXFP4  blocks of 32, each with an E8M0 (pure power of two) scale, no outer scale (OCP MX v1.0, §4).
@@ -26,13 +23,11 @@ tensor whose amax is A = 12 and one of whose blocks has amax 3:
     S_enc = 2688 / 12 = 224, S_dec = 1/224        (the tensor's amax will map to e2m1 6 x e4m3 448)
     s_b   = e4m3(3 * 224 / 6) = e4m3(112) = 112    (this block's E4M3 scale)
     x = 1.3 in that block encodes as 1.3 * 224 / 112 = 2.6 -> nearest grid value 3 (code 5), and decodes
-    as 3 * 112 / 224 = 1.5: a 15% error, typical of a two-significant-bit grid whose steps near the top
-    are a third of the value (SQNR ~20 dB on Gaussian data). E4M3 has 3 mantissa bits and 2^-9 as its
-    smallest value, so with a per-tensor scale a block far below the tensor's amax gets a coarse or zero
+    as 3 * 112 / 224 = 1.5: a 15% error, typical of two significant bits (SQNR ~20 dB on Gaussian data).
+    With a per-tensor scale a block far below the tensor's amax gets a coarse (E4M3 subnormal) or zero
     scale; a per-128 outer scale avoids that.
 
-Rounding is to nearest even (RTN, the forward) or stochastic (SR, gradients: E[q] = x, so the noise averages
-out over steps instead of biasing the update).
+Rounding is to nearest even (RTN, forward) or stochastic (SR, gradients: E[q] = x, so noise averages out over steps).
 
 The three GEMMs of a Linear (§6)
 --------------------------------
@@ -40,25 +35,17 @@ The three GEMMs of a Linear (§6)
     dgrad  dX = dY W      dY (N, out)                     reduces over out
     wgrad  dW = dYᵀ X                                     reduces over N (tokens)
 
-Every operand is quantized along the K of its GEMM, so each GEMM quantizes its operands afresh. We simulate
-("fake-quant"): quantize and dequantize in fp32, then multiply in the activation dtype, as the baseline does;
-on FP4 hardware the same codes would feed an FP4 GEMM (kernels.fp4_gemm). The recipes differ in who gets what:
+Each GEMM quantizes its operands afresh, along its own K. We simulate ("fake-quant"): quantize and dequantize in
+fp32, then multiply in the activation dtype as the baseline does (FP4 hardware: kernels.fp4_gemm). Recipes:
   - nvidia:   per-tensor scale; W in 16x16 tiles so Q(Wᵀ) = Q(W)ᵀ; SR on dY; a fixed RHT on wgrad.
-  - tetrajet: double-block scales; the backward starts from the forward's dequantized X̂, Ŵ ("aligned"); SR
-              on every backward operand after a fresh random RHT-16 (TetraJet-v2 §3).
-  - quartet2: per-tensor scale with Four Over Six blocks in the forward; the backward rounds every operand
-              with MS-EDEN after a fresh RHT-128 (Quartet II).
+  - tetrajet: double-block; backward from the forward's X̂, Ŵ ("aligned"), all SR after a fresh random RHT-16.
+  - quartet2: per-tensor, Four Over Six in the forward; aligned backward, all MS-EDEN after a fresh RHT-128.
   - mxfp4:    the OCP MX baseline, SR on dY.
 What stays high precision in every recipe: master weights, embeddings, LM head, norms, attention, loss.
 
-TetraJet-v2's two training-time additions close the file: OsciReset (weights whose FP4 value flips back and
-forth get snapped to their bin) and OutControl (a few outlier input channels kept in MXFP8).
-
-Layout: E2M1 -> a minimal NVFP4 on one screen -> NVFP4 in full (per-tensor, double-block) -> Four Over Six ->
-MS-EDEN -> MXFP4/MXFP8 -> the RHT -> recipes -> fake_quant and its kernel hook -> the FP4 linear -> OsciReset,
-OutControl -> an appendix of exactness tricks (bit-level exponents, exact division, SR noise as
-a pure function of the element index) that let every implementation give the same bits.
-Left out: packed storage beyond nibbles, swizzled scale layouts, tensor subclasses, TP/FSDP.
+Layout: E2M1 -> a minimal NVFP4 on one screen -> NVFP4 in full -> Four Over Six -> MS-EDEN -> MXFP4/MXFP8 -> the
+RHT -> recipes -> fake_quant and its kernel hook -> the FP4 linear -> TetraJet-v2's OsciReset and OutControl ->
+exactness tricks. Left out: packing beyond nibbles, swizzled scale layouts, tensor subclasses, TP/FSDP.
 """
 
 import math
@@ -70,20 +57,16 @@ import torch.nn as nn
 
 # -----------------------------------------------------------------------------
 # E2M1 elements (§1)
-
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 F4_E2M1_MAX = 6.0                      # the largest magnitude
 
 
 def round_e2m1(a, noise=None):
-    """fp32 a >= 0 (any shape) -> the E2M1 grid magnitude it rounds to (fp32); NaN stays NaN. noise: None (round
-    to nearest even) or uniforms on [0, 1) of a's shape (stochastic rounding).
-
-    The spacing is 2^(e-1) on region e = clamp(floor(log2 a), 0, 2): 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6].
-    In units of the spacing x = a / 2^(e-1) is exact and the grid points are the integers, so
+    """fp32 a >= 0 (any shape) -> the E2M1 grid magnitude (fp32) min(a, 6) rounds to; NaN stays NaN. noise: None
+    (to nearest even) or uniforms on [0, 1) of a's shape (stochastic). The spacing 2^(e-1) is 0.5 on [0, 2), 1 on
+    [2, 4), 2 on [4, 6], so x = a / 2^(e-1) is exact and the grid points are its integers:
         nearest:    q = round(x) · 2^(e-1)                        (torch.round ties to even = the even code)
-        stochastic: q = (floor(x) + [u < x - floor(x)]) · 2^(e-1)  (P(up) is exactly the fraction: E[q] = a)
-    after clamping a to 6. SR costs ~3 dB of SQNR against RTN; it buys an unbiased gradient."""
+        stochastic: q = (floor(x) + [u < x - floor(x)]) · 2^(e-1)  (P(up) is exactly the fraction: E[q] = a)"""
     a = a.clamp(max=F4_E2M1_MAX)
     inv_step = torch.where(a >= 4.0, 0.5, torch.where(a >= 2.0, 1.0, 2.0))   # 1 / 2^(e-1)
     x = a * inv_step
@@ -118,7 +101,6 @@ def unpack_e2m1(packed):
 # -----------------------------------------------------------------------------
 # A minimal NVFP4, on one screen: per-tensor scale, 1x16 blocks, RTN or SR, no padding, no variants. The full
 # quantizer below generalizes it, and tests/test_numerics.py proves the two equal wherever this one applies.
-
 F8E4M3_MAX = 448.0                     # the largest E4M3 value
 NVFP4_BLOCK = 16                       # elements per E4M3 block scale
 NVFP4_AMAX_TO_SCALE = F4_E2M1_MAX * F8E4M3_MAX   # 2688: the tensor's amax maps to e2m1 6 x e4m3 448
@@ -146,10 +128,8 @@ def nvfp4_minimal(x, stochastic=False, generator=None):
     return (torch.where((v < 0) & keep, -q, q) * scale[..., None]).view(M, K)
 
 # -----------------------------------------------------------------------------
-# NVFP4 in full (§2 per-tensor, §3 double-block): any shape, padding, 16x16 weight tiles, and the variants.
-# Every quantizer works on the last dim of a 2-D fp32 view (Mp, Kp), zero-padded to whole blocks (zeros change
-# neither an amax nor a GEMM), and returns the padded width.
-
+# NVFP4 in full (§2 per-tensor, §3 double-block): any shape, padding, 16x16 weight tiles, the variants. Every
+# quantizer works on the last dim of a 2-D fp32 view (Mp, Kp), zero-padded to whole blocks, and returns width Kp.
 OUTER_BLOCK = 128                      # elements per fp32 outer scale in double-block (TetraJet-v2)
 DOUBLE_BLOCK_ZERO_SCALE = 2.0 ** -9    # s_i of an all-zero 16-block: the smallest E4M3 subnormal (§3)
 
@@ -161,8 +141,7 @@ class NVFP4(NamedTuple):
 
 
 def pad_2d(x, row_multiple, col_multiple):
-    """x (..., K) float -> (Mp, Kp) in x's dtype: rows flattened and padded to row_multiple, K to col_multiple, with
-    zeros (a view when none is needed). The quantizers then compute in fp32: bf16/fp16 widen exactly, fp64 rounds."""
+    """x (..., K) -> (Mp, Kp) in x's dtype: rows flattened, then zero-padded to row_multiple and K to col_multiple."""
     x2 = x.reshape(-1, x.shape[-1])                                                 # (M, K)
     pad_rows, pad_cols = -x2.shape[0] % row_multiple, -x2.shape[1] % col_multiple
     return torch.nn.functional.pad(x2, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else x2
@@ -178,14 +157,13 @@ def tile_amax(x2, tile):
 
 def tensor_scales(A, amax_to_scale=NVFP4_AMAX_TO_SCALE):
     """amax A (0-dim fp32) -> (S_enc, S_dec): S_enc = min(amax_to_scale ⊘ A, FLT_MAX), 1 if A = 0; S_dec = 1 ⊘ S_enc.
-    (Not `2688 / A`: torch computes a Python-number numerator as A.reciprocal() * 2688, rounding twice.)"""
+    (Not `2688 / A`, which torch rounds twice: docs/numerics.md, Notation.)"""
     S_enc = torch.where(A == 0, 1.0, (A.new_full((), amax_to_scale) / A).clamp(max=FLT_MAX))
     return S_enc, 1.0 / S_enc
 
 
 def outer_scales(amax16, amax_to_scale=NVFP4_AMAX_TO_SCALE):
-    """Double-block outer scales (§3): amax_16 (Mp, Kp/16) -> (s_o = amax_128 ⊘ amax_to_scale, 1 if 0, (Mp, Kp/128);
-    s_o repeated on its 8 inner blocks, (Mp, Kp/16))."""
+    """amax_16 (Mp, Kp/16) -> (s_o = amax_128 ⊘ amax_to_scale (1 if 0) (Mp, Kp/128), s_o per 16-block (Mp, Kp/16))."""
     Mp, n16 = amax16.shape
     amax128 = amax16.view(Mp, n16 * NVFP4_BLOCK // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)
     s_o = torch.where(amax128 == 0, 1.0, _div(amax128, amax_to_scale))
@@ -193,10 +171,9 @@ def outer_scales(amax16, amax_to_scale=NVFP4_AMAX_TO_SCALE):
 
 
 def nvfp4_scales(x2, outer, tile):
-    """fp32 (Mp, Kp) -> (block_scale e4m3 (Mp, Kp/16), each block's decode scale fp32 (Mp, Kp/16), outer_scale):
+    """fp32 (Mp, Kp) -> (block_scale e4m3 and decode scale fp32, both (Mp, Kp/16); outer_scale), no lower clamp:
         outer="tensor": s_b = e4m3(min(amax_b ⊗ (S_enc ⊗ fl(1/6)), 448)), decode s_b ⊗ S_dec, outer S_dec (§2)
-        outer=128:      s_i = e4m3(min((amax_16 ⊘ s_o) ⊘ 6, 448)) (2^-9 if amax_16 = 0), decode s_o ⊗ s_i (§3)
-    Zero and subnormal E4M3 scales are kept (no lower clamp), as TE does."""
+        outer=128:      s_i = e4m3(min((amax_16 ⊘ s_o) ⊘ 6, 448)) (2^-9 if amax_16 = 0), decode s_o ⊗ s_i (§3)"""
     amax16 = tile_amax(x2, tile)                                                    # (Mp, Kp/16)
     if outer == "tensor":
         S_enc, S_dec = tensor_scales(amax16.amax())
@@ -210,8 +187,7 @@ def nvfp4_scales(x2, outer, tile):
 
 def round_blocks(x2, block_scale, scale, noise=None):
     """fp32 (Mp, Kp), E4M3 block scales and decode scales (Mp, Kp/16) -> (magnitude fp32, negative bool), both
-    (Mp, Kp/16, 16): v = x ⊗ min(1 ⊘ scale, FLT_MAX), then round_e2m1(|v|). A block whose E4M3 scale is 0 is all
-    +0 (TE writes code 7 or 15 there: the same value 0 x 6, a different code; docs/numerics.md §2)."""
+    (Mp, Kp/16, 16): v = x ⊗ min(1 ⊘ scale, FLT_MAX), round_e2m1(|v|); a zero E4M3 scale gives +0 (§2 step 3)."""
     v = x2.view(x2.shape[0], -1, NVFP4_BLOCK) * (1.0 / scale).clamp(max=FLT_MAX)[..., None]
     magnitude = round_e2m1(v.abs(), None if noise is None else noise.view(v.shape))
     keep = (block_scale.float() != 0)[..., None]
@@ -220,14 +196,12 @@ def round_blocks(x2, block_scale, scale, noise=None):
 
 def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None,
                    four_over_six=None):
-    """x (..., K) float -> NVFP4 along the last dim. Kp = K rounded up to 16, or 128 (double-block, MS-EDEN or
-    RHT-128), zero-padded; with tile=(16, 16) rows are padded to 16 and amax_16 taken over 16x16 tiles.
+    """x (..., K) float -> NVFP4 along the last dim, K zero-padded to Kp (k_multiple); with tile=(16, 16) rows are
+    padded to 16 and amax_16 taken over 16x16 tiles. dequantize_nvfp4 decodes it.
         outer: "tensor" (§2, bit for bit TE's reference) or 128 (§3, double-block)
-        rounding: "nearest", "stochastic" (noise uniform_noise(draw_seed(generator), (Mp, Kp))) or "eden"
-                  (MS-EDEN, per-tensor and 1x16 only; §11, below)
+        rounding: "nearest", "stochastic" (uniform_noise(draw_seed(generator), (Mp, Kp))) or "eden" (MS-EDEN, §11)
         rht_signs: None, or 16 or 128 ±1 signs: quantize rht(x) instead (§5)
-        four_over_six: None, "mae" or "mse": Four Over Six block scales (§10, RTN and no RHT only; below)
-    x_dq = e2m1(code) ⊗ (block_scale ⊗ outer_scale): dequantize_nvfp4."""
+        four_over_six: None, "mae" or "mse": Four Over Six block scales (§10, RTN and no RHT only; below)"""
     x2 = pad_2d(x, tile[0], k_multiple("nvfp4", outer, rounding, rht_signs)).float()  # (Mp, Kp)
     q = _quantize_nvfp4_2d(x2, outer, tuple(tile), rounding, _seed(rounding, generator, x2), rht_signs, four_over_six)
     rows = x.numel() // x.shape[-1]                                                 # drop the padded rows
@@ -270,20 +244,18 @@ def k_multiple(fmt, outer, rounding="nearest", rht_signs=None):
 # -----------------------------------------------------------------------------
 # Four Over Six (§10): per block, the usual map-to-6 scale or 1.5x it (the block max then lands on 4, where
 # the grid is denser around the other values), whichever reconstructs the block better. RTN, no RHT.
-
 FOUR_OVER_SIX_BOUND = 256.0            # the tensor scale's E4M3 bound: 256 x 1.5 = 384 still fits 448
 FOUR_OVER_SIX_AMAX_TO_SCALE = F4_E2M1_MAX * FOUR_OVER_SIX_BOUND   # 1536
 MAP_TO_4 = 1.5                         # map-to-4 scale = 1.5 x map-to-6 scale
 
 
 def round_four_over_six(x2, outer, tile, error):
-    """fp32 (Mp, Kp) -> (magnitude, negative (Mp, Kp/16, 16), block_scale, outer_scale), each block keeping map-to-4
-    iff its error is strictly smaller ("mae": Σ|x̂ - x|, TE's default; "mse": Σ(x̂ - x)²). TE's bit-exact
-    expressions (docs/numerics.md §10):
+    """fp32 (Mp, Kp) -> (magnitude, negative (Mp, Kp/16, 16), block_scale, outer_scale); a block keeps map-to-4 iff
+    its error is strictly smaller ("mae": Σ|x̂ - x|, TE's default; "mse": Σ(x̂ - x)²), in TE's expressions (§10):
         outer="tensor": S_enc = min(1536 ⊘ A, FLT_MAX); base = (amax_b ⊘ 6) ⊗ S_enc; s6 = e4m3(base), s4 = e4m3(base ⊗ 1.5);
                         each candidate's x̂ = ((±e2m1 ⊗ fp32(s)) ⊗ A) ⊘ 1536
         outer=128 (ours): s_o = amax_128 ⊘ 1536; base = (amax_16 ⊘ s_o) ⊘ 6; x̂ = ±e2m1 ⊗ (s_o ⊗ s)
-    Errors sum a row block's 16 values left to right; a 16x16 tile adds its 16 row sums as a tree."""
+    Errors sum a block's 16 values left to right, a 16x16 tile's 16 row sums as a tree (tree_sum)."""
     amax16 = tile_amax(x2, tile)                                                    # (Mp, Kp/16)
     if outer == "tensor":
         A = amax16.amax()
@@ -316,19 +288,15 @@ def round_four_over_six(x2, outer, tile, error):
 
 
 def tree_sum(t):
-    """(..., n), n a power of two -> (...,) Σ in a fixed order: halves added (t[:n/2] + t[n/2:]) until one is left,
-    the order a SIMD register or a warp reduces in, so every implementation gives the same bits."""
+    """(..., n), n a power of two -> (...,) Σ in a warp's fixed order: halves added, t[..., :n/2] + t[..., n/2:]."""
     while t.shape[-1] > 1:
         half = t.shape[-1] // 2
         t = t[..., :half] + t[..., half:]
     return t[..., 0]
 
 # -----------------------------------------------------------------------------
-# MS-EDEN (Quartet II, §11): round the elements to nearest (low noise), then correct each 128-group's scale so the
-# group's projection is unbiased, c = Σz² / Σz·q, and round the corrected E4M3 scale stochastically. Unbiased in
-# expectation over a fresh RHT-128 of the operand (the rotation is what makes the RTN errors look random);
-# docs/numerics.md §11 has the derivation.
-
+# MS-EDEN (Quartet II, §11): round the elements to nearest, correct each 128-group's scale by c = Σz² / Σz·q and
+# round it stochastically: unbiased in expectation over a fresh RHT-128, which makes the RTN errors look random.
 EDEN_VAL_MAX = 6.07210636138916        # fl32(6 / 0.988125): Quartet II's backward grid max, (17/16)·0.93 scale override
 EDEN_SCALE_BOUND = 255.99000549316406  # fl32(255.99): the tensor scale's bound, room for c > 1 in E4M3
 EDEN_GROUP = 128                       # elements per correction: one RHT-128 group, 8 blocks
@@ -344,8 +312,7 @@ def round_eden(x2, seed):
     Mp, Kp = x2.shape
     A = x2.abs().amax()
     S_dec = torch.where(A == 0, 1.0, _div(_div(A, EDEN_SCALE_BOUND), EDEN_VAL_MAX))
-    s = (_div(tile_amax(x2, (1, NVFP4_BLOCK)), EDEN_VAL_MAX) / S_dec).clamp(max=F8E4M3_MAX)
-    s = s.to(torch.float8_e4m3fn).float()
+    s = (_div(tile_amax(x2, (1, NVFP4_BLOCK)), EDEN_VAL_MAX) / S_dec).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn).float()
     s = torch.where(s == 0, 1.0, s)                                                 # Quartet II: 0 -> 1
     z = x2.view(Mp, -1, NVFP4_BLOCK) * (1.0 / (s * S_dec)).clamp(max=FLT_MAX)[..., None]
     magnitude = round_e2m1(z.abs())
@@ -358,9 +325,8 @@ def round_eden(x2, seed):
 
 
 def stochastic_e4m3(t, noise):
-    """fp32 t >= 0 -> E4M3 of t's shape, E[result] = t: t where it is an E4M3 value, else its neighbour up with
-    probability (t - down) ⊘ (up - down). The neighbours are e4m3(t) and the byte next to it, as Quartet II
-    finds them. t is clamped to 448 first (the 255.99 bound leaves a factor 1.75 of room). NaN stays NaN."""
+    """fp32 t >= 0, clamped to 448 -> E4M3 of t's shape, E[result] = t: t if it is an E4M3 value, else the neighbour
+    up with probability (t - down) ⊘ (up - down), the neighbours e4m3(t) and the byte next to it. NaN stays NaN."""
     t = t.clamp(max=F8E4M3_MAX)
     r = t.to(torch.float8_e4m3fn)
     rb = r.view(torch.uint8).to(torch.int32)
@@ -372,7 +338,6 @@ def stochastic_e4m3(t, noise):
 
 # -----------------------------------------------------------------------------
 # MXFP4 and MXFP8 (§4, OCP Microscaling v1.0): power-of-two scales per 32, no outer scale
-
 MX_BLOCK = 32                          # elements per E8M0 scale
 E2M1_MAX_POW2 = 2                      # 6 = 1.5 · 2^2: an MXFP4 scale is 2^(floor(log2 amax) - 2)
 
@@ -384,8 +349,7 @@ class MX(NamedTuple):
 
 def quantize_mxfp4(x, rounding="nearest", generator=None):
     """x (..., K) -> MX, blocks of 32 (Kp = K rounded up to 32): X = 2^(floor(log2 amax) - 2), the exponent read
-    from the fp32 bits (OCP's rule; amax = 0 gives 2^-127); q = E2M1(x ⊘ X), saturating at ±6. Why MXFP4
-    trails NVFP4: amax ⊘ X lands anywhere in [4, 8), so blocks above 6 clip, and the grid is used less fully."""
+    from the fp32 bits (OCP's rule; amax = 0 gives 2^-127); q = E2M1(x ⊘ X), saturating at ±6 (§4)."""
     x2 = pad_2d(x, 1, MX_BLOCK).float()
     q = _quantize_mxfp4_2d(x2, rounding, _seed(rounding, generator, x2))
     rows = x.numel() // x.shape[-1]
@@ -430,11 +394,9 @@ def dequantize_mxfp8(q):
     return (q.codes.float().unflatten(-1, (-1, MX_BLOCK)) * q.scale.float()[..., None]).flatten(-2)
 
 # -----------------------------------------------------------------------------
-# The random Hadamard transform (§5). Both operands of a GEMM are multiplied, along K, chunk by chunk, by the same
-# orthogonal H, so (A H)(B H)ᵀ = A Bᵀ, while the quantizer sees spread-out, Gaussian-looking values: one outlier
-# of 16 becomes sixteen values of 4. The signs s flip the inputs before the rotation: H = diag(s) · H_n / √n.
-# (Signs on the output side would pass through every symmetric quantizer and cancel: a plain Hadamard.)
-
+# The random Hadamard transform (§5). Both operands of a GEMM are multiplied along K, chunk by chunk, by the same
+# orthogonal H = diag(s) · H_n / √n, so (A H)(B H)ᵀ = A Bᵀ, while the quantizer sees spread-out, Gaussian-looking
+# values: one outlier of 16 becomes sixteen values of 4. The signs flip the inputs (on the outputs they'd cancel).
 NVIDIA_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)   # TE's fixed vector
 RHT128_NORM = 0.0883883461356163       # fl32(1/√128) = fl32(2^-3.5)
 
@@ -476,10 +438,8 @@ def rht(x, signs):
     return y.reshape(x.shape) * RHT128_NORM
 
 # -----------------------------------------------------------------------------
-# Recipes (§6): which quantizer each operand of each GEMM gets. Every knob is independent and has an "off" value;
-# a recipe prints as its preset plus what differs, e.g. tetrajet[rht=none,aligned=false], and parse_recipe reads
-# that string back.
-
+# Recipes (§6): which quantizer each operand of each GEMM gets, every knob independent. A recipe prints as its
+# preset plus what differs, e.g. tetrajet[rht=none,aligned=false], and parse_recipe reads that string back.
 ROUNDINGS = ("nearest", "stochastic", "eden")
 FOUR_OVER_SIX_SCOPES = ("none", "weights", "activations", "all")
 
@@ -521,7 +481,6 @@ class Recipe:
             (self.four_over_six in FOUR_OVER_SIX_SCOPES, f"four_over_six must be one of {FOUR_OVER_SIX_SCOPES}"),
             (self.four_over_six_error in ("mae", "mse"), "four_over_six_error must be mae or mse"),
             (self.fmt == "nvfp4" or self.four_over_six == "none", "Four Over Six is an nvfp4 scale rule"),
-            # MS-EDEN is unbiased only in expectation over a fresh random rotation of each 128-group (§11)
             (not eden or (self.rht_size, self.rht_signs, set(self.rht)) == (OUTER_BLOCK, "random", {"dgrad", "wgrad"}),
              "MS-EDEN needs a fresh RHT-128 on both backward GEMMs (rht=dgrad+wgrad, rht_size=128, "
              "rht_signs=random): without it its estimate is biased")):
@@ -534,22 +493,16 @@ class Recipe:
         return self.name + (f"[{','.join(f'{k}={_format_value(getattr(self, k))}' for k in changed)}]" if changed else "")
 
 
-RECIPES = {
-    # NVIDIA (arXiv 2509.25149 §4): 16x16 weight tiles, SR on gradients only, a fixed RHT on wgrad only
-    "nvidia": Recipe("nvidia", weight_tile=(16, 16), rht=("wgrad",)),
-    # NVIDIA's recipe with Four Over Six scales on both forward operands (TE's nvfp4_4over6="all", error mae)
+RECIPES = {   # the presets the module docstring describes (docs/numerics.md §6 tables every field)
+    "nvidia": Recipe("nvidia", weight_tile=(16, 16), rht=("wgrad",)),                      # arXiv 2509.25149 §4
+    # nvidia with Four Over Six on both forward operands (TE's nvfp4_4over6="all", error mae)
     "nvidia-4over6": Recipe("nvidia-4over6", weight_tile=(16, 16), rht=("wgrad",), four_over_six="all"),
-    # TetraJet-v2 (arXiv 2510.27527 §3): double-block scales, SR and a random RHT-16 on every backward operand,
-    # the backward from the forward's dequantized tensors
     "tetrajet": Recipe("tetrajet", outer=OUTER_BLOCK, other_rounding="stochastic", rht=("dgrad", "wgrad"),
-                       rht_signs="random", aligned=True),
-    # Quartet II (arXiv 2601.22813): forward per-tensor RTN with Four Over Six (MSE); backward from X̂, Ŵ,
-    # every operand MS-EDEN after a fresh RHT-128
+                       rht_signs="random", aligned=True),                                    # arXiv 2510.27527 §3
     "quartet2": Recipe("quartet2", grad_rounding="eden", other_rounding="eden", rht=("dgrad", "wgrad"),
                        rht_signs="random", rht_size=OUTER_BLOCK, aligned=True, four_over_six="all",
-                       four_over_six_error="mse"),
-    # OCP MXFP4: power-of-two scales per 32, SR on gradients
-    "mxfp4": Recipe("mxfp4", fmt="mxfp4"),
+                       four_over_six_error="mse"),                                           # arXiv 2601.22813
+    "mxfp4": Recipe("mxfp4", fmt="mxfp4"),                                                   # OCP MX v1.0
 }
 
 
@@ -586,11 +539,9 @@ def parse_recipe(spec):
 
 
 # -----------------------------------------------------------------------------
-# fake_quant: quantize, then dequantize. The reference is literally dequantize(quantize(x)); KERNEL is the one
-# hook through which a faster implementation of the same bits replaces it (fastpaths.use sets it at start-up):
-#     KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype) -> (Mp, Kp)
-# on the padded fp32 (Mp, Kp) view and the already-drawn seed, returning x_dq in dtype (or fp32).
-
+# fake_quant = dequantize(quantize(x)). KERNEL is the one hook through which a faster implementation of the same
+# bits replaces reference_kernel (fastpaths.use sets it at start-up), on the padded (Mp, Kp) and the drawn seed:
+#     KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype) -> x_dq (Mp, Kp), dtype or fp32
 KERNEL = None
 
 
@@ -612,11 +563,9 @@ def dequantize(q):
 
 def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None, dtype=torch.float32,
                four_over_six=None, columns=None):
-    """x (..., K) -> (..., K) in dtype = dequantize(quantize(x)), the padding cropped; with rht_signs the result
-    is rht(x)'s, of width K rounded up to the chunk (rotated padding is not zero).
-    columns (OutControl, §8; x 2-D, round to nearest): None, or (outliers, inliers), LongTensors in descending-norm
-    order: the recipe's FP4 on the inlier columns, MXFP8 on the outliers, each part quantized as its own matrix
-    with its columns in that order, as a kernel sees it after gathering (which channels share a block matters)."""
+    """x (..., K) -> (..., K) in dtype = dequantize(quantize(x)), padding cropped (with rht_signs: rht(x)'s, width K
+    rounded up to the chunk). columns (OutControl, §8; x 2-D, RTN): None, or (outliers, inliers) in descending-norm
+    order: MXFP8 on the outliers, the recipe's FP4 on the inliers, each gathered and quantized as its own matrix."""
     if columns is not None and len(columns[0]):                                   # (no outliers: all FP4)
         outliers, inliers = columns
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -641,18 +590,13 @@ def reference_kernel(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_
 
 
 def four_over_six_of(recipe, operand):
-    """-> the four_over_six argument for forward operand "activations" (X) or "weights" (W): the recipe's error
-    if its scope covers that operand, else None."""
+    """fprop's operand "activations" (X) or "weights" (W) -> recipe.four_over_six_error if in scope, else None."""
     return recipe.four_over_six_error if recipe.four_over_six in (operand, "all") else None
 
 # -----------------------------------------------------------------------------
-# The FP4 linear: Y = X Wᵀ with all three GEMMs in FP4 (§6)
-#
-# The GEMMs quantize differently because they do different jobs. fprop must be accurate (RTN): its output is the
-# network. dgrad and wgrad feed the optimizer, which averages over steps, so unbiased SR noise beats a small bias;
-# and their K (out features, tokens) is where gradient outliers live, hence the RHT. "Aligned" (TetraJet-v2 §3):
-# the network that ran used X̂ and Ŵ, so its true gradients are dY Ŵ and dYᵀ X̂; starting from X and W instead adds
-# a bias dY (W - Ŵ) that no SR removes.
+# The FP4 linear (§6). fprop rounds to nearest: its output is the network. dgrad and wgrad feed an optimizer that
+# averages over steps (unbiased SR beats a small bias) and reduce where gradient outliers live (hence the RHT).
+# Aligned (TetraJet-v2 §3): the network ran on X̂, Ŵ, so dX = dY Ŵ; from W, a bias dY (W - Ŵ) that no SR removes.
 
 
 def backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), dtype=torch.float32):
@@ -669,10 +613,8 @@ def backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), dtype=torch.flo
 
 
 class FP4LinearFunction(torch.autograd.Function):
-    """y = Q(x) Q(W)ᵀ, dgrad and wgrad in FP4, for one Recipe: x (..., in) any float dtype, weight (out, in) ->
-    y (..., out) in x.dtype. The quantizers compute in fp32; each GEMM multiplies the dequantized operands in
-    x.dtype, as the baseline's matmul does, so the two differ only by the quantization. columns: OutControl's
-    (outliers, inliers) or None. generator: where every random draw comes from."""
+    """y = Q(x) Q(W)ᵀ, dgrad and wgrad in FP4, one Recipe: x (..., in), weight (out, in) -> y (..., out) in x.dtype.
+    Quantizers compute in fp32; GEMMs multiply the dequantized operands in x.dtype, as the baseline does."""
 
     @staticmethod
     def forward(ctx, x, weight, recipe, generator, columns=None):
@@ -715,21 +657,18 @@ class FP4LinearFunction(torch.autograd.Function):
         return dx, (None if dw is None else dw.to(ctx.w_dtype)), None, None, None
 
 
-NOISE_SEED_OFFSET = 1 << 32   # seed s + 2^32: seed s alone would replay torch.manual_seed(s)'s stream, which drew
-                              # the weights, and SR noise correlated with what it rounds is biased (§1)
+NOISE_SEED_OFFSET = 1 << 32   # not seed s: its stream drew the weights, and noise correlated with them is biased (§1)
 
 
 class FP4Linear(nn.Linear):
-    """nn.Linear whose three GEMMs run in simulated FP4; the weight stays the fp32 master. Its random draws come
-    from its own generator, seeded with seed + NOISE_SEED_OFFSET on first use, saved in the state_dict, so a
-    resumed run continues the exact stream. OutControl sets `columns` (outliers, inliers) once, and sums
-    `channel_norm` while it is not None; `high_precision` runs it as a plain linear (the probe's shadow)."""
+    """nn.Linear whose three GEMMs run in simulated FP4 on the fp32 master weight. Its random draws come from its own
+    generator (seed + NOISE_SEED_OFFSET), saved in the state_dict: a resumed run continues the stream. OutControl sets
+    `columns` and sums `channel_norm` while not None; `high_precision` makes it a plain linear (health's probe)."""
 
     def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.recipe, self.seed, self.generator = parse_recipe(recipe), seed, None
-        self.columns = self.channel_norm = None
-        self.high_precision = False
+        self.columns, self.channel_norm, self.high_precision = None, None, False
 
     @classmethod
     def from_linear(cls, linear, recipe="tetrajet", seed=0):
@@ -773,9 +712,8 @@ class FP4Linear(nn.Linear):
 
 
 def convert_to_fp4(model, recipe="tetrajet", *, keep_first_k=0, keep_last_k=0, blocks="transformer.h", seed=0):
-    """Swap every nn.Linear inside the transformer blocks (model.<blocks>, an nn.ModuleList) for an FP4Linear sharing
-    its weight, except in the first keep_first_k and last keep_last_k blocks, which stay in high precision, as do
-    linears outside the blocks (LM head, §6). Layer i gets seed + i. Prints what it did; returns the model."""
+    """-> model, each nn.Linear in model.<blocks> (an nn.ModuleList) swapped for an FP4Linear sharing its weight, layer
+    i seeded seed + i, except in the first keep_first_k and last keep_last_k blocks. The LM head stays too (§6)."""
     recipe, block_list = parse_recipe(recipe), model.get_submodule(blocks)
     n = len(block_list)
     if not (0 <= keep_first_k and 0 <= keep_last_k and keep_first_k + keep_last_k <= n):
@@ -794,15 +732,14 @@ def convert_to_fp4(model, recipe="tetrajet", *, keep_first_k=0, keep_last_k=0, b
     return model
 
 # -----------------------------------------------------------------------------
-# OsciReset (TetraJet-v2 §4, §7): late in training the updates get small, and a master weight sitting on a rounding
-# boundary flips its FP4 value back and forth: the network keeps jumping by a whole bin. Over a window of T steps,
-# r = Σ|Q(w_t) - Q(w_t-1)| / Σ|w_t - w_t-1| separates these (r >> 1) from weights drifting through bins (r ≈ 1).
+# OsciReset (TetraJet-v2 §4, §7): late in training, when updates are small, a master weight on a rounding boundary
+# flips its FP4 value back and forth, a whole bin each time. Over a window of T steps r = Σ|Q(w_t) - Q(w_t-1)| /
+# Σ|w_t - w_t-1| separates these oscillators (r >> 1) from weights drifting through bins (r ≈ 1).
 
 
 class OsciReset:
-    """Every `period` optimizer steps from `start`: snapshot each FP4 weight w and Q(w), accumulate Σ|ΔQ(w)| and
-    Σ|Δw| over the next `window` steps, then snap w <- Q(w), its bin's centre, where r >= `threshold` (optimizer
-    state untouched). OutControl's MXFP8 columns are not tracked. reset=False only measures. layers: {name: FP4Linear}."""
+    """layers {name: FP4Linear}: every `period` optimizer steps from `start`, accumulate r over `window` steps, then
+    snap w <- Q(w) (its bin's centre; FP4 columns only, optimizer state untouched) where r >= `threshold`, if reset."""
 
     def __init__(self, layers, period=200, window=50, threshold=8.0, start=0, reset=True):
         if not 0 < window < period:
@@ -814,9 +751,8 @@ class OsciReset:
 
     @torch.no_grad()
     def after_step(self, step):
-        """Call with the optimizer steps done so far, after every step (and once with the first step before
-        training). A window opens at phase (step - start) % period = 0 and closes at phase = window; a layer whose
-        window opened before this process started waits for the next (nothing is measured over a partial window)."""
+        """Call after every optimizer step with the steps done (and once before training). A window opens at phase
+        (step - start) % period = 0, closes at phase = window; a layer that missed its opening waits for the next."""
         if step < self.start or (phase := (step - self.start) % self.period) > self.window:
             return
         for name, layer in self.layers.items():
@@ -859,16 +795,13 @@ class OsciReset:
                       for name, st in d["state"].items()}
 
 # -----------------------------------------------------------------------------
-# OutControl (TetraJet-v2 §4, §8): a few input channels carry most of the activation energy, and they stay the same
-# through training. After a short calibration the top `frac` by L2 norm are fixed and kept in MXFP8 in fprop and
-# wgrad (fake_quant's columns); dgrad stays FP4.
+# OutControl (TetraJet-v2 §4, §8): a few input channels carry most of the activation energy, the same ones all of
+# training. After a short calibration the top `frac` by L2 norm are fixed and kept in MXFP8 in fprop and wgrad.
 
 
 def select_outlier_channels(channel_norm, frac, generator=None):
-    """(in,) summed channel norms -> (outliers, inliers) LongTensors: the top `frac`, rounded up to a multiple of 32
-    (one MXFP8 block) and capped at half, and the rest, both in descending-norm order (so FP4 columns of similar
-    norm share a block, as in the official code). With a generator the outliers are as many drawn at random: a
-    control that keeps the share and the order and drops only the choice by norm."""
+    """(in,) summed channel norms -> (outliers, inliers) LongTensors, both in descending-norm order: the top `frac`,
+    rounded up to 32 (one MXFP8 block), at most half, and the rest. A generator draws as many at random (a control)."""
     count = min(math.ceil(frac * channel_norm.numel() / MX_BLOCK) * MX_BLOCK, channel_norm.numel() // 2)
     order = channel_norm.argsort(descending=True, stable=True)
     if generator is None:
@@ -880,11 +813,9 @@ def select_outlier_channels(channel_norm, frac, generator=None):
 
 
 class OutControl:
-    """For `window` steps from `start` every FP4Linear sums ‖X[:, c]‖₂ over the tokens of each training micro-batch
-    (channel_norm); then its top `frac` channels become its outliers, fixed for the rest of training. Call
-    before_step(step) before each optimizer step and after_step(steps_done, reduce) after; `reduce` sums a tensor
-    across processes in place (DDP), so all pick the same channels. choice="random": the control (as many at
-    random, drawn from `seed`, layer by layer)."""
+    """For `window` steps from `start` each FP4Linear sums ‖X[:, c]‖₂ over its training tokens (channel_norm); then
+    its top `frac` channels become its outliers for good (choice="random": the control, drawn from `seed`). Call
+    before_step(step) before each optimizer step, after_step(steps_done, reduce) after (reduce: DDP in-place sum)."""
 
     def __init__(self, layers, frac=0.1, start=500, window=50, choice="norm", seed=0):
         self.layers, self.frac, self.start, self.window, self.choice, self.seed = layers, frac, start, window, choice, seed
@@ -906,14 +837,11 @@ class OutControl:
                 layer.channel_norm = None
 
     def summary(self):
-        """-> {layer name: outlier channels}."""
         return {k: 0 if m.columns is None else len(m.columns[0]) for k, m in self.layers.items()}
 
 # =============================================================================
-# Appendix: exactness tricks. Each computes a documented value in a way that gives the same bits on every
-# implementation and device: exponents read from the fp32 bits (not log2), E8M0 bytes built as integers, true
-# division by device tensors, and stochastic-rounding noise as a pure function of (seed, element index).
-
+# Appendix: exactness tricks, so that every implementation and device gives the same bits: exponents read from the
+# fp32 bits (not log2), E8M0 bytes built as integers, true division, SR noise a pure function of (seed, index).
 E8M0_BIAS, E8M0_NAN = 127, 255         # E8M0 byte b means 2^(b - 127); 255 is NaN
 
 
@@ -929,22 +857,17 @@ def _e8m0(exponent, amax):
 
 
 def _e8m0_value(b):
-    """uint8 E8M0 bytes -> fp32 2^(b - 127) (NaN for 255) from the bits: exponent field b, or the subnormal 2^-127
-    for b = 0. Equals b.view(float8_e8m0fnu).float() with integer ops every implementation has."""
+    """uint8 E8M0 b -> fp32 2^(b - 127), NaN for 255: b.view(float8_e8m0fnu).float() in integer ops, from the bits."""
     bits = torch.where(b == 0, 0x00400000, torch.where(b == E8M0_NAN, 0x7FC00000, b.int() << 23))
     return bits.int().view(torch.float32)
 
 
 def _div(a, b):
-    """a ⊘ b for a Python number b, IEEE-rounded on every device. On CUDA torch computes `a / 2688` as
-    a * fl(1/2688), rounding twice; dividing by a 0-dim tensor is a true division everywhere."""
+    """a ⊘ b for a Python number b: a true division by a 0-dim tensor on every device (docs/numerics.md, Notation)."""
     return a / a.new_full((), b)
 
-# SR noise: a counter-based generator. The uniform for element i is a pure function of (seed, i), so every
-# implementation produces the same codes in any evaluation order, and a kernel computes the noise instead of
-# reading it. A torch.Generator still owns the randomness: it draws each quantization's seed.
-
-
+# SR noise, counter-based (§1): element i's uniform is a pure function of (seed, i), the same in any evaluation
+# order and computed by a kernel, not read; a torch.Generator still draws each quantization's seed.
 PCG_MULTIPLIER, PCG_INCREMENT, PCG_OUTPUT_MULTIPLIER = 747796405, 2891336453, 277803737
 U32_MASK = 0xFFFFFFFF
 NOISE_ULP = 2.0 ** -24                 # u = (24-bit integer) · 2^-24, exact in fp32
@@ -964,7 +887,6 @@ def draw_seed(generator=None, device=None):
 
 
 def _seed(rounding, generator, x2):
-    """The seed a quantization draws: none for round to nearest, one draw_seed otherwise."""
     return None if rounding == "nearest" else draw_seed(generator, x2.device)
 
 

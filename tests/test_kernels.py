@@ -11,7 +11,7 @@ interpreter allowed and which made every GPU launch fail to compile.) Checked he
   - the FP4 GEMM compiles, and on sm_100 it runs on the block-scaled FP4 tensor cores: tcgen05.mma kind::mxf4nvf4
     with a scale per 16 (NVFP4) and kind::mxf4 with a scale per 32 (MXFP4).
 The compiles run in one child process without TRITON_INTERPRET (conftest.py sets it for this process, and it
-turns every @triton.jit function into the interpreter's). About 25 s.
+turns every @triton.jit function into the interpreter's).
 (2) On a CPU fp4_gemm runs in TRITON_INTERPRET=1 with MXFP4 operands only: the interpreter decodes every dot_scaled
 scale as E8M0, so an NVFP4 (E4M3-scaled) product is wrong there by construction; the NVFP4 tests need a Blackwell GPU
 and skip elsewhere. The per-128 outer scale, the part that is the same for both formats, is tested on MXFP4 codes.
@@ -100,7 +100,8 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled():
-    """{"<arch> <variant>": {"error": ...} or {"fma": n, "div_full": n, "mma": [...]}}, from one child process."""
+    """{"<arch> <variant>": {"error": ...} or {"fma": n, "div_full": n, "mma": [...]}}, from one child process per
+    architecture, run side by side (each compile is single-threaded)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     probe = subprocess.run([sys.executable, "-c", "from triton.backends.nvidia.compiler import CUDABackend; "
@@ -108,12 +109,15 @@ def compiled():
                            env=env, capture_output=True, text=True)
     if probe.returncode:
         pytest.skip(f"this triton has no CUDA backend or a different compile API: {probe.stderr.strip()[-200:]}")
-    args = json.dumps([QUANTIZER, GEMM, ARCHS])
-    run = subprocess.run([sys.executable, "-c", CHILD, args], env=env, capture_output=True, text=True, cwd=REPO,
-                         timeout=600)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, f"the compile process failed:\n{run.stderr[-3000:]}"
-    return json.loads(lines[0][len("RESULT "):])
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps([QUANTIZER, GEMM, [arch]])], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for arch in ARCHS]
+    results = {}
+    for child in children:
+        out, err = child.communicate(timeout=600)
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert child.returncode == 0 and lines, f"the compile process failed:\n{err[-3000:]}"
+        results.update(json.loads(lines[0][len("RESULT "):]))
+    return results
 
 
 @pytest.mark.parametrize("arch", ARCHS)
