@@ -519,8 +519,8 @@ def parse_recipe(spec):
     """"preset" or "preset[field=value,...]" (what str(recipe) prints) -> Recipe; ValueError naming the fix."""
     if isinstance(spec, Recipe):
         return spec
-    name, _, rest = spec.partition("[")
-    if name not in RECIPES or (rest and not rest.endswith("]")):
+    name, bracket, rest = spec.partition("[")
+    if name not in RECIPES or (bracket and not rest.endswith("]")):
         raise ValueError(f"unknown FP4 recipe {spec!r}; write a preset ({', '.join(RECIPES)}) or preset[field=value,...]")
     known, changes = [f.name for f in fields(Recipe)[1:]], {}
     for item in filter(None, rest[:-1].split(",")):      # (rht lists its GEMMs in the order dgrad, wgrad)
@@ -786,13 +786,16 @@ class OsciReset:
         osc = sum(v["oscillating"] * v["tracked"] for v in self.last.values())
         return (osc / n if n else 0.0), sum(v["reset"] for v in self.last.values())
 
-    def state_dict(self):
-        return {"state": self.state, "last": self.last}
+    def state_dict(self):    # what training uses: measuring only, no open window (a resumed run measures from the
+        keep = ("prev_q", "sum_dq", "sum_dw")             # next); resetting, not w: the layer's own at a checkpoint
+        return {"state": {n: {k: st[k] for k in keep} for n, st in self.state.items()} if self.reset else {},
+                "last": self.last}
 
     def load_state_dict(self, d):
-        self.last = d["last"]
-        self.state = {name: {k: t.to(self.layers[name].weight.device) for k, t in st.items()}
-                      for name, st in d["state"].items()}
+        self.last, self.state = d["last"], {}
+        for name, st in d["state"].items():
+            w = self.layers[name].weight
+            self.state[name] = {k: t.to(w.device) for k, t in st.items()} | {"prev_w": w.detach().float().clone()}
 
 # -----------------------------------------------------------------------------
 # OutControl (TetraJet-v2 §4, §8): a few input channels carry most of the activation energy, the same ones all of

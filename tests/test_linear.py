@@ -48,6 +48,7 @@ def test_overrides_print_in_field_order_and_only_what_differs():
 
 @pytest.mark.parametrize("spec, message", [
     ("fp8", "unknown FP4 recipe 'fp8'"), ("tetrajet[rht=none", "unknown FP4 recipe 'tetrajet[rht=none'"),
+    ("nvidia-4over6[", "unknown FP4 recipe 'nvidia-4over6['"),                # (was: read as the preset)
     ("tetrajet[bogus=1]", "'bogus=1' is not field=value"), ("tetrajet[rht]", "'rht' is not field=value"),
     ("nvidia[aligned=yes]", "aligned must be true or false"),
     ("nvidia[outer=64]", "outer must be tensor or 128"),

@@ -246,6 +246,20 @@ def test_log_and_checkpoint_have_what_the_reader_needs(dataset, tmp_path, capsys
     assert not (tmp_path / "ckpt.pt.tmp").exists()
 
 
+def test_a_checkpoint_holds_only_the_state_the_run_uses(dataset, tmp_path):
+    # (the bug: OsciReset's open windows were saved without --osci-reset: an FP4 checkpoint was 2.2x the baseline's)
+    size = {}
+    for name, flags in (("baseline", []), ("fp4", ["--fp4"]), ("reset", ["--fp4", "--osci-reset"])):
+        run(dataset, tmp_path / name, "--max-iters", "4", "--eval-interval", "4", *flags)   # a window opens at 4
+        size[name] = os.path.getsize(tmp_path / name / "ckpt.pt")
+        osci = torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["osci"]
+        if name == "fp4":
+            assert osci["state"] == {} and osci["last"]                     # the last window's numbers stay
+        if name == "reset":                                                   # w itself is the model's
+            assert len(osci["state"]) == 8 and all(set(st) == {"prev_q", "sum_dq", "sum_dw"} for st in osci["state"].values())
+    assert size["fp4"] < 1.1 * size["baseline"] < size["reset"]
+
+
 def test_missing_data_and_corrupt_checkpoint_give_clear_errors(dataset, tmp_path):
     with pytest.raises(SystemExit, match="prepare it with: python data/prepare.py textfile"):
         train.main(["--dataset", "no_such_dataset", "--out-dir", str(tmp_path)])
