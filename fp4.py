@@ -653,8 +653,7 @@ class FP4LinearFunction(torch.autograd.Function):
             dw[:, inliers] = backward_gemm("wgrad", dy2.t(), x_src[:, inliers].t(), recipe, gen, dtype=dtype)
             q8 = lambda t: dequantize_mxfp8(quantize_mxfp8(t))[:, :t.shape[1]].to(dtype)
             dw[:, outliers] = q8(dy2.t()) @ q8(x_src[:, outliers].t()).t()
-        dx = None if dx is None else dx.reshape(ctx.x_shape)
-        return dx, (None if dw is None else dw.to(ctx.w_dtype)), None, None, None
+        return (None if dx is None else dx.reshape(ctx.x_shape)), (None if dw is None else dw.to(ctx.w_dtype)), None, None, None
 
 
 NOISE_SEED_OFFSET = 1 << 32   # not seed s: its stream drew the weights, and noise correlated with them is biased (§1)
@@ -701,8 +700,7 @@ class FP4Linear(nn.Linear):
     def set_extra_state(self, state):
         self.seed, self.generator, device = state["seed"], None, self.weight.device
         if state["rng"] is not None and state["rng"][0] == device.type:          # resume the saved stream
-            self.generator = torch.Generator(device).manual_seed(0)
-            self.generator.set_state(state["rng"][1])
+            self.generator = torch.Generator(device).set_state(state["rng"][1])
         move = lambda t: None if t is None else t.to(device)
         self.columns = None if state["columns"] is None else tuple(map(move, state["columns"]))
         self.channel_norm = move(state["channel_norm"])
