@@ -41,6 +41,8 @@ class TrainConfig:
     fp4: bool = flag(False, "every Linear inside the blocks in simulated FP4 (off = the high-precision baseline)")
     fp4_recipe: str = flag("tetrajet", f"a preset ({PRESET_NAMES}), optionally with field overrides: "
                            "tetrajet[rht=none,aligned=false] (fields: fp4.Recipe)")
+    fp4_gemms: str = flag("", "the GEMMs in FP4, a comma list of fprop, dgrad, wgrad (the rest in high precision; "
+                          "empty = the recipe's, all three); it becomes the recipe's gemms field")
     fp4_path: str = flag("auto", "quantizer implementation, the same bits on each (fastpaths.py)", ["auto", *fastpaths.PATHS])
     keep_first_k: int = flag(0, "keep the Linears of the first k blocks in high precision")
     keep_last_k: int = flag(0, "keep the Linears of the last k blocks in high precision")
@@ -149,11 +151,19 @@ def check(cfg, given):
     """Contradictory or impossible settings -> exit with one line naming the flag and the fix; else the recipe."""
     size = {k: getattr(cfg, k) or v for k, v in PRESETS[cfg.model].items()}   # the preset, with overrides
     n_layer, n_embd, n_head = size["n_layer"], size["n_embd"], size["n_head"]
+    try:
+        recipe = fp4.parse_recipe(cfg.fp4_recipe) if cfg.fp4 else None
+    except ValueError as e:
+        sys.exit(f"error: {e} (--fp4-recipe)")
     fp4_only = [k for k in given if k.startswith(("fp4_", "keep_", "osci_", "out_control")) and k != "fp4_path"]
     for bad, msg in (
             (not cfg.fp4 and fp4_only, f"--{fp4_only[0].replace('_', '-') if fp4_only else ''} needs --fp4 (without it the model is the baseline)"),
             (cfg.fp4 and not cfg.out_control and any(k.startswith("out_control_") for k in given),
              "--out-control-frac/-step/-window/-choice have no effect without --out-control: add it or drop them"),
+            (recipe and cfg.osci_reset and "fprop" not in recipe.gemms,
+             "--osci-reset snaps weights to the forward's FP4 grid: it needs fprop among the FP4 GEMMs"),
+            (recipe and cfg.out_control and not {"fprop", "wgrad"} & set(recipe.gemms),
+             "--out-control keeps columns of fprop and wgrad in MXFP8: it needs one of them among the FP4 GEMMs"),
             (cfg.allow_config_change and not cfg.resume, "--allow-config-change only means something with --resume"),
             (min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.mlp_hidden) < 0, "--n-layer/-head/-embd, --mlp-hidden must be >= 0 (0 = the preset's)"),
             (n_embd % n_head or n_embd // n_head % 2, f"--n-embd {n_embd} must split into --n-head {n_head} heads of even size"),
@@ -174,10 +184,7 @@ def check(cfg, given):
             (not 0 <= cfg.warmup_iters <= cfg.max_iters, "--warmup-iters must be between 0 and --max-iters")):
         if bad:
             sys.exit(f"error: {msg}")
-    try:
-        return fp4.parse_recipe(cfg.fp4_recipe) if cfg.fp4 else None
-    except ValueError as e:
-        sys.exit(f"error: {e} (--fp4-recipe)")
+    return recipe
 
 
 def resolve(cfg):
@@ -195,9 +202,25 @@ def resolve(cfg):
         period = max(2, (cfg.max_iters - start) // 2)
         window = max(1, min(window, period // 4))
     oc_start = start_of(cfg.out_control_step)
+    if cfg.fp4 and cfg.fp4_gemms:                      # folded into the recipe string: one place says what ran
+        cfg = replace(cfg, fp4_recipe=with_gemms(cfg.fp4_recipe, cfg.fp4_gemms), fp4_gemms="")
     return replace(cfg, device=device, dtype=str(activation_dtype(cfg.dtype, device)[0]).removeprefix("torch."),
                    osci_start=start, osci_period=period, osci_window=window, out_control_step=oc_start,
                    out_control_window=max(1, min(cfg.out_control_window, cfg.max_iters - oc_start - 1)))
+
+
+def with_gemms(spec, gemms):
+    """--fp4-recipe spec and --fp4-gemms "fprop,dgrad" -> the recipe string with gemms=fprop+dgrad; one line if either
+    is wrong or they disagree."""
+    names = gemms.replace("+", ",").split(",")
+    try:
+        recipe = fp4.parse_recipe(spec)
+        changed = replace(recipe, gemms=tuple(sorted(names, key=fp4.GEMM_ORDER)))
+    except ValueError as e:
+        sys.exit(f"error: {e} (--fp4-recipe {spec} --fp4-gemms {gemms})")
+    if "gemms=" in spec and changed.gemms != recipe.gemms:
+        sys.exit(f"error: --fp4-gemms {gemms} and --fp4-recipe {spec} name different GEMMs; give them once")
+    return str(changed)
 
 
 def activation_dtype(requested, device_type):

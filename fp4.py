@@ -441,6 +441,7 @@ def rht(x, signs):
 # Recipes (§6): which quantizer each operand of each GEMM gets, every knob independent. A recipe prints as its
 # preset plus what differs, e.g. tetrajet[rht=none,aligned=false], and parse_recipe reads that string back.
 ROUNDINGS = ("nearest", "stochastic", "eden")
+GEMMS = ("fprop", "dgrad", "wgrad")        # a GEMM left out of Recipe.gemms multiplies in high precision (§14)
 FOUR_OVER_SIX_SCOPES = ("none", "weights", "activations", "all")
 
 
@@ -458,6 +459,7 @@ class Recipe:
     aligned: bool = False              # the backward quantizes the forward's X̂, Ŵ instead of X, W
     four_over_six: str = "none"        # forward operands with Four Over Six scales: none, weights, activations, all
     four_over_six_error: str = "mae"   # the error 4/6 picks by: mae (TE's default) or mse
+    gemms: tuple = GEMMS               # the GEMMs in FP4 (the rest in the run's dtype): to find where the loss goes
 
     def __post_init__(self):
         eden = "eden" in (self.grad_rounding, self.other_rounding)
@@ -473,6 +475,7 @@ class Recipe:
             (self.other_rounding != "eden" or self.weight_tile == (1, 16),
              "MS-EDEN on the other operand needs weight_tile=1x16 (dgrad quantizes Wᵀ with W's tile)"),
             (set(self.rht) <= {"dgrad", "wgrad"}, "rht must be a subset of dgrad, wgrad"),
+            (self.gemms and set(self.gemms) <= set(GEMMS), "gemms must be one or more of fprop, dgrad, wgrad"),
             (isinstance(self.aligned, bool), "aligned must be true or false"),
             (self.rht_signs in ("fixed", "random"), "rht_signs must be fixed or random"),
             (self.rht_size in (NVFP4_BLOCK, OUTER_BLOCK), "rht_size must be 16 or 128"),
@@ -515,6 +518,9 @@ def _format_value(v):
     return str(v)
 
 
+GEMM_ORDER = lambda g: GEMMS.index(g) if g in GEMMS else len(GEMMS)     # (an unknown name last: __post_init__ says it)
+
+
 def parse_recipe(spec):
     """"preset" or "preset[field=value,...]" (what str(recipe) prints) -> Recipe; ValueError naming the fix."""
     if isinstance(spec, Recipe):
@@ -523,7 +529,7 @@ def parse_recipe(spec):
     if name not in RECIPES or (bracket and not rest.endswith("]")):
         raise ValueError(f"unknown FP4 recipe {spec!r}; write a preset ({', '.join(RECIPES)}) or preset[field=value,...]")
     known, changes = [f.name for f in fields(Recipe)[1:]], {}
-    for item in filter(None, rest[:-1].split(",")):      # (rht lists its GEMMs in the order dgrad, wgrad)
+    for item in filter(None, rest[:-1].split(",")):      # (rht and gemms list GEMMs in the order of GEMMS)
         key, eq, v = item.partition("=")
         if key not in known or not eq:
             raise ValueError(f"FP4 recipe {spec!r}: {item!r} is not field=value with a field of {', '.join(known)}")
@@ -531,7 +537,7 @@ def parse_recipe(spec):
         changes[key] = (v == "true" if isinstance(default, bool) and v in ("true", "false") else
                         int(v) if v.isdigit() else
                         tuple(int(n) for n in v.split("x")) if key == "weight_tile" and v.replace("x", "").isdigit() else
-                        (() if v == "none" else tuple(sorted(v.split("+"), key=lambda g: g != "dgrad"))) if key == "rht" else v)
+                        (() if v == "none" else tuple(sorted(v.split("+"), key=GEMM_ORDER))) if key in ("rht", "gemms") else v)
     try:
         return replace(RECIPES[name], **changes)
     except ValueError as e:                           # name the spec as given, not just its preset
@@ -613,25 +619,27 @@ def backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), dtype=torch.flo
 
 
 class FP4LinearFunction(torch.autograd.Function):
-    """y = Q(x) Q(W)ᵀ, dgrad and wgrad in FP4, one Recipe: x (..., in), weight (out, in) -> y (..., out) in x.dtype.
-    Quantizers compute in fp32; GEMMs multiply the dequantized operands in x.dtype, as the baseline does."""
+    """y = Q(x) Q(W)ᵀ, dgrad and wgrad in FP4 (those in recipe.gemms; the others unquantized): x (..., in), weight
+    (out, in) -> y (..., out) in x.dtype. Quantizers compute in fp32; GEMMs multiply in x.dtype, as the baseline."""
 
     @staticmethod
     def forward(ctx, x, weight, recipe, generator, columns=None):
         dtype, x2 = x.dtype, x.reshape(-1, x.shape[-1])                          # (N, in)
         columns = columns if columns is not None and len(columns[0]) else None
         # === GEMM 1: fprop  Y = X̂ Ŵᵀ, both quantized along `in`, round to nearest ===
-        # (with OutControl: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, §8)
-        x_hat = fake_quant(x2, recipe, dtype=dtype, four_over_six=four_over_six_of(recipe, "activations"), columns=columns)
-        w_hat = fake_quant(weight, recipe, tile=recipe.weight_tile, dtype=dtype,
-                           four_over_six=four_over_six_of(recipe, "weights"), columns=columns)
+        # (with OutControl: = Q4(X[:, F]) Q4(W[:, F])ᵀ + Q8(X[:, O]) Q8(W[:, O])ᵀ, §8; not in gemms: X̂ = X, Ŵ = W)
+        x_hat, w_hat = x2, weight
+        if "fprop" in recipe.gemms:
+            x_hat = fake_quant(x2, recipe, dtype=dtype, four_over_six=four_over_six_of(recipe, "activations"), columns=columns)
+            w_hat = fake_quant(weight, recipe, tile=recipe.weight_tile, dtype=dtype,
+                               four_over_six=four_over_six_of(recipe, "weights"), columns=columns)
         # NVIDIA's 16x16 tiles make Q(Wᵀ) = Q(W)ᵀ (§2): when dgrad would re-quantize W as the forward did (RTN,
         # no RHT), it reuses Ŵ. Aligned recipes keep X̂, Ŵ for the backward; the others keep X and W.
-        ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht
-                       and recipe.other_rounding == "nearest" and not recipe.aligned)
+        ctx.reuse_w = (recipe.weight_tile == (16, 16) and "dgrad" not in recipe.rht and recipe.other_rounding ==
+                       "nearest" and not recipe.aligned and {"fprop", "dgrad"} <= set(recipe.gemms))
         ctx.save_for_backward(x_hat if recipe.aligned else x2, w_hat if (recipe.aligned or ctx.reuse_w) else weight)
         ctx.recipe, ctx.generator, ctx.columns, ctx.x_shape, ctx.w_dtype = recipe, generator, columns, x.shape, weight.dtype
-        return (x_hat @ w_hat.t()).reshape(*x.shape[:-1], -1)                     # (..., out)
+        return (x_hat @ w_hat.to(dtype).t()).reshape(*x.shape[:-1], -1)          # (..., out)
 
     @staticmethod
     def backward(ctx, dy):
@@ -640,12 +648,16 @@ class FP4LinearFunction(torch.autograd.Function):
         dy2, dtype, dx, dw = dy.reshape(-1, dy.shape[-1]), dy.dtype, None, None   # (N, out)
         # === GEMM 2: dgrad  dX = dY W, reduces over `out`: operands dY (N, out) and Wᵀ (in, out) ===
         # (fully FP4 even with OutControl: W's source is then the mixed Ŵ, §8)
-        if ctx.needs_input_grad[0] and ctx.reuse_w:
+        if ctx.needs_input_grad[0] and "dgrad" not in recipe.gemms:                 # high precision (§14)
+            dx = dy2 @ w_src.to(dtype)
+        elif ctx.needs_input_grad[0] and ctx.reuse_w:
             dx = fake_quant(dy2, recipe, recipe.grad_rounding, generator=gen, dtype=dtype) @ w_src
         elif ctx.needs_input_grad[0]:
             dx = backward_gemm("dgrad", dy2, w_src.t(), recipe, gen, recipe.weight_tile, dtype)
         # === GEMM 3: wgrad  dW = dYᵀ X, reduces over tokens: operands dYᵀ (out, N) and Xᵀ (in, N) ===
-        if ctx.needs_input_grad[1] and columns is None:
+        if ctx.needs_input_grad[1] and "wgrad" not in recipe.gemms:
+            dw = dy2.t() @ x_src.to(dtype)
+        elif ctx.needs_input_grad[1] and columns is None:
             dw = backward_gemm("wgrad", dy2.t(), x_src.t(), recipe, gen, dtype=dtype)
         elif ctx.needs_input_grad[1]:                                             # FP4 on inliers, MXFP8 on outliers
             outliers, inliers = columns

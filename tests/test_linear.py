@@ -30,7 +30,8 @@ ALL = {**fp4.RECIPES, **ABLATIONS}
 @pytest.mark.parametrize("spec", [*fp4.RECIPES, "tetrajet[rht=none,aligned=false]", "nvidia[weight_tile=1x16]",
                                   "tetrajet[outer=tensor,rht=wgrad,rht_signs=fixed]", "mxfp4[grad_rounding=nearest]",
                                   "nvidia[rht=dgrad+wgrad,rht_signs=random,rht_size=128]", "quartet2[aligned=false]",
-                                  "nvidia-4over6[four_over_six=weights,four_over_six_error=mse]"])
+                                  "nvidia-4over6[four_over_six=weights,four_over_six_error=mse]",
+                                  "tetrajet[gemms=fprop]", "quartet2[gemms=dgrad+wgrad]"])
 def test_a_recipe_prints_as_the_string_that_builds_it(spec):
     recipe = fp4.parse_recipe(spec)
     assert fp4.parse_recipe(str(recipe)) == recipe and fp4.parse_recipe(recipe) is recipe
@@ -43,6 +44,7 @@ def test_a_recipe_prints_as_the_string_that_builds_it(spec):
 def test_overrides_print_in_field_order_and_only_what_differs():
     assert str(fp4.parse_recipe("tetrajet[aligned=false,rht=none]")) == "tetrajet[rht=none,aligned=false]"
     assert str(fp4.parse_recipe("tetrajet[aligned=true,outer=128]")) == "tetrajet"
+    assert str(fp4.parse_recipe("nvidia[gemms=wgrad+fprop]")) == "nvidia[gemms=fprop+wgrad]"     # in GEMM order
     assert fp4.parse_recipe("tetrajet[rht=none]") == dataclasses.replace(fp4.RECIPES["tetrajet"], rht=())
 
 
@@ -51,6 +53,8 @@ def test_overrides_print_in_field_order_and_only_what_differs():
     ("nvidia-4over6[", "unknown FP4 recipe 'nvidia-4over6['"),                # (was: read as the preset)
     ("tetrajet[bogus=1]", "'bogus=1' is not field=value"), ("tetrajet[rht]", "'rht' is not field=value"),
     ("nvidia[aligned=yes]", "aligned must be true or false"),
+    ("nvidia[gemms=none]", "gemms must be one or more of fprop, dgrad, wgrad"),
+    ("nvidia[gemms=fprop+fwd]", "gemms must be one or more of fprop, dgrad, wgrad"),
     ("nvidia[outer=64]", "outer must be tensor or 128"),
     ("nvidia[weight_tile=4x4]", "weight_tile must be 1x16 or 16x16"),
     ("nvidia[grad_rounding=floor]", "roundings must be in ('nearest', 'stochastic', 'eden')"),
@@ -173,6 +177,48 @@ def test_the_backward_gemms_are_backward_gemm_with_its_draws_in_order(name):
         a_dq = fp4.fake_quant(dy.t(), recipe, recipe.grad_rounding, generator=g2, rht_signs=signs)
         b_dq = fp4.fake_quant(x.t(), recipe, recipe.other_rounding, (1, 16), g2, rht_signs=signs)
         assert torch.equal(fp4.backward_gemm(gemm, dy.t(), x.t(), recipe, g1), a_dq @ b_dq.t())
+
+
+@pytest.mark.parametrize("name", ["nvidia", "tetrajet", "quartet2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gemm_left_out_of_gemms_multiplies_in_high_precision_and_the_others_keep_their_bits(name, dtype):
+    # (SPEC §14) each GEMM's result is the full recipe's when it stays in FP4 and draws as it did (dgrad draws first),
+    # and the plain product in the run's dtype when it is left out: from X, W, or with aligned from X̂ = X, Ŵ = W
+    x, w, dy = (t.to(dtype) for t in data(48, 128, 64))
+    w = w.float()                                                       # the fp32 master weight
+    full = run(fp4.RECIPES[name], x, w, dy, seed=3)
+    for gemms in (("fprop",), ("dgrad", "wgrad"), ("fprop", "dgrad"), ("wgrad",)):
+        y, dx, dw = run(dataclasses.replace(fp4.RECIPES[name], gemms=gemms), x, w, dy, seed=3)
+        assert torch.equal(y, full[0]) == ("fprop" in gemms)
+        if "fprop" not in gemms:
+            assert torch.equal(y, x @ w.to(dtype).t())
+        if "dgrad" not in gemms:
+            w_src = w if "fprop" not in gemms or not fp4.RECIPES[name].aligned else full_forward_weight(name, w, dtype)
+            assert torch.equal(dx, dy @ w_src.to(dtype))
+        else:
+            assert torch.equal(dx, full[1]) == ("fprop" in gemms or not fp4.RECIPES[name].aligned), gemms
+        if "wgrad" not in gemms:
+            x_src = x if "fprop" not in gemms or not fp4.RECIPES[name].aligned else fp4.fake_quant(
+                x, name, dtype=dtype, four_over_six=fp4.four_over_six_of(fp4.RECIPES[name], "activations"))
+            assert torch.equal(dw, (dy.t() @ x_src.to(dtype)).float())
+        elif "dgrad" in gemms and "fprop" in gemms:
+            assert torch.equal(dw, full[2])
+
+
+def full_forward_weight(name, w, dtype):
+    recipe = fp4.RECIPES[name]
+    return fp4.fake_quant(w, recipe, tile=recipe.weight_tile, dtype=dtype, four_over_six=fp4.four_over_six_of(recipe, "weights"))
+
+
+def test_te_backward_overrides_are_gemms_fprop_with_aligned_false_or_true():
+    # Transformer Engine's backward_override: high_precision (backward from X, W), dequantized (from X̂, Ŵ)
+    x, w, dy = data(48, 128, 64)
+    for aligned in (False, True):
+        recipe = fp4.parse_recipe(f"nvidia[gemms=fprop,aligned={str(aligned).lower()}]")
+        y, dx, dw = run(recipe, x, w, dy)
+        x_src, w_src = (fp4.fake_quant(x, "nvidia"), fp4.fake_quant(w, "nvidia", tile=(16, 16))) if aligned else (x, w)
+        assert torch.equal(dx, dy @ w_src) and torch.equal(dw, dy.t() @ x_src)
+        assert torch.equal(y, fp4.fake_quant(x, "nvidia") @ fp4.fake_quant(w, "nvidia", tile=(16, 16)).t())
 
 
 @pytest.mark.parametrize("name", list(fp4.RECIPES))

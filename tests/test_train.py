@@ -65,6 +65,10 @@ def strip(records):
     (["--fp4", "--osci-period", "0"], "--osci-window must be between 1 and --osci-period - 1"),
     (["--fp4", "--osci-start", "-1"], "--osci-start and --out-control-step must be >= 0"),
     (["--fp4", "--osci-threshold", "nan"], "--osci-threshold must be a positive number"),
+    (["--fp4", "--fp4-gemms", "fwd"], "gemms must be one or more of fprop, dgrad, wgrad"),
+    (["--fp4", "--fp4-recipe", "tetrajet[gemms=fprop]", "--fp4-gemms", "dgrad"], "name different GEMMs; give them once"),
+    (["--fp4", "--fp4-gemms", "dgrad,wgrad", "--osci-reset"], "--osci-reset snaps weights to the forward's FP4 grid"),
+    (["--fp4", "--fp4-gemms", "dgrad", "--out-control"], "--out-control keeps columns of fprop and wgrad"),
     (["--n-head", "3"], "must split into --n-head 3 heads"), (["--n-layer", "-1"], "must be >= 0"),
     (["--fp4", "--out-control-choice", "random"], "no effect without --out-control"),
     (["--fp4", "--out-control", "--out-control-choice", "top"], "invalid choice"),
@@ -360,6 +364,14 @@ def test_resume_refuses_a_flag_that_changes_the_run_unless_allowed(dataset, tmp_
     assert "resumed with --lr 0.02 (the checkpoint's: 0.01)" in capsys.readouterr().out   # (0.6 of 4 = the saved 2)
     assert [r["step"] for r in records] == [0, 2, 4]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["config"]["lr"] == 0.02
+
+
+def test_fp4_gemms_becomes_the_recipe_strings_gemms_and_a_resume_repeating_it_is_no_change(dataset, tmp_path):
+    flags = ["--fp4", "--fp4-gemms", "dgrad,fprop", "--max-iters", "4", "--eval-interval", "2"]
+    run(dataset, tmp_path, *flags, "--stop-iter", "2")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["recipe"] == ckpt["config"]["fp4_recipe"] == "tetrajet[gemms=fprop+dgrad]" and not ckpt["config"]["fp4_gemms"]
+    assert [r["step"] for r in run(dataset, tmp_path, *flags, "--resume")] == [0, 2, 4]
 
 
 def test_resume_of_a_finished_run_needs_a_longer_max_iters_and_logs_it(dataset, tmp_path, capsys):
