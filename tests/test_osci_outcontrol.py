@@ -105,6 +105,19 @@ def test_osci_reset_runs_and_resumes_exactly_for_any_schedule(start, period, win
         assert torch.equal(resumed.weight, layer.weight) and osci2.last == osci.last
 
 
+def test_windows_open_at_start_plus_k_periods_and_reset_window_steps_later():
+    # period 10, window 4, start 10: open after steps 10, 20; reset after 14, 24 (the official trainer: 16, 26, §7)
+    layer = fp4.FP4Linear(32, 16, recipe="tetrajet")
+    osci = fp4.OsciReset({"l": layer}, period=10, window=4, threshold=2.0, start=10)
+    opened, closed = [], []
+    for step in range(1, 30):
+        perturbed(layer, step)
+        was_open = "l" in osci.state
+        osci.after_step(step)
+        (opened if "l" in osci.state and not was_open else closed if was_open and "l" not in osci.state else []).append(step)
+    assert opened == [10, 20] and closed == [14, 24]
+
+
 def test_first_window_at_step_zero_closes_and_resets():
     layer = fp4.FP4Linear(32, 16, recipe="tetrajet")
     osci = fp4.OsciReset({"l": layer}, period=20, window=10, threshold=2.0, start=0)
