@@ -9,9 +9,11 @@ It is `python dev/snr.py --grad` (snr.py hands the flags over); the quantities a
 
 For one GEMM with exact product G (fp64) and N independent draws Ĝ_1..Ĝ_N of the recipe's FP4 GEMM (fresh SR
 noise and RHT signs each), Ḡ = mean_k Ĝ_k:
-    bias        ‖Ḡ − G‖ / ‖G‖                     systematic error; cannot be resolved below bias_floor
-    bias_floor  noise / √N                         what pure noise leaves in a mean of N draws
-    noise       sqrt(mean_k ‖Ĝ_k − Ḡ‖²) / ‖G‖      the random part, per draw
+    noise       sqrt(Σ_k ‖Ĝ_k − Ḡ‖² / (N−1)) / ‖G‖ the random part, per draw (unbiased for the variance)
+    bias        sqrt(max(0, ‖Ḡ − G‖²/‖G‖² − noise²/N))
+                                                   systematic error: the raw ‖Ḡ − G‖/‖G‖ also holds the mean's own
+                                                   noise, noise/√N (at N = 32 a true 0.005 reads 0.013), removed
+    bias_floor  2 · noise / √N                     2 s.e. of a zero bias: below it, unresolved
     gain        ⟨Ḡ, G⟩ / ⟨G, G⟩                    1 for an unbiased estimator; < 1 is shrinkage
     cosine      mean_k ⟨Ĝ_k, G⟩ / (‖Ĝ_k‖ ‖G‖)
 Two references per GEMM: (a) `own`, the exact product of the operands the recipe's GEMM quantizes (for an aligned
@@ -47,15 +49,18 @@ MODEL_FIELDS = ("rel_error", "deterministic", "noise", "cosine")
 
 
 def estimator_stats(draws, exact):
-    """draws (N, ...) and exact (...) -> {bias, bias_floor, noise, gain, cosine} as floats (module docstring),
-    in fp64 over the flattened tensors (differences taken before squaring, so an exact estimator gives exactly 0)."""
+    """draws (N >= 2, ...) and exact (...) -> {bias, bias_floor, noise, gain, cosine} as floats (module docstring,
+    docs/numerics.md §12), in fp64 over the flattened tensors (differences taken before squaring, so an exact
+    estimator gives exactly 0)."""
     G = exact.double().reshape(-1)
     D = draws.reshape(draws.shape[0], -1).double()                            # (N, numel)
     N, norm = D.shape[0], G.norm().item()
+    assert N >= 2, "the noise needs two draws or more"
     mean = D.mean(0)
-    noise = torch.linalg.vector_norm(D - mean, dim=1).square().mean().sqrt().item() / norm
+    noise = math.sqrt(torch.linalg.vector_norm(D - mean, dim=1).square().sum().item() / (N - 1)) / norm
+    bias = math.sqrt(max(0.0, ((mean - G).norm().item() / norm) ** 2 - noise ** 2 / N))
     cosine = (D @ G / (torch.linalg.vector_norm(D, dim=1) * norm).clamp(min=1e-300)).mean().item()
-    return {"bias": (mean - G).norm().item() / norm, "bias_floor": noise / math.sqrt(N), "noise": noise,
+    return {"bias": bias, "bias_floor": 2 * noise / math.sqrt(N), "noise": noise,
             "gain": (mean @ G).item() / norm ** 2, "cosine": cosine}
 
 
@@ -208,7 +213,7 @@ def layer_mean(entry, gemm, field, ref=None):
 
 def print_report(report):
     n = report["draws"]
-    print(f"\nper GEMM, mean over layers, {n} draws; bias against the GEMM's own operands ± its floor (noise/√N), "
+    print(f"\nper GEMM, mean over layers, {n} draws; bias (its noise term removed) against the GEMM's own operands, and its floor (2·noise/√N), "
           f"and against the high-precision network's")
     print("| recipe | GEMM | bias (floor) | noise | gain | cosine | bias vs network |")
     print("|---|---|---|---|---|---|---|")
@@ -259,10 +264,10 @@ def plot(report, path):
     for g, m in markers.items():
         ax.scatter([], [], color="black", marker=m, label=g)
     top = max(layer_mean(e, g, "noise") for e in report["recipes"].values() for g in GEMMS)
-    ax.plot([0, top], [0, top / math.sqrt(report["draws"])], "k--", lw=0.8,
-            label=f"floor noise/√{report['draws']}: unbiased within it")
-    ax.set_xlabel("noise  sqrt(mean ‖Ĝ − Ḡ‖²) / ‖G‖")
-    ax.set_ylabel("bias  ‖Ḡ − G‖ / ‖G‖")
+    ax.plot([0, top], [0, 2 * top / math.sqrt(report["draws"])], "k--", lw=0.8,
+            label=f"floor 2·noise/√{report['draws']}: unbiased within it")
+    ax.set_xlabel("noise  sqrt(Σ ‖Ĝ − Ḡ‖² / (N−1)) / ‖G‖")
+    ax.set_ylabel("bias  sqrt(‖Ḡ − G‖²/‖G‖² − noise²/N)")
     ax.set_title(f"FP4 GEMMs as gradient estimators ({report['draws']} draws, mean over layers)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
