@@ -668,12 +668,9 @@ class FP4LinearFunction(torch.autograd.Function):
         return (None if dx is None else dx.reshape(ctx.x_shape)), (None if dw is None else dw.to(ctx.w_dtype)), None, None, None
 
 
-NOISE_SEED_OFFSET = 1 << 32   # not seed s: its stream drew the weights, and noise correlated with them is biased (§1)
-
-
 class FP4Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in simulated FP4 on the fp32 master weight. Its random draws come from its own
-    generator (seed + NOISE_SEED_OFFSET), saved in the state_dict: a resumed run continues the stream. OutControl sets
+    generator (seeded with `seed`), saved in the state_dict: a resumed run continues the stream. OutControl sets
     `columns` and sums `channel_norm` while not None; `high_precision` makes it a plain linear (health's probe)."""
 
     def __init__(self, in_features, out_features, bias=False, *, recipe="tetrajet", seed=0, device=None, dtype=None):
@@ -695,7 +692,7 @@ class FP4Linear(nn.Linear):
             if self.channel_norm is not None and self.training:               # OutControl calibrating: Σ‖X[:, c]‖₂
                 self.channel_norm = self.channel_norm + x.detach().reshape(-1, self.in_features).float().norm(dim=0)
             if self.generator is None or self.generator.device != x.device:
-                self.generator = torch.Generator(x.device).manual_seed(self.seed + NOISE_SEED_OFFSET)
+                self.generator = torch.Generator(x.device).manual_seed(self.seed)
             y = FP4LinearFunction.apply(x, self.weight, self.recipe, self.generator, self.columns)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
