@@ -17,17 +17,17 @@ so a normal value has two significant bits (1.5 = 1.1 in binary), over a range o
          fp32 outer scale: one per tensor (NVIDIA, §2) or one per 1x128 block ("double-block", TetraJet-v2, §3).
   MXFP4  blocks of 32, each with an E8M0 (pure power of two) scale, no outer scale (OCP MX v1.0, §4).
 
-A value decodes as x_dq = e2m1(code) * block_scale * outer_scale. A worked example, per-tensor NVFP4 of a
-tensor whose amax is A = 12 and one of whose blocks has amax 3:
+A value decodes as x_dq = e2m1(code) * block_scale * outer_scale. Per-tensor NVFP4 of a tensor with amax A = 12:
 
     S_enc = 2688 / 12 = 224, S_dec = 1/224        (the tensor's amax will map to e2m1 6 x e4m3 448)
-    s_b   = e4m3(3 * 224 / 6) = e4m3(112) = 112    (this block's E4M3 scale)
+    s_b   = e4m3(3 * 224 / 6) = e4m3(112) = 112    (the E4M3 scale of a block with amax 3)
     x = 1.3 in that block encodes as 1.3 * 224 / 112 = 2.6 -> nearest grid value 3 (code 5), and decodes
     as 3 * 112 / 224 = 1.5: a 15% error, typical of two significant bits (SQNR ~20 dB on Gaussian data).
     With a per-tensor scale a block far below the tensor's amax gets a coarse (E4M3 subnormal) or zero
-    scale; a per-128 outer scale avoids that.
+    scale; a per-128 outer scale makes that far rarer (a block ≳ 30,000x below its own 128-block's max).
 
-Rounding is to nearest even (RTN, forward) or stochastic (SR, gradients: E[q] = x, so noise averages out over steps).
+Rounding is to nearest even (RTN, forward) or stochastic (SR, gradients: noise averages out over steps). SR's E[q] = x
+except where a block's largest values, scaled up to 6.375, are clamped at 6: ≈1% relative bias on randn (§2).
 
 The three GEMMs of a Linear (§6)
 --------------------------------
@@ -63,8 +63,8 @@ F4_E2M1_MAX = 6.0                      # the largest magnitude
 
 def round_e2m1(a, noise=None):
     """fp32 a >= 0 (any shape) -> the E2M1 grid magnitude (fp32) min(a, 6) rounds to; NaN stays NaN. noise: None
-    (to nearest even) or uniforms on [0, 1) of a's shape (stochastic). The spacing 2^(e-1) is 0.5 on [0, 2), 1 on
-    [2, 4), 2 on [4, 6], so x = a / 2^(e-1) is exact and the grid points are its integers:
+    (to nearest even) or uniforms on [0, 1) of a's shape (stochastic). The spacing 2^(e-1) is 0.5 on [1, 2) (the
+    subnormals 0, 0.5 share it), 1 on [2, 4), 2 on [4, 6], so x = a / 2^(e-1) is exact, the grid its integers:
         nearest:    q = round(x) · 2^(e-1)                        (torch.round ties to even = the even code)
         stochastic: q = (floor(x) + [u < x - floor(x)]) · 2^(e-1)  (P(up) is exactly the fraction: E[q] = a)"""
     a = a.clamp(max=F4_E2M1_MAX)
@@ -198,7 +198,7 @@ def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", gener
                    four_over_six=None):
     """x (..., K) float -> NVFP4 along the last dim, K zero-padded to Kp (k_multiple); with tile=(16, 16) rows are
     padded to 16 and amax_16 taken over 16x16 tiles. dequantize_nvfp4 decodes it.
-        outer: "tensor" (§2, bit for bit TE's reference) or 128 (§3, double-block)
+        outer: "tensor" (§2, values and scale bytes bit for bit TE's reference) or 128 (§3, double-block)
         rounding: "nearest", "stochastic" (uniform_noise(draw_seed(generator), (Mp, Kp))) or "eden" (MS-EDEN, §11)
         rht_signs: None, or 16 or 128 ±1 signs: quantize rht(x) instead (§5)
         four_over_six: None, "mae" or "mse": Four Over Six block scales (§10, RTN and no RHT only; below)"""
@@ -395,8 +395,8 @@ def dequantize_mxfp8(q):
 
 # -----------------------------------------------------------------------------
 # The random Hadamard transform (§5). Both operands of a GEMM are multiplied along K, chunk by chunk, by the same
-# orthogonal H = diag(s) · H_n / √n, so (A H)(B H)ᵀ = A Bᵀ, while the quantizer sees spread-out, Gaussian-looking
-# values: one outlier of 16 becomes sixteen values of 4. The signs flip the inputs (on the outputs they'd cancel).
+# orthogonal H = diag(s) · H_n / √n (the signs flip the inputs; on the outputs they'd cancel), so (A H)(B H)ᵀ = A Bᵀ.
+# An outlier of 16 becomes sixteen ±4s: no lower 1x16 block error (§5), but random signs make errors look random (§11).
 NVIDIA_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)   # TE's fixed vector
 RHT128_NORM = 0.0883883461356163       # fl32(1/√128) = fl32(2^-3.5)
 
@@ -417,7 +417,7 @@ def sylvester(n, device):
 def rht(x, signs):
     """x (..., K), K a multiple of len(signs) -> fp32, every contiguous chunk c of the last dim rotated:
         16 signs (RHT-16):   c ↦ c H, H = diag(s) · H₁₆ / 4, out[j] = Σ_i c[i]·H[i, j] added for i = 0, 1, ..., 15
-                             (every product is a multiple of ±¼, exact, so the order fixes every bit)
+                             (each product is ±¼ × an input, exact, so the order fixes every bit)
         128 signs (RHT-128): c ↦ ((c ∘ s) H₁₂₈) ⊗ fl(2^-3.5), H₁₂₈ as the butterfly: stages h = 1, 2, ..., 64, each
                              pair (a, b) = (y[j], y[j + h]) of a 2h-block becomes (a + b, a - b) (Quartet II)."""
     signs = signs.to(x.device).float()
@@ -601,8 +601,8 @@ def four_over_six_of(recipe, operand):
 
 # -----------------------------------------------------------------------------
 # The FP4 linear (§6). fprop rounds to nearest: its output is the network. dgrad and wgrad feed an optimizer that
-# averages over steps (unbiased SR beats a small bias) and reduce where gradient outliers live (hence the RHT).
-# Aligned (TetraJet-v2 §3): the network ran on X̂, Ŵ, so dX = dY Ŵ; from W, a bias dY (W - Ŵ) that no SR removes.
+# averages over steps (SR: noise, not bias, bar ≈1% at the clamp, §2) and reduce where gradient outliers live (RHT).
+# Aligned (TetraJet-v2 paper §3; here §6): the net ran on X̂, Ŵ, so dX = dY Ŵ; from W, a bias dY (W - Ŵ) no SR removes.
 
 
 def backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), dtype=torch.float32):
@@ -739,14 +739,14 @@ def convert_to_fp4(model, recipe="tetrajet", *, keep_first_k=0, keep_last_k=0, b
     return model
 
 # -----------------------------------------------------------------------------
-# OsciReset (TetraJet-v2 §4, §7): late in training, when updates are small, a master weight on a rounding boundary
-# flips its FP4 value back and forth, a whole bin each time. Over a window of T steps r = Σ|Q(w_t) - Q(w_t-1)| /
-# Σ|w_t - w_t-1| separates these oscillators (r >> 1) from weights drifting through bins (r ≈ 1).
+# OsciReset (TetraJet-v2 paper §4; here §7): late in training, when updates are small, a master weight on a rounding
+# boundary flips its FP4 value back and forth, a whole bin each time. Over a window of T steps r = Σ|Q(w_t) -
+# Q(w_t-1)| / Σ|w_t - w_t-1| separates these oscillators (r >> 1) from weights drifting through bins (r ≈ 1).
 
 
 class OsciReset:
     """layers {name: FP4Linear}: every `period` optimizer steps from `start`, accumulate r over `window` steps, then
-    snap w <- Q(w) (its bin's centre; FP4 columns only, optimizer state untouched) where r >= `threshold`, if reset."""
+    snap w <- Q(w) (its grid value; FP4 columns only, optimizer state untouched) where r >= `threshold`, if reset."""
 
     def __init__(self, layers, period=200, window=50, threshold=8.0, start=0, reset=True):
         if not 0 < window < period:
@@ -805,8 +805,8 @@ class OsciReset:
             self.state[name] = {k: t.to(w.device) for k, t in st.items()} | {"prev_w": w.detach().float().clone()}
 
 # -----------------------------------------------------------------------------
-# OutControl (TetraJet-v2 §4, §8): a few input channels carry most of the activation energy, the same ones all of
-# training. After a short calibration the top `frac` by L2 norm are fixed and kept in MXFP8 in fprop and wgrad.
+# OutControl (TetraJet-v2 paper §4; here §8): a few input channels carry most of the activation energy, the same
+# ones all of training. After a short calibration the top `frac` by L2 norm are fixed and kept in MXFP8 (fprop, wgrad).
 
 
 def select_outlier_channels(channel_norm, frac, generator=None):
