@@ -40,6 +40,7 @@ fp32, then multiply in the activation dtype as the baseline does (FP4 hardware: 
   - nvidia:   per-tensor scale; W in 16x16 tiles so Q(Wᵀ) = Q(W)ᵀ; SR on dY; a fixed RHT on wgrad.
   - tetrajet: double-block; backward from the forward's X̂, Ŵ ("aligned"), all SR after a fresh random RHT-16.
   - quartet2: per-tensor, Four Over Six in the forward; aligned backward, all MS-EDEN after a fresh RHT-128.
+  - tetrajet-eden (ours): tetrajet's forward; aligned backward, EDEN on double-block scales after a fresh RHT-128.
   - mxfp4:    the OCP MX baseline, SR on dY.
 What stays high precision in every recipe: master weights, embeddings, LM head, norms, attention, loss.
 
@@ -215,8 +216,8 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs=None, four_ove
         x2 = rht(x2, rht_signs)
     if four_over_six is not None:                                                   # §10
         magnitude, negative, block_scale, outer_scale = round_four_over_six(x2, outer, tile, four_over_six)
-    elif rounding == "eden":                                                        # §11
-        magnitude, negative, block_scale, outer_scale = round_eden(x2, seed)
+    elif rounding == "eden":                                                        # §11; double-block: §13
+        magnitude, negative, block_scale, outer_scale = round_eden(x2, seed) if outer == "tensor" else round_eden_128(x2)
     else:
         block_scale, scale, outer_scale = nvfp4_scales(x2, outer, tile)
         noise = uniform_noise(seed, tuple(x2.shape)) if rounding == "stochastic" else None
@@ -322,6 +323,20 @@ def round_eden(x2, seed):
     c = torch.where(den == 0, 1.0, num / den)
     t = s * c.repeat_interleave(EDEN_GROUP // NVFP4_BLOCK, dim=-1)                  # (Mp, Kp/16)
     return magnitude, z < 0, stochastic_e4m3(t, uniform_noise(seed, tuple(t.shape))), S_dec
+
+
+def round_eden_128(x2):
+    """EDEN on double-block scales (this lab's, §13): fp32 (Mp, Kp), Kp a multiple of 128, already rotated ->
+    (magnitude, negative, block_scale, outer_scale). The §3 scales and RTN elements (the same codes and E4M3 s_i as
+    outer=128 RTN), and each 128-group's correction c = Σz² ⊘ Σz·q (z = x ⊗ (1 ⊘ s_o s_i), zero-scale blocks left
+    out; 1 if Σz·q = 0) carried exactly by the fp32 outer scale, s_o ⊗ c: no stochastic rounding anywhere."""
+    block_scale, scale, s_o = nvfp4_scales(x2, OUTER_BLOCK, (1, NVFP4_BLOCK))
+    magnitude, negative = round_blocks(x2, block_scale, scale)
+    keep = (block_scale.float() != 0)[..., None]
+    z = torch.where(keep, x2.view(magnitude.shape) * (1.0 / scale).clamp(max=FLT_MAX)[..., None], 0.0)
+    q, group = torch.where(negative, -magnitude, magnitude), (x2.shape[0], -1, EDEN_GROUP)
+    num, den = tree_sum((z * z).view(group)), tree_sum((z * q).view(group))         # (Mp, Kp/128)
+    return magnitude, negative, block_scale, s_o * torch.where(den == 0, 1.0, num / den)
 
 
 def stochastic_e4m3(t, noise):
@@ -451,7 +466,7 @@ class Recipe:
     fmt: str = "nvfp4"                 # element/scale format: nvfp4 or mxfp4
     outer: object = "tensor"           # NVFP4 outer scale: "tensor" (NVIDIA) or 128 (TetraJet-v2 double-block)
     weight_tile: tuple = (1, 16)       # W's scale tile in fprop and dgrad: (1, 16) or (16, 16)
-    grad_rounding: str = "stochastic"  # dY in dgrad and wgrad: nearest, stochastic or eden (MS-EDEN)
+    grad_rounding: str = "stochastic"  # dY in dgrad and wgrad: nearest, stochastic or eden (MS-EDEN; double-block: §13)
     other_rounding: str = "nearest"    # the other backward operand (W in dgrad, X in wgrad): same choices
     rht: tuple = ()                    # backward GEMMs with an RHT: a subset of (dgrad, wgrad)
     rht_signs: str = "fixed"           # fixed (NVIDIA_RHT_SIGNS) or random (fresh per GEMM per step)
@@ -470,8 +485,7 @@ class Recipe:
             (self.fmt == "nvfp4" or (self.outer, self.weight_tile) == ("tensor", (1, 16)),
              "mxfp4 has no outer scale and no 2-D tiles"),
             ({self.grad_rounding, self.other_rounding} <= set(ROUNDINGS), f"roundings must be in {ROUNDINGS}"),
-            (not eden or (self.fmt, self.outer) == ("nvfp4", "tensor"),
-             "MS-EDEN (eden) needs fmt=nvfp4 and outer=tensor, as in Quartet II"),
+            (not eden or self.fmt == "nvfp4", "eden needs fmt=nvfp4 (MS-EDEN per tensor, or EDEN on double-block scales)"),
             (self.other_rounding != "eden" or self.weight_tile == (1, 16),
              "MS-EDEN on the other operand needs weight_tile=1x16 (dgrad quantizes Wᵀ with W's tile)"),
             (set(self.rht) <= {"dgrad", "wgrad"}, "rht must be a subset of dgrad, wgrad"),
@@ -485,7 +499,7 @@ class Recipe:
             (self.four_over_six_error in ("mae", "mse"), "four_over_six_error must be mae or mse"),
             (self.fmt == "nvfp4" or self.four_over_six == "none", "Four Over Six is an nvfp4 scale rule"),
             (not eden or (self.rht_size, self.rht_signs, set(self.rht)) == (OUTER_BLOCK, "random", {"dgrad", "wgrad"}),
-             "MS-EDEN needs a fresh RHT-128 on both backward GEMMs (rht=dgrad+wgrad, rht_size=128, "
+             "eden needs a fresh RHT-128 on both backward GEMMs (rht=dgrad+wgrad, rht_size=128, "
              "rht_signs=random): without it its estimate is biased")):
             if not ok:
                 raise ValueError(f"FP4 recipe {self.name}: {what}")
@@ -505,6 +519,9 @@ RECIPES = {   # the presets the module docstring describes (docs/numerics.md §6
     "quartet2": Recipe("quartet2", grad_rounding="eden", other_rounding="eden", rht=("dgrad", "wgrad"),
                        rht_signs="random", rht_size=OUTER_BLOCK, aligned=True, four_over_six="all",
                        four_over_six_error="mse"),                                           # arXiv 2601.22813
+    # this lab's own: tetrajet's forward, an EDEN backward on double-block scales after a fresh RHT-128 (§13)
+    "tetrajet-eden": Recipe("tetrajet-eden", outer=OUTER_BLOCK, grad_rounding="eden", other_rounding="eden",
+                            rht=("dgrad", "wgrad"), rht_signs="random", rht_size=OUTER_BLOCK, aligned=True),
     "mxfp4": Recipe("mxfp4", fmt="mxfp4"),                                                   # OCP MX v1.0
 }
 

@@ -401,6 +401,7 @@ def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, ed
 def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
     """fp4.KERNEL on CUDA (NVFP4 only: fastpaths' probe refuses mxfp4 recipes) -> fp32 (Mp, Kp)."""
     assert fmt == "nvfp4", "kernels.py has NVFP4 kernels only"
+    assert rounding != "eden" or outer == "tensor", "no Triton kernel for EDEN on double-block scales yet (fp4.round_eden_128)"
     return _launch(x2, outer, tile, seed if rounding != "nearest" else None, rht_signs, True, rounding == "eden",
                    four_over_six)
 

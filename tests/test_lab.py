@@ -225,7 +225,7 @@ def test_report_runs_end_to_end_with_ablations_and_variants(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--variant", "nv"], "--variant wants NAME=SPEC"), (["--variant", "x=nvidia[outer=64]"], "outer must be tensor or 128"),
-    (["--recipes", "quartet2", "--no-rht"], "MS-EDEN needs a fresh RHT-128")])
+    (["--recipes", "quartet2", "--no-rht"], "eden needs a fresh RHT-128")])
 def test_bad_recipes_exit_with_one_clear_line(argv, message):
     with pytest.raises(SystemExit) as e:
         snr.main(["--k", "128", "--m", "64", "--n", "64", "--seeds", "1", *argv])

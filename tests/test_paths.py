@@ -179,6 +179,19 @@ def test_four_over_six_equals_the_reference_bit_for_bit(path, error, outer, tile
         assert same_quantized(got, ref), tuple(operand.shape)
 
 
+def test_eden_on_double_block_runs_compiled_with_the_references_bits_and_c_and_triton_refuse_it(path):
+    # (§13; no C or Triton kernel yet: their entries refuse it by name, so fastpaths' probe passes them over)
+    dev = device_of(path)
+    x = awkward(cols=200).to(dev)
+    run = lambda: fp4.fake_quant(x, "tetrajet", "eden", rht_signs=SIGNS128.to(dev), generator=torch.Generator(dev))
+    if path != "compiled":
+        with pytest.raises(AssertionError, match="EDEN on double-block"):
+            with_kernel(fastpaths.kernel(path), run)
+        return
+    got, ref = both(path, run)
+    assert equal_with_nan(got, ref)
+
+
 @pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])
 def test_ms_eden_and_rht128_equal_the_reference_bit_for_bit(path, rounding, n_signs):
     # MS-EDEN (the per-128 correction, the stochastically rounded E4M3 scale) and the RHT-128 butterfly, on

@@ -12,7 +12,7 @@ import torch
 import config
 import fp4
 import train
-from conftest import equal_with_nan, sqnr
+from conftest import awkward, equal_with_nan, sqnr
 
 f32 = np.float32
 GRID = [f32(g) for g in fp4.E2M1_GRID]
@@ -227,7 +227,8 @@ def relative_bias_and_floor(estimates, exact):
 
 
 @pytest.mark.parametrize("rounding", ["eden", "nearest"])
-def test_ms_eden_gemm_is_unbiased_over_rotations_and_rtn_is_not(rounding):
+@pytest.mark.parametrize("recipe", ["nvidia", "tetrajet"])        # MS-EDEN per tensor; EDEN on double-block (§13)
+def test_eden_gemm_is_unbiased_over_rotations_and_rtn_is_not(recipe, rounding):
     # Q(a H) Q(b H)ᵀ with a fresh RHT-128 per draw: MS-EDEN's mean stays within ~its finite-N floor; RTN's
     # (the same rotation, no correction) shrinks every product and its bias stands out at the same N. The N
     # draws run as one quantization of N stacked copies, each rotated by its own signs first (so they share
@@ -236,7 +237,7 @@ def test_ms_eden_gemm_is_unbiased_over_rotations_and_rtn_is_not(rounding):
     a, b = torch.randn(16, 256, generator=g), torch.randn(12, 256, generator=g)
     signs = torch.stack([fp4.random_signs(g, n=128) for _ in range(N)]).repeat(1, 2)[:, None]   # (N, 1, 256)
     ones = torch.ones(128)
-    qa, qb = (fp4.fake_quant(fp4.rht(t * signs, ones), "nvidia", rounding, generator=g) for t in (a, b))
+    qa, qb = (fp4.fake_quant(fp4.rht(t * signs, ones), recipe, rounding, generator=g) for t in (a, b))
     bias, floor = relative_bias_and_floor(qa @ qb.transpose(1, 2), a @ b.t())          # (N, 16, 12)
     if rounding == "eden":
         assert bias < 1.5 * floor, (bias, floor)
@@ -259,7 +260,7 @@ def small_value_gain(largest, rounding, draws=400):
 
 
 def test_ms_eden_is_unbiased_on_a_gaussian_group_and_overestimates_the_small_values_of_a_dominated_one():
-    # (issue 29; docs/numerics.md §11) the per-group correction Σz²/Σzq is exact on average while no element
+    # (docs/numerics.md §11) the per-group correction Σz²/Σzq is exact on average while no element
     # dominates the group; when one holds 97% of its energy (50 beside 64 unit Gaussians) the rotation cannot spread
     # it, the RTN errors of the small values stay correlated with them and the correction scales them up ~11%
     gain, se = small_value_gain(0.0, "eden")
@@ -284,6 +285,28 @@ def test_ms_eden_error_is_close_to_rtn_and_about_half_of_sr(dist):
                          / y.square().sum()).item()
     assert 8e-3 < err["nearest"] < 1e-2 and 1.0 < err["eden"] / err["nearest"] < 1.15, err
     assert err["stochastic"] / err["eden"] > 1.8, err
+
+
+def test_eden_on_double_block_keeps_rtns_codes_and_scales_and_carries_the_correction_in_the_outer_scale():
+    # (§13) the same codes and E4M3 s_i as double-block RTN; s_o ⊗ c with c = Σz²/Σzq per 128-group, recomputed
+    # here in fp64 from the codes; no randomness: the generator is not read beyond fake_quant's seed draw
+    g = torch.Generator().manual_seed(5)
+    x = awkward(rows=24, cols=256)
+    signs = fp4.random_signs(g, n=128)
+    q = fp4.quantize_nvfp4(x, outer=128, rounding="eden", rht_signs=signs, generator=torch.Generator().manual_seed(1))
+    r = fp4.quantize_nvfp4(x, outer=128, rounding="nearest", rht_signs=signs)
+    assert torch.equal(q.codes, r.codes) and torch.equal(q.block_scale.view(torch.uint8), r.block_scale.view(torch.uint8))
+    again = fp4.quantize_nvfp4(x, outer=128, rounding="eden", rht_signs=signs, generator=torch.Generator().manual_seed(2))
+    assert equal_with_nan(again.outer_scale, q.outer_scale)                         # deterministic
+    y = fp4.rht(x, signs).double()
+    s = r.outer_scale.double().repeat_interleave(8, -1) * r.block_scale.double()     # (24, 16) decode scales
+    z = (y.view(24, 16, 16) / s[..., None]).where(r.block_scale.double()[..., None] != 0, 0.0)
+    codes = fp4.decode_e2m1(fp4.unpack_e2m1(r.codes)).double().view(24, 16, 16)
+    c = (z * z).view(24, 2, 128).sum(-1) / (z * codes).view(24, 2, 128).sum(-1)
+    c = torch.where((z * codes).view(24, 2, 128).sum(-1) == 0, 1.0, c)
+    want = r.outer_scale.double() * c
+    ok = torch.isfinite(want)
+    assert torch.allclose(q.outer_scale.double()[ok], want[ok], rtol=1e-6) and (q.outer_scale[~ok].isnan().all())
 
 
 def test_ms_eden_edge_inputs_give_defined_results():
@@ -340,14 +363,15 @@ def test_quartet2_draws_fresh_signs_per_backward_and_replays_from_the_seed():
 
 
 def test_ms_eden_recipe_strings_and_the_combinations_it_refuses():
-    exits_with(["--fp4", "--fp4-recipe", "tetrajet[grad_rounding=eden]"], "MS-EDEN (eden) needs fmt=nvfp4 and outer=tensor")
+    exits_with(["--fp4", "--fp4-recipe", "mxfp4[grad_rounding=eden]"], "eden needs fmt=nvfp4")
+    exits_with(["--fp4", "--fp4-recipe", "tetrajet[grad_rounding=eden]"], "eden needs a fresh RHT-128")   # RHT-16
     exits_with(["--fp4", "--fp4-recipe", "nvidia[rht_size=128]"], "RHT-128 needs rht_signs=random")
     # MS-EDEN is unbiased only over a fresh RHT-128 of both backward GEMMs' operands: anything less is refused
     for spec in ("nvidia[grad_rounding=eden]", "nvidia[grad_rounding=eden,rht=wgrad,rht_signs=random,rht_size=128]",
                  "quartet2[rht_size=16]", "quartet2[rht_signs=fixed,rht_size=16]", "quartet2[rht=dgrad]"):
-        with pytest.raises(ValueError, match="MS-EDEN needs a fresh RHT-128 on both backward GEMMs"):
+        with pytest.raises(ValueError, match="eden needs a fresh RHT-128 on both backward GEMMs"):
             fp4.parse_recipe(spec)
-    exits_with(["--fp4", "--fp4-recipe", "quartet2[rht=wgrad]"], "MS-EDEN needs a fresh RHT-128")
+    exits_with(["--fp4", "--fp4-recipe", "quartet2[rht=wgrad]"], "eden needs a fresh RHT-128")
     cfg = config.TrainConfig(fp4=True, fp4_recipe="nvidia[rht=dgrad+wgrad,rht_signs=random,rht_size=128,grad_rounding=eden]")
     recipe = config.check(cfg, {})
     assert (recipe.rht_size, recipe.grad_rounding, recipe.rht) == (128, "eden", ("dgrad", "wgrad"))
