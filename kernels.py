@@ -507,8 +507,22 @@ def fp4_gemm(a, b):
 # validate, then benchmark:  python kernels.py   (on a GPU; TRITON_INTERPRET=1 python kernels.py on a CPU)
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """python kernels.py: every kernel against fp4.py (codes, scale bytes, dequantized values), then on CUDA timings."""
+    import argparse
+    import os
+    import sys
     import time
+    p = argparse.ArgumentParser(prog="kernels.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="python kernels.py checks every kernel bit for bit against fp4.py, then times "
+                                "them, on a CUDA GPU;\nwithout one, TRITON_INTERPRET=1 python kernels.py runs the "
+                                "checks in Triton's interpreter on the CPU\n(slowly, on small tensors, no timings).")
+    p.error = lambda message: sys.exit(f"error: {message} (see python kernels.py --help)")
+    p.parse_args(argv)
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":   # Triton launches need a GPU
+        sys.exit("error: kernels.py runs its Triton kernels on a CUDA GPU, and this torch sees none; check them here in "
+                 "Triton's interpreter instead (slow, no timings): TRITON_INTERPRET=1 python kernels.py")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = (4096, 4096) if device == "cuda" else (64, 256)
     x = torch.randn(shape, device=device)
@@ -573,3 +587,7 @@ if __name__ == "__main__":
                 t = ms(lambda: fp4_gemm(q, q))
                 print(f"fp4_gemm outer={outer!s:6s} {t:.3f} ms = {2 * shape[0] ** 3 / t / 1e9:.0f} TFLOP/s "
                       f"(bf16 matmul {t_bf16:.3f} ms)")
+
+
+if __name__ == "__main__":
+    main()

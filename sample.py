@@ -30,7 +30,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--out-dir", default="out", help="the folder holding train.py's ckpt.pt (default: out)")
     p.add_argument("--start", default="\n", help="text the samples continue (default: a newline)")
     p.add_argument("--num-samples", type=int, default=2, help="samples to draw (default: 2)")
@@ -46,10 +46,14 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for bad, msg in ((args.num_samples < 1, "--num-samples must be >= 1"),
                      (args.max_new_tokens < 0, "--max-new-tokens must be >= 0"),
-                     (not args.temperature > 0, "--temperature must be > 0 (use a small value like 0.1 for near-greedy)"),
+                     (not 1e-3 <= args.temperature < float("inf"),        # below 1e-3 the logits / T overflow
+                      "--temperature must be a finite number >= 0.001 (for greedy sampling use --top-k 1)"),
                      (args.top_k < 0, "--top-k must be >= 0 (0 = no top-k)")):
         if bad:
             sys.exit(f"error: {msg}")
+    if os.path.isfile(args.out_dir):
+        sys.exit(f"error: --out-dir {args.out_dir} is a file; pass the run's folder, the one holding ckpt.pt "
+                 f"(--out-dir {os.path.dirname(args.out_dir) or '.'})")
     return args
 
 
@@ -115,6 +119,8 @@ def main(argv=None):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
+        sys.exit(f"error: --device {device}, but this torch sees no {device} device; use --device cpu or auto")
     dtype = config.activation_dtype(args.dtype, device.split(":")[0])[0] if args.dtype else None
     torch.manual_seed(args.seed)
     model, ckpt, cfg = load_model(args.out_dir, device, dtype, args.fp4_path)
@@ -129,8 +135,14 @@ def main(argv=None):
           f"{device}")
     x = torch.tensor([start_ids] * args.num_samples, dtype=torch.long, device=device)   # (num_samples, T)
     gen = torch.Generator(device).manual_seed(args.seed)
-    y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k or None, generator=gen,
-                       vocab_size=ckpt["dataset_meta"]["vocab_size"])           # (num_samples, T + new)
+    try:
+        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k or None, generator=gen,
+                           vocab_size=ckpt["dataset_meta"]["vocab_size"])       # (num_samples, T + new)
+    except (torch.OutOfMemoryError, RuntimeError) as e:                         # the CPU allocator's is a RuntimeError
+        if "memory" not in str(e):
+            raise
+        sys.exit(f"error: out of memory drawing {args.num_samples} samples at once on {device}; use fewer "
+                 f"--num-samples")
     for row in y.tolist():
         print(decode(row))
         print("-" * 80)

@@ -183,7 +183,9 @@ def load_dataset(data_dir, block_size, world=1):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="data/prepare.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                allow_abbrev=False, formatter_class=argparse.RawTextHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see python data/prepare.py --help)")
     p.add_argument("dataset", choices=["pystdlib", "shakespeare_char", "textfile"])
     p.add_argument("--input", help="a UTF-8 text file (shakespeare_char: instead of downloading; textfile: required)")
     p.add_argument("--tokenizer", choices=["byte", "char", "gpt2"], default="byte", help="textfile only (default byte)")

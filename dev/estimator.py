@@ -1,11 +1,13 @@
 """
 estimator.py: every FP4 recipe as a gradient estimator: how biased, how noisy and how aligned each GEMM is, and
 the whole model's gradient, measured directly in a minute instead of inferred from hours of training runs.
-It is `python dev/snr.py --grad` (snr.py hands the flags over); the quantities are docs/numerics.md §12.
+`python dev/estimator.py FLAGS` is `python dev/snr.py --grad FLAGS` (one parser, snr.py's); the quantities are
+docs/numerics.md §12; results and their reading: dev/estimator.md.
 
-    python dev/snr.py --grad --checkpoint out/ckpt.pt --draws 32          # every FP4 layer of a trained model
-    python dev/snr.py --grad --checkpoint out/ckpt.pt --json grad.json --plot grad.png
-    python dev/snr.py --grad --dist gaussian outlier --k 512              # synthetic operands, layers only
+    python dev/estimator.py --checkpoint out/ckpt.pt --draws 32           # every FP4 layer of a trained model
+    python dev/estimator.py --checkpoint out/ckpt.pt --json grad.json --plot grad.png
+    python dev/estimator.py --dist gaussian outlier --k 512               # synthetic operands, layers only
+    python dev/estimator.py --help                                        # every flag
 
 For one GEMM with exact product G (fp64) and N independent draws Ĝ_1..Ĝ_N of the recipe's FP4 GEMM (fresh SR
 noise and RHT signs each), Ḡ = mean_k Ĝ_k:
@@ -39,6 +41,7 @@ from dataclasses import fields, replace
 if __package__ in (None, ""):                   # run as a script (python dev/X.py): the repo root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
+from tqdm import tqdm
 
 import fastpaths
 import fp4
@@ -121,7 +124,7 @@ def model_report(model, layers, batch, val_batches, draws):
         model(x, y)[1].backward()
     g = flat_grad(model)
     grads = []
-    for k in range(draws):
+    for k in tqdm(range(draws), desc="whole model", unit="draw", leave=False, disable=None):   # stderr, terminal only
         for i, layer in enumerate(layers):                  # a fresh, independent noise stream per draw
             layer.set_extra_state(dict(layer.get_extra_state(), seed=k * 1009 + i, rng=None))
         model.zero_grad(set_to_none=True)
@@ -154,13 +157,22 @@ def checkpoint_config(ckpt):
 
 
 def load_checkpoint_model(path):
-    """-> (the checkpoint dict, its TrainConfig, an fp32 GPT with its weights (no FP4), its dataset splits)."""
+    """path: a ckpt.pt or its run's folder -> (the checkpoint dict, its TrainConfig, an fp32 GPT with its weights
+    (no FP4), its dataset splits). A missing, unreadable or unfit checkpoint exits with one line."""
+    import config
     import train
     from data.prepare import dataset_dir, load_dataset
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    ckpt, _ = config.load_checkpoint(path, "pass --checkpoint a ckpt.pt that train.py wrote, or its run's folder")
+    if "model" not in ckpt or "dataset_meta" not in ckpt:
+        sys.exit(f"error: {path} is not a checkpoint train.py wrote (no model or dataset_meta); pass one that is")
     cfg = checkpoint_config(ckpt)
     model, _ = train.build_model(replace(cfg, fp4=False), ckpt["dataset_meta"]["vocab_size"], torch.float32, "cpu")
-    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
+    try:
+        model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")})
+    except RuntimeError as e:
+        sys.exit(f"error: {path} does not fit the model its config builds (written by another version of model.py?): "
+                 f"{str(e).splitlines()[0]}")
     _, splits = load_dataset(dataset_dir(cfg.dataset), cfg.block_size)
     return ckpt, cfg, model, splits
 
@@ -195,8 +207,9 @@ def run(args, chosen, layer_operands):
 
 def recipe_report(args, recipe, layer_operands):
     """run()'s entry for one recipe: its layers and, with --checkpoint, its whole model."""
+    operands = tqdm(layer_operands.items(), desc=f"{recipe.name}: layers", unit="layer", leave=False, disable=None)
     entry = {"layers": {name: layer_report(recipe, x, w, dy, args.draws, seed)
-                        for seed, (name, (x, w, dy)) in enumerate(layer_operands.items())}}
+                        for seed, (name, (x, w, dy)) in enumerate(operands)}}
     if args.checkpoint:
         cfg, model, layers, splits = fp4_model(args.checkpoint, recipe)
         train_batch = batches(cfg, splits, "train", 1, 0)[0]
@@ -252,8 +265,9 @@ def plot(report, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit(f"error: --plot {path} needs matplotlib (pip install matplotlib); the table and --json need nothing")
+    except ImportError:                          # optional: the table and --json are written, the run succeeded
+        print(f"note: {os.path.basename(path)} skipped (pip install matplotlib to draw it)", file=sys.stderr)
+        return
     fig, ax = plt.subplots(figsize=(8.4, 4.8))
     markers = {"fprop": "s", "dgrad": "o", "wgrad": "^"}
     for i, (label, entry) in enumerate(report["recipes"].items()):
@@ -273,3 +287,13 @@ def plot(report, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def main(argv=None):
+    """python dev/estimator.py FLAGS: snr.py --grad FLAGS, under this file's name and docstring."""
+    from dev import snr
+    return snr.main(["--grad", *(sys.argv[1:] if argv is None else argv)], prog="dev/estimator.py", doc=__doc__)
+
+
+if __name__ == "__main__":
+    main()

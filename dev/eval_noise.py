@@ -58,22 +58,28 @@ def window_losses(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="dev/eval_noise.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see python dev/eval_noise.py --help)")
     p.add_argument("checkpoints", nargs="+", help="ckpt.pt files (or run dirs) of runs with the same eval flags")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
-    per, sets = {}, {}
-    for path in args.checkpoints:
+    for path in args.checkpoints:                    # every path checked before the first is scored
         if not os.path.exists(path):
             sys.exit(f"error: no checkpoint at {path} (a run's out dir holds ckpt.pt until it is deleted)")
         if not os.path.isdir(path) and os.path.basename(path) != "ckpt.pt":
             sys.exit(f"error: {path}: pass a run's ckpt.pt or its out dir (train.py names the checkpoint ckpt.pt)")
+    folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        sys.exit(f"error: --json {args.json}: no writable folder {folder}; create it or give another path")
+    per, sets = {}, {}
+    for path in args.checkpoints:
         cfg, per[path] = window_losses(path)
         sets[path] = (cfg.dataset, cfg.eval_set, cfg.eval_iters, cfg.batch_size, cfg.block_size,
                       cfg.seed if cfg.eval_set == "seeded" else None)
     report = {"models": {}, "pairs": {}}
     for path, losses in per.items():
-        n, sd = len(losses), statistics.stdev(losses)
+        n, sd = len(losses), statistics.stdev(losses) if len(losses) > 1 else math.nan     # one window: no spread
         report["models"][path] = dict(windows=n, val_loss=statistics.fmean(losses), window_sd=sd, se=sd / math.sqrt(n))
         print(f"{path}: val_loss {statistics.fmean(losses):.4f} over {n} windows, per-window sd {sd:.4f}, "
               f"eval s.e. ± {sd / math.sqrt(n):.4f}")
@@ -82,7 +88,7 @@ def main(argv=None):
             print(f"{a} and {b}: not the same eval windows (dataset, eval set, sizes or seed differ): no pair")
             continue
         diff = [u - v for u, v in zip(per[a], per[b])]
-        n, sd = len(diff), statistics.stdev(diff)
+        n, sd = len(diff), statistics.stdev(diff) if len(diff) > 1 else math.nan
         report["pairs"][f"{a} - {b}"] = dict(difference=statistics.fmean(diff), pair_sd=sd, se=sd / math.sqrt(n))
         print(f"{a} - {b}: {statistics.fmean(diff):+.4f}, per-window sd {sd:.4f}, eval share ± {sd / math.sqrt(n):.4f}")
     if args.json:

@@ -10,7 +10,8 @@ smallest budget to the largest, per seed), <out>.json and <out>.png.
 
 Tokens per parameter counts every parameter (embeddings included, as train.py prints them): the count a pack
 records per run, else the model rebuilt on the meta device from the GPTConfig line of a run's train.log. "Moved"
-pairs a seed's runs across budgets: same init and data order, a longer schedule.
+pairs a seed's runs across budgets: same init and data order, a longer schedule. <out>.png needs matplotlib:
+without it series.py says so in one line and the tables are its result.
 """
 
 import argparse
@@ -31,8 +32,14 @@ def open_sweep(path, configs, seeds):
     if os.path.isdir(name):
         return name, compare.folder_runs(name, configs, seeds)
     if not os.path.exists(name + compare.PACK):
-        sys.exit(f"error: {path} is neither a sweep folder nor a pack ({name}{compare.PACK})")
-    return name, compare.read_pack(name + compare.PACK)[1]
+        sys.exit(f"error: {path} is neither a sweep folder nor a pack ({name}{compare.PACK}); name a finished "
+                 f"compare.py sweep")
+    header, runs = compare.read_pack(name + compare.PACK)
+    for what, asked, held in (("config", configs, list(header["configs"])), ("seed", seeds, header["seeds"])):
+        if any(x not in held for x in asked):
+            sys.exit(f"error: {name + compare.PACK} has no {what} {next(x for x in asked if x not in held)} (it holds "
+                     f"{' '.join(map(str, held))}); pick among those (--{what}s)")
+    return name, runs
 
 
 def params_of(run, where):
@@ -107,9 +114,10 @@ def series(args, configs):
     if not args.no_plot:
         try:
             plot_series(out + ".png", budgets, table, configs, args.versus)
-        except ImportError:
-            sys.exit(f"error: {out}.png needs matplotlib (pip install matplotlib); {out}.md is written")
-        print(f"wrote {out}.md, {out}.json and {out}.png")
+        except ImportError:                             # optional: the tables are the result, the series succeeded
+            print(f"note: {os.path.basename(out)}.png skipped (pip install matplotlib to draw it)", file=sys.stderr)
+        else:
+            print(f"wrote {out}.md, {out}.json and {out}.png")
     return table
 
 
@@ -138,19 +146,28 @@ def plot_series(png, budgets, table, configs, versus):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="dev/series.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see python dev/series.py --help)")
     p.add_argument("sweeps", nargs="+", metavar="SWEEP",
                    help="finished compare.py sweeps (packs or run folders), smallest budget first")
     p.add_argument("--out", required=True, help="where the series goes: <out>.md, <out>.json and <out>.png")
     p.add_argument("--configs", nargs="+", default=["baseline", "nvidia", "tetrajet", "quartet2"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1337, 1338, 1339])
-    p.add_argument("--versus", default="nvidia", help="the B of L - L_B (default: nvidia)")
+    p.add_argument("--versus", help="the B of L - L_B (default: nvidia; its table left out where it is not among "
+                   "--configs)")
     p.add_argument("--no-plot", action="store_true", help="skip <out>.png")
     args = p.parse_args(argv)
     if "baseline" not in args.configs:
         p.error("the series needs the baseline config: every gap is measured against it")
     if len(args.sweeps) < 2:
         p.error("a series needs at least two sweeps (token budgets)")
+    if args.versus and (args.versus == "baseline" or args.versus not in args.configs):
+        p.error(f"--versus {args.versus} must be one of the FP4 configs of --configs "
+                f"({' '.join(c for c in args.configs if c != 'baseline')})")
+    args.versus = args.versus or "nvidia"
+    if len(set(args.seeds)) < len(args.seeds) or len(set(args.configs)) < len(args.configs):
+        p.error("--seeds and --configs name each seed and config once")
     return series(args, args.configs)
 
 

@@ -9,6 +9,7 @@ Hadamard signs differ per seed: the table shows the mean ± standard deviation o
     python dev/snr.py --checkpoint out/ckpt.pt          # real X, W, dY of every FP4 layer of a trained model
     python dev/snr.py --grad --checkpoint out/ckpt.pt   # bias, noise, gain, cosine per GEMM and of the whole
                                                           # model's gradient: dev/estimator.py
+    python dev/snr.py --help                            # every flag
 
 Protocols (tensors X (M, K), W (N, K), dY (M, N)):
   gaussian  every entry N(0, 1)
@@ -29,6 +30,7 @@ import dataclasses
 if __package__ in (None, ""):                   # run as a script (python dev/X.py): the repo root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
+from tqdm import tqdm
 
 import fp4
 
@@ -114,7 +116,7 @@ def capture_from_checkpoint(path, batches=1):
     (no FP4) and capture X, W and dY of every layer that the checkpoint ran in FP4 (of a baseline checkpoint:
     every layer `--fp4` would run in FP4). -> {name: (X, W, dY)}."""
     from dev.estimator import load_checkpoint_model
-    ckpt, cfg, model, splits = load_checkpoint_model(path)
+    ckpt, cfg, model, splits = load_checkpoint_model(path)       # a missing or unfit checkpoint: one line
     names = sorted({k.rsplit(".", 1)[0] for k in ckpt["model"] if k.endswith("_extra_state")})
     if not cfg.fp4:             # a baseline checkpoint (no recipe's own bins in its weights): the layers --fp4 converts
         import copy, contextlib, io
@@ -148,30 +150,54 @@ def print_table(title, rows, labels):
         print(f"| {label:<14} | " + " | ".join(cells) + " |")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def writable(path, flag):
+    """Exits with one line, before any work, if `flag`'s file cannot be written where it is asked for."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        sys.exit(f"error: {flag} {path}: no writable folder {folder}; create it or give another path")
+
+
+def main(argv=None, prog="dev/snr.py", doc=__doc__):
+    """prog and doc: dev/estimator.py runs this as `snr.py --grad` under its own name and docstring."""
+    grad_only = prog != "dev/snr.py"              # --grad implied; the flags of the SNR tables alone hidden
+    hide = lambda text: argparse.SUPPRESS if grad_only else text                        # noqa: E731
+    grad = lambda text: text if grad_only else "--grad: " + text                        # noqa: E731
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.error = lambda message: sys.exit(f"error: {message} (see python {prog} --help)")
     p.add_argument("--recipes", nargs="+", choices=[*fp4.RECIPES, *VARIANTS],
-                   help="default: nvidia nvidia-4over6 tetrajet tetrajet+oc quartet2 mxfp4 (with --grad: "
-                        + " ".join(GRAD_RECIPES) + ")")
+                   help="default: " + " ".join(GRAD_RECIPES) if grad_only else "default: nvidia nvidia-4over6 tetrajet "
+                        "tetrajet+oc quartet2 mxfp4 (with --grad: " + " ".join(GRAD_RECIPES) + ")")
     p.add_argument("--dist", nargs="+", default=["outlier", "gaussian"], choices=["outlier", "gaussian"])
     p.add_argument("--k", nargs="+", type=int, default=[128, 512, 2048], help="in features (fprop's K)")
     p.add_argument("--m", type=int, default=1024, help="tokens (wgrad's K)")
     p.add_argument("--n", type=int, default=1024, help="out features (dgrad's K)")
-    p.add_argument("--seeds", type=int, default=3, help="SR/RHT seeds to average over")
+    p.add_argument("--seeds", type=int, default=3, help=hide("SR/RHT seeds to average over"))
     p.add_argument("--no-rht", action="store_true", help="ablation: no Hadamard transform in any recipe")
     p.add_argument("--no-sr", action="store_true", help="ablation: round to nearest everywhere")
     p.add_argument("--weight-tile", choices=["1x16", "16x16"], help="ablation: W's scale tile (NVFP4 recipes)")
     p.add_argument("--aligned", choices=["on", "off"], help="ablation: force backward operand alignment on/off")
-    p.add_argument("--checkpoint", help="also measure on real X, W, dY of this train.py checkpoint")
+    p.add_argument("--checkpoint", help="the real X, W, dY of every FP4 layer of this train.py checkpoint (a ckpt.pt "
+                   "or its run's folder) instead of the synthetic protocols, and the whole model's gradient"
+                   if grad_only else "also measure on real X, W, dY of this train.py checkpoint (a ckpt.pt or its "
+                   "run's folder)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
                    help="an extra recipe: a name and a recipe string as train.py's --fp4-recipe reads it, e.g. "
                         "'nv-1x16=nvidia[weight_tile=1x16]' (repeatable)")
-    p.add_argument("--grad", action="store_true", help="the gradient-estimator report (dev/estimator.py) instead")
-    p.add_argument("--draws", type=int, default=32, help="--grad: independent FP4 draws per GEMM and of the model")
-    p.add_argument("--loss-batches", type=int, default=32, help="--grad: validation batches for the forward loss delta")
-    p.add_argument("--json", help="--grad: write every number to this file")
-    p.add_argument("--plot", help="--grad: bias against noise, one point per recipe and GEMM (needs matplotlib)")
+    p.add_argument("--grad", action="store_true", help=hide("the gradient-estimator report (dev/estimator.py) instead"))
+    p.add_argument("--draws", type=int, default=32, help=grad("independent FP4 draws per GEMM and of the model"))
+    p.add_argument("--loss-batches", type=int, default=32, help=grad("validation batches for the forward loss delta"))
+    p.add_argument("--json", help=grad("write every number to this file"))
+    p.add_argument("--plot", help=grad("bias against noise, one point per recipe and GEMM (needs matplotlib; "
+                                       "without it a note, and the rest is written)"))
     args = p.parse_args(argv)
+    for bad, name in ((min(args.k) < 1 or args.m < 1 or args.n < 1, "--k, --m and --n (tensor sizes)"),
+                      (args.seeds < 1, "--seeds"), (args.loss_batches < 1, "--loss-batches")):
+        if bad:
+            p.error(f"{name} must be >= 1")
+    for flag in ("json", "plot"):
+        if getattr(args, flag):
+            writable(getattr(args, flag), f"--{flag}")
     if args.recipes is None:
         args.recipes = GRAD_RECIPES if args.grad else ["nvidia", "nvidia-4over6", "tetrajet", "tetrajet+oc", "quartet2",
                                                        "mxfp4"]
@@ -180,25 +206,29 @@ def main(argv=None):
     if args.json or args.plot:
         p.error("--json and --plot belong to --grad")
     chosen = recipes(args)
+    captured = capture_from_checkpoint(args.checkpoint) if args.checkpoint else {}    # first: a bad one fails at once
+
+    def tables():                  # (title, key, X, W, dY): the synthetic protocols, then the checkpoint's layers
+        for dist in args.dist:
+            for k in args.k:
+                gen = torch.Generator().manual_seed(1234 + k)
+                x, w, dy = (make_tensor(s, dist, gen) for s in ((args.m, k), (args.n, k), (args.m, args.n)))
+                yield f"{dist}, M={args.m} N={args.n} K={k}, {args.seeds} seeds", (dist, k), x, w, dy
+        for name, (x, w, dy) in captured.items():
+            yield (f"{name}: X {tuple(x.shape)}, W {tuple(w.shape)}", ("checkpoint", name), x.float(), w.float(),
+                   dy.float())
     results = {}
-    for dist in args.dist:
-        for k in args.k:
-            gen = torch.Generator().manual_seed(1234 + k)
-            x, w, dy = (make_tensor(s, dist, gen) for s in ((args.m, k), (args.n, k), (args.m, args.n)))
+    total = (len(args.dist) * len(args.k) + len(captured)) * len(chosen)
+    with tqdm(total=total, desc="snr.py", unit="recipe", disable=None) as bar:     # on stderr, on a terminal only
+        for title, key, x, w, dy in tables():
             rows = []
             for label, (recipe, oc) in chosen.items():
                 columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
                 rows.append(measure(recipe, x, w, dy, args.seeds, columns))
-                results[(dist, k, label)] = rows[-1]
-            print_table(f"{dist}, M={args.m} N={args.n} K={k}, {args.seeds} seeds", rows, list(chosen))
-    if args.checkpoint:
-        for name, (x, w, dy) in capture_from_checkpoint(args.checkpoint).items():
-            rows = []
-            for label, (recipe, oc) in chosen.items():
-                columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1) if oc else None
-                rows.append(measure(recipe, x.float(), w.float(), dy.float(), args.seeds, columns))
-                results[("checkpoint", name, label)] = rows[-1]
-            print_table(f"{name}: X {tuple(x.shape)}, W {tuple(w.shape)}", rows, list(chosen))
+                results[(*key, label)] = rows[-1]
+                bar.update()
+            with tqdm.external_write_mode():                               # the bar steps aside for the table
+                print_table(title, rows, list(chosen))
     return results
 
 

@@ -5,10 +5,14 @@ bad sweeps fail with one line, a finished sweep packs into one file. The committ
 every committed table (each sweep's and the tokens-per-parameter series) rebuilds from them digit for digit,
 they hold no machine's paths, and the same runs pack to the same bytes. dev/series.py: the series is the per-seed
 arithmetic on the sweeps' final val losses. dev/eval_noise.py: per-window losses average to the run's val_loss.
-dev/powered_sweep.sh names only built-in configs. The live sweep is 3 configs x 2 seeds x 4 steps of a tiny model
-(real train.py processes, two at a time); everything else reads the committed packs.
+dev/powered_sweep.sh names only built-in configs. Every script: --help says what it does, bad input is one line
+`error: ...` (never a traceback or a usage dump), a plot without matplotlib is a note after the tables, a table
+leaves out the columns no row fills. The live sweep is 3 configs x 2 seeds x 4 steps of a tiny model (real train.py
+processes, two at a time); everything else reads the committed packs or calls each script's main in-process.
 Run: python -m pytest tests/test_tools.py -q"""
+import glob
 import gzip
+import importlib
 import json
 import math
 import os
@@ -18,9 +22,10 @@ import statistics
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, TINY
-from dev import series
+from dev import estimator, series
 from tools import compare
 
 RUNS = os.path.join(REPO, "dev", "runs")
@@ -111,19 +116,105 @@ def test_a_report_from_run_folders_and_unfinished_runs_refused_in_one_line(tmp_p
         compare.main(["--pack-only", "--out", str(out), "--pack", str(tmp_path / f"p{compare.PACK}")])
 
 
-def test_the_loss_plot_is_written_or_the_missing_matplotlib_is_named(tmp_path, monkeypatch):
-    args = ["--out", str(tmp_path / "quick"), "--pack", pack("quick"), "--report-only"]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        compare.main(args)
-        assert (tmp_path / "quick.png").stat().st_size > 1000
+def test_a_table_leaves_out_the_columns_no_row_fills(tmp_path):
+    # the committed quick sweep without its B (nvidia): no empty "vs nvidia" columns, nor the sentence about them
+    argv = ["--out", str(tmp_path / "q"), "--pack", pack("quick"), "--report-only", "--no-plot", "--configs", "baseline",
+            "tetrajet"]
+    compare.main(argv)
+    lines = read(tmp_path / "q.md").splitlines()
+    assert lines[4] == "| config | flags | final val_loss (mean ± std) | L - L_baseline | tok/s | oscillating |"
+    assert "nvidia" not in read(tmp_path / "q.md") and lines[6].count("|") == lines[4].count("|")
+    compare.main(argv + ["quartet2", "--versus", "tetrajet"])      # with B and a third config they are filled
+    assert "| L - L_baseline | L - L_tetrajet | gap closed vs tetrajet | tok/s |" in read(tmp_path / "q.md")
+
+
+# ---- every script: --help, bad input in one line, plots optional ------------------------------------------------
+
+SCRIPTS = sorted({os.path.relpath(p, REPO) for d in ("tools", "dev", "data") for p in glob.glob(os.path.join(REPO, d, "*.py"))
+                  if not p.endswith("__init__.py")} | {"train.py", "sample.py", "kernels.py"})
+DOCS = ["README.md", *glob.glob(os.path.join(REPO, "docs", "*.md")),
+        *[p for p in glob.glob(os.path.join(REPO, "dev", "*.md")) if not p.endswith("LOG.md")]]   # (LOG.md: history)
+
+
+def script_main(script):
+    if script == "kernels.py":
+        pytest.importorskip("triton")
+    return importlib.import_module(script[:-3].replace("/", ".")).main
+
+
+def test_every_script_the_docs_name_is_one_of_them():
+    named = {m for doc in DOCS for m in re.findall(r"python ([\w/]+\.py)", read(os.path.join(REPO, doc)))}
+    assert named and named <= set(SCRIPTS), named - set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_a_help_that_says_what_it_does(script, capsys):
+    main = script_main(script)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    doc = importlib.import_module(script[:-3].replace("/", ".")).__doc__.strip().splitlines()[0]
+    assert e.value.code in (0, None) and out.startswith("usage: ") and doc[:60] in out
+
+
+QUICK, PILOT = (os.path.join(RUNS, n) for n in ("quick", "pilot600"))
+SMALL = ["--k", "16", "--m", "16", "--n", "16", "--seeds", "1", "--dist", "gaussian"]       # if it ran at all: fast
+REPORT = ["--report-only", "--out", "{none}", "--pack", pack("quick")]         # never a live sweep, even unchecked
+BAD = [   # (script, argv, what its one line says): {cut} a checkpoint cut short, {none} a folder that is not there
+    ("dev/snr.py", ["--checkpoint", "{cut}", *SMALL], "is unreadable"),
+    ("dev/snr.py", ["--checkpoint", "{none}/ckpt.pt", *SMALL], "no checkpoint at"),
+    ("dev/snr.py", ["--seeds", "0"], "--seeds must be >= 1"), ("dev/snr.py", ["--k", "-5"], "must be >= 1"),
+    ("dev/snr.py", ["--recipes", "fp8"], "invalid choice: 'fp8'"), ("dev/snr.py", ["--seed", "2", *SMALL], "unrecognized"),
+    ("dev/estimator.py", ["--checkpoint", "{cut}", "--draws", "2"], "is unreadable"),
+    ("dev/estimator.py", ["--draws", "-3"], "--draws must be at least 2"),
+    ("dev/estimator.py", ["--loss-batches", "0"], "--loss-batches must be >= 1"),
+    ("dev/estimator.py", ["--json", "{none}/grad.json"], "no writable folder"),
+    ("dev/eval_noise.py", ["{cut}"], "is unreadable"), ("dev/eval_noise.py", ["{cut}", "--json", "{none}/x"], "no writable"),
+    ("tools/compare.py", ["--report-only", "--out", "{none}"], "no pack"),
+    ("tools/compare.py", ["--report-only", "--out", "{none}", "--pack", "{cutpack}"], "not a readable compare.py pack"),
+    ("tools/compare.py", [*REPORT, "--seeds", "7"], "has no seed 7"),
+    ("tools/compare.py", [*REPORT, "--configs", "baseline", "tetrajet", "--versus", "nvidia"], "--versus nvidia is not"),
+    ("tools/compare.py", ["--configs", "baseline", "tetrajet", "--versus", "nvidia", "--parallel", "0"], "--versus nvidia"),
+    ("tools/compare.py", [*REPORT, "--versus", "baseline"], "--versus baseline"),
+    ("tools/compare.py", [*REPORT, "--seeds", "1337", "1337"], "names a seed twice"),
+    ("tools/compare.py", ["--report", "--out", "{none}"], "unrecognized arguments: --report"),
+    ("dev/series.py", ["{none}", QUICK, "--out", "{none}"], "neither a sweep folder nor a pack"),
+    ("dev/series.py", [QUICK, PILOT, "--out", "{none}", "--seeds", "7"], "has no seed 7"),
+    ("dev/series.py", [QUICK, PILOT, "--out", "{none}", "--versus", "fp8"], "--versus fp8 must be one of"),
+    ("dev/series.py", [QUICK, "--out", "{none}"], "at least two sweeps"),
+    ("tools/bench.py", ["--repeat", "0"], "--repeat must be >= 1"), ("tools/bench.py", ["--device", "tpu"], "no device"),
+    ("tools/bench.py", ["--device", "cuda"], "this torch sees no cuda device"),
+    ("tools/bench.py", ["--only", "step", "--repeat", "1", "--train-flags", "--batch-size 0"], "--batch-size must be"),
+    ("data/prepare.py", ["fineweb"], "invalid choice: 'fineweb'"), ("data/prepare.py", ["textfile"], "needs --input"),
+    ("kernels.py", [], "runs its Triton kernels on a CUDA GPU")]
+
+
+@pytest.mark.parametrize("script, argv, message", BAD)
+def test_bad_input_is_one_error_line_in_every_script(script, argv, message, tmp_path, monkeypatch, capsys):
+    if ("cuda" in argv or script == "kernels.py") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # kernels.py: as run by hand (its kernels are defined)
+    torch.save({"config": {}, "model": {"w": torch.zeros(4096)}}, tmp_path / "ckpt.pt")
+    (tmp_path / "ckpt.pt").write_bytes((tmp_path / "ckpt.pt").read_bytes()[:3000])          # cut short
+    (tmp_path / "cut.jsonl.gz").write_bytes(open(pack("quick"), "rb").read()[:3000])
+    places = {"{cut}": str(tmp_path / "ckpt.pt"), "{none}": str(tmp_path / "none"), "{cutpack}": str(tmp_path / "cut.jsonl.gz")}
+    main = script_main(script)
+    with pytest.raises(SystemExit) as e:
+        main([re.sub(r"\{\w+\}", lambda m: places[m.group()], a) for a in argv])
+    err = capsys.readouterr().err
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code, e.value.code
+    assert message in e.value.code and "usage:" not in err and "Traceback" not in err
+
+
+def test_a_missing_matplotlib_skips_each_plot_with_a_note_and_the_tables_are_the_result(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)              # as on a machine without it
-    with pytest.raises(SystemExit, match="needs matplotlib"):
-        compare.main(args)
-    assert (tmp_path / "quick.md").exists()
+    compare.main(["--out", str(tmp_path / "quick"), "--pack", pack("quick"), "--report-only"])    # returns: exit 0
+    series.main([QUICK, PILOT, "--out", str(tmp_path / "s"), "--configs", "baseline", "nvidia"])
+    estimator.plot({"draws": 2, "recipes": {}}, str(tmp_path / "grad.png"))
+    err = capsys.readouterr().err
+    for png in ("quick.png", "s.png", "grad.png"):
+        assert f"note: {png} skipped (pip install matplotlib to draw it)\n" in err and not (tmp_path / png).exists()
+    assert (tmp_path / "quick.md").exists() and (tmp_path / "s.md").exists() and (tmp_path / "s.json").exists()
 
 
 # ---- dev/series.py ------------------------------------------------------------------------------------------------

@@ -439,10 +439,16 @@ def test_sample_py_prints_samples_and_the_same_seed_repeats(runs, kind, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--out-dir", "/nonexistent/run"], "no checkpoint at /nonexistent/run/ckpt.pt; train one first"),
-    (["--temperature", "0"], "--temperature must be > 0"), (["--top-k", "many"], "invalid int value")])
-def test_bad_input_exits_with_one_clear_line(argv, message):
+    (["--out-dir", "{cut}"], "is unreadable"), (["--out-dir", "{cut}/ckpt.pt"], "is a file; pass the run's folder"),
+    (["--temperature", "0"], "--temperature must be a finite number"), (["--temperature", "inf"], "finite"),
+    (["--top-k", "many"], "invalid int value"), (["--num-sample", "3"], "unrecognized arguments: --num-sample"),
+    (["--device", "cuda"], "--device cuda, but this torch sees no cuda device; use --device cpu or auto")])
+def test_bad_input_exits_with_one_clear_line(argv, message, tmp_path):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")                 # cut short, or not one at all
     with pytest.raises(SystemExit) as e:
-        sample.main(argv)
+        sample.main([a.replace("{cut}", str(tmp_path)) for a in argv])
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 # -----------------------------------------------------------------------------

@@ -111,11 +111,18 @@ def bench_linear(device, repeat, recipe):
         print(f"{tokens:>6d} x {k_in:>4d} x {k_out:>4d}  {base:8.1f} " + " ".join(f"{c:>18s}" for c in cells))
 
 
-def bench_step(device, repeat, recipe, argv):
+def train_config(argv):
+    """--train-flags -> the TrainConfig of table 3; a bad flag exits with train.py's own line."""
+    given = config.parse_args(argv)
+    cfg = config.TrainConfig(**given)
+    config.check(cfg, given)
+    return cfg
+
+
+def bench_step(device, repeat, recipe, cfg):
     """fwd + bwd + AdamW of train.py's model at its defaults (plus any --train-flags), bf16 vs every FP4 path.
     The models take turns, one step each, `repeat` rounds after two warm-up rounds, and each reports its
     median: a shared machine's slow drifts then hit every column alike."""
-    cfg = config.TrainConfig(**config.parse_args(argv))
     dtype, why = config.activation_dtype(cfg.dtype, device.type)           # train.py's default (--dtype auto)
     base = "bf16" if dtype == torch.bfloat16 else "fp32"
     idx = torch.randint(0, BYTE_VOCAB, (cfg.batch_size, cfg.block_size + 1), device=device,
@@ -150,18 +157,32 @@ def bench_step(device, repeat, recipe, argv):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see python tools/bench.py --help)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where this torch sees one, else cpu)")
     p.add_argument("--recipe", default="tetrajet", help="a recipe preset or spec, e.g. 'tetrajet[rht=none]'")
-    p.add_argument("--only", choices=["quant", "linear", "step"])
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--only", choices=["quant", "linear", "step"], help="one table (default: all three)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per cell, their median reported (default: 5)")
     p.add_argument("--train-flags", default="", help="extra train.py flags for table 3, e.g. '--model 70m'")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
     try:
         fp4.parse_recipe(args.recipe)
     except ValueError as e:
         sys.exit(f"error: {e} (--recipe)")
-    device = torch.device(args.device)
+    cfg = train_config(args.train_flags.split())                         # checked before any table runs
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device} is no device torch knows; use cpu, cuda or cuda:N")
+    if device.type not in available:
+        p.error(f"--device {args.device}: bench.py runs on cpu, cuda or mps")
+    if not available[device.type]:
+        sys.exit(f"error: --device {args.device}, but this torch sees no {device.type} device; use --device cpu")
     print(f"torch {torch.__version__} | {device} | {torch.get_num_threads()} threads"
           + (f" | {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     if args.only in (None, "quant"):
@@ -169,7 +190,7 @@ def main(argv=None):
     if args.only in (None, "linear"):
         bench_linear(device, args.repeat, args.recipe)
     if args.only in (None, "step"):
-        bench_step(device, args.repeat, args.recipe, args.train_flags.split())
+        bench_step(device, args.repeat, args.recipe, cfg)
 
 
 if __name__ == "__main__":

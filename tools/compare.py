@@ -35,7 +35,9 @@ order) and given as mean ± standard error; the gap closed versus B, 1 - gap_M /
 L̄_baseline) of the means over seeds, ± its jackknife (leave-one-seed-out) standard error; tok/s (median over
 evals after the first, which holds compile time); the oscillation ratio at the last eval (FP4 runs). The gap
 closed is a ratio of means, not a mean of per-seed ratios: a seed where B barely trails the baseline would
-put a near-zero denominator into the latter (it did in dev/runs/l2-1400, seed 1337).
+put a near-zero denominator into the latter (it did in dev/runs/l2-1400, seed 1337). A column no row fills (the
+B columns of a sweep without B, the oscillation of one without FP4) is left out. loss.png needs matplotlib: without
+it compare.py says so in one line and the tables are its result.
 """
 
 import argparse
@@ -90,7 +92,9 @@ def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="tools/compare.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (see python tools/compare.py --help)")
     p.add_argument("--out", default="runs/compare", help="sweep folder (default: runs/compare)")
     p.add_argument("--configs", nargs="+", help=f"configs to run, of {list(CONFIGS)} (default: all; a pack's "
                    "report: the pack's)")
@@ -110,6 +114,10 @@ def parse_args(argv):
                       "<out>/<config>/seed<s>/ (logs, no checkpoints)")
     p.add_argument("--pack", metavar="FILE", help=f"the sweep's pack (default: <out>{PACK})")
     args = p.parse_args(argv)
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seeds names a seed twice ({' '.join(map(str, args.seeds))}); each seed is one run per config")
+    if args.versus == "baseline":
+        p.error("--versus baseline: every gap is measured against the baseline already; name an FP4 config")
     out = os.path.normpath(args.out)
     args.pack = args.pack or (out if out.endswith(PACK) else out + PACK)
     args.from_pack = args.report_only and not os.path.isdir(args.out)
@@ -123,6 +131,7 @@ def parse_args(argv):
         if (args.unpack or args.from_pack) and not os.path.exists(args.pack):
             p.error(f"no pack {args.pack}" + (f" and no run folder {args.out}" if args.from_pack else ""))
         return args, None, None
+    given_versus = args.versus
     args.seeds, args.versus = args.seeds or DEFAULT_SEEDS, args.versus or DEFAULT_VERSUS
     args.configs = args.configs or list(CONFIGS)
     unknown = [c for c in args.configs if c not in CONFIGS]
@@ -140,6 +149,8 @@ def parse_args(argv):
         p.error(f"{owned[0]} is set by compare.py for every run (--seeds, --out); remove it")
     if "baseline" not in configs:
         p.error("the sweep needs the baseline config (no FP4): every gap is measured against it")
+    if given_versus and given_versus not in configs:        # (the default's columns just go when it is not run)
+        p.error(f"--versus {args.versus} is not among the sweep's configs {list(configs)}; add it or name one of them")
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
     return args, configs, common
@@ -231,9 +242,13 @@ def write_pack(path, header, runs):
 
 def read_pack(path):
     """-> (the pack's header: configs, seeds, versus, common; {(config, seed): {"done", "train_log", "log"}})."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        header, *runs = [json.loads(line) for line in f if line.strip()]
-    if header.pop("format", None) != PACK_FORMAT:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            header, *runs = [json.loads(line) for line in f if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:       # not gzip, cut short, not JSON lines, empty
+        sys.exit(f"error: {path} is not a readable compare.py pack ({type(e).__name__}: {e}); restore it or pack "
+                 f"its sweep again (--pack-only)")
+    if not isinstance(header, dict) or header.pop("format", None) != PACK_FORMAT:
         sys.exit(f"error: {path} is not a compare.py pack (its first line has no format {PACK_FORMAT!r})")
     return header, {(r.pop("config"), r.pop("seed")): r for r in runs}
 
@@ -349,20 +364,26 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 
 def write_table(md, rows, seeds, versus, common, json_path=None):
     ref = label("baseline", rows["baseline"])
+    columns = {                                     # header -> a row's cell; a column no row fills is left out
+        "config": lambda c, r: label(c, r), "flags": lambda c, r: f"`{r['flags']}`",
+        "final val_loss (mean ± std)": lambda c, r: f"{r['mean']:.4f} ± {r['std']:.4f}",
+        "L - L_baseline": lambda c, r: f"{r['gap']:+.4f} ± {r['gap_se']:.4f}" if c != "baseline" else "",
+        f"L - L_{versus}": lambda c, r:
+            f"{r['minus_versus']:+.4f} ± {r['minus_versus_se']:.4f}" if "minus_versus" in r else "",
+        f"gap closed vs {versus}": lambda c, r:
+            f"{r['gap_closed']:+.0%} ± {r['gap_closed_se']:.0%}" if "gap_closed" in r else "",
+        "tok/s": lambda c, r: f"{r['tok_per_s']:,.0f}",
+        "oscillating": lambda c, r: f"{r['oscillating']:.2%}" if r["oscillating"] is not None else ""}
+    cells = {h: [cell(c, r) for c, r in rows.items()] for h, cell in columns.items()}
+    heads = [h for h in columns if any(cells[h])]
+    diffs = ", ".join(h for h in ("L - L_baseline", f"L - L_{versus}") if h in heads)
     lines = [f"# FP4 vs {ref}: {len(rows)} configurations x {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
-             f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`. L - L_baseline, L - L_{versus}: the "
-             f"loss differences paired per seed, mean ± standard error. Gap closed vs `{versus}`: (L̄_{versus} - L̄) / "
-             f"(L̄_{versus} - L̄_baseline) of the means over seeds, ± its jackknife standard error.", "",
-             f"| config | flags | final val_loss (mean ± std) | L - L_baseline | L - L_{versus} | "
-             f"gap closed vs {versus} | tok/s | oscillating |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c, r in rows.items():
-        closed = f"{r['gap_closed']:+.0%} ± {r['gap_closed_se']:.0%}" if "gap_closed" in r else ""
-        osc = f"{r['oscillating']:.2%}" if r["oscillating"] is not None else ""
-        gap = f"{r['gap']:+.4f} ± {r['gap_se']:.4f}" if c != "baseline" else ""
-        diff = f"{r['minus_versus']:+.4f} ± {r['minus_versus_se']:.4f}" if "minus_versus" in r else ""
-        lines.append(f"| {label(c, r)} | `{r['flags']}` | {r['mean']:.4f} ± {r['std']:.4f} | {gap} | {diff} | {closed} | "
-                     f"{r['tok_per_s']:,.0f} | {osc} |")
+             f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`."
+             + (f" {diffs}: the loss differences paired per seed, mean ± standard error." if diffs else "")
+             + (f" Gap closed vs `{versus}`: (L̄_{versus} - L̄) / (L̄_{versus} - L̄_baseline) of the means over seeds, "
+                f"± its jackknife standard error." if f"gap closed vs {versus}" in heads else ""), "",
+             "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    lines += ["| " + " | ".join(cells[h][i] for h in heads) + " |" for i in range(len(rows))]
     b = rows.get(versus)
     if b is not None and versus != "baseline" and b["gap"] < 2 * b["gap_se"]:   # the ratio's denominator is noise
         lines += ["", f"Careful: {versus}'s own gap to {ref} ({b['gap']:+.4f} ± {b['gap_se']:.4f}) is under two "
@@ -406,9 +427,10 @@ def report(runs, configs, seeds, versus, common, md, json_path=None, png=None):
     if png:
         try:
             plot(png, logs, seeds)
-        except ImportError:
-            sys.exit(f"error: {os.path.basename(png)} needs matplotlib (pip install matplotlib); {md} is written")
-        print(f"wrote {md} and {png}")
+        except ImportError:                             # optional: the tables are the result, the sweep succeeded
+            print(f"note: {os.path.basename(png)} skipped (pip install matplotlib to draw it)", file=sys.stderr)
+        else:
+            print(f"wrote {md} and {png}")
     return rows
 
 
@@ -425,6 +447,13 @@ def main(argv=None):
         if missing or "baseline" not in names:
             sys.exit(f"error: {args.pack} has no config {missing[0]!r} (it holds {list(header['configs'])})" if missing
                      else "error: the sweep needs the baseline config (no FP4): every gap is measured against it")
+        lacking = [s for s in args.seeds or [] if s not in header["seeds"]]
+        if lacking:
+            sys.exit(f"error: {args.pack} has no seed {lacking[0]} (it holds {' '.join(map(str, header['seeds']))}); "
+                     f"pick among those")
+        if args.versus and args.versus not in names:
+            sys.exit(f"error: --versus {args.versus} is not among the configs reported ({' '.join(names)}); add it to "
+                     f"--configs or name one of them")
         configs = {c: header["configs"][c] for c in names}
         args.seeds, args.versus = args.seeds or header["seeds"], args.versus or header["versus"]
         common, out = header["common"], stem(os.path.normpath(args.out))
