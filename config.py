@@ -108,8 +108,9 @@ def parse_args(argv, doc=None, prog="train.py"):
     return vars(p.parse_args(argv))
 
 
-def load_checkpoint(path, what="run without --resume to start fresh"):
-    """-> (the checkpoint dict, its TrainConfig); a missing or unreadable file exits with one line."""
+def load_checkpoint(path, what="run without --resume to start fresh", flag="--out-dir"):
+    """-> (the checkpoint dict, its TrainConfig); a missing or unreadable file exits with one line (what: the fix
+    for a missing one; flag: the flag that names another)."""
     if not os.path.exists(path):
         sys.exit(f"error: no checkpoint at {path}; {what}")
     try:
@@ -117,7 +118,7 @@ def load_checkpoint(path, what="run without --resume to start fresh"):
         known = {f.name for f in fields(TrainConfig)}          # a field since removed is ignored
         return ckpt, TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known and k not in PER_INVOCATION})
     except Exception as e:
-        sys.exit(f"error: checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it or choose another --out-dir")
+        sys.exit(f"error: checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it or choose another {flag}")
 
 
 def load_config(given):

@@ -51,8 +51,14 @@ Exactness notes (why the kernel does some things by hand):
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:                             # a run learns this from fastpaths' probe; the script, here
+    if __name__ == "__main__":
+        raise SystemExit(f"error: kernels.py needs triton ({e}); pip install triton (Linux, CUDA GPU)")
+    raise
 
 import fp4
 

@@ -10,6 +10,7 @@
 # The forward-only and backward-only runs go first, three seeds then three more, so a cut-off session leaves whole
 # paired sets behind; the single backward GEMMs last.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep "^#" | cut -c3-; exit 0;; esac
 cd "$(dirname "$0")/.."
 
 COMMON="--n-layer 2 --eval-set fixed --eval-iters 64 --max-iters 1400 --eval-interval 350"

@@ -163,7 +163,8 @@ def load_checkpoint_model(path):
     import train
     from data.prepare import dataset_dir, load_dataset
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    ckpt, _ = config.load_checkpoint(path, "pass --checkpoint a ckpt.pt that train.py wrote, or its run's folder")
+    ckpt, _ = config.load_checkpoint(path, "pass --checkpoint a ckpt.pt that train.py wrote, or its run's folder",
+                                    "--checkpoint")
     if "model" not in ckpt or "dataset_meta" not in ckpt:
         sys.exit(f"error: {path} is not a checkpoint train.py wrote (no model or dataset_meta); pass one that is")
     cfg = checkpoint_config(ckpt)

@@ -19,6 +19,7 @@
 #   4. l2-1400  tetrajet+oc-random, OutControl's control (as many MXFP8 channels, drawn at random): 6 runs, then the
 #               main table with every config in the README's order
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep "^#" | cut -c3-; exit 0;; esac
 cd "$(dirname "$0")/.."
 
 SEEDS="1337 1338 1339 1340 1341 1342"
