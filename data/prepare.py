@@ -48,14 +48,14 @@ def write_dataset(name, train_ids, val_ids, meta, root=DATA_DIR):
     if meta["vocab_size"] > 65536:
         raise ValueError(f"vocab_size {meta['vocab_size']} does not fit uint16 token files")
     meta = dict(meta, train_tokens=len(train_ids), val_tokens=len(val_ids))
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        tmp = out / f"{split}.bin.tmp"
+    for split, ids in (("train", train_ids), ("val", val_ids)):   # (a tmp name per process: two runs may build at once)
+        tmp = out / f"{split}.bin.{os.getpid()}.tmp"
         np.asarray(ids, dtype=np.uint16).tofile(tmp)
         os.replace(tmp, out / f"{split}.bin")
         meta[f"{split}_sha256"] = sha256_file(out / f"{split}.bin")
-    with open(out / "meta.pkl.tmp", "wb") as f:
+    with open(out / f"meta.pkl.{os.getpid()}.tmp", "wb") as f:
         pickle.dump(meta, f)
-    os.replace(out / "meta.pkl.tmp", out / "meta.pkl")
+    os.replace(out / f"meta.pkl.{os.getpid()}.tmp", out / "meta.pkl")
     print(f"wrote {out}: {len(train_ids):,} train / {len(val_ids):,} val tokens, vocab {meta['vocab_size']} "
           f"({meta['tokenizer']})")
     return out

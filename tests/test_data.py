@@ -71,3 +71,23 @@ def test_truncated_or_corrupted_token_files_are_refused(tmp_path):
     os.remove(out / "meta.pkl")
     with pytest.raises(SystemExit, match="prepare it with"):
         prepare.load_dataset(str(out), 16)
+
+
+def test_two_processes_building_a_dataset_at_once_both_finish_with_whole_files(tmp_path, monkeypatch):
+    # (the bug: two runs of a parallel sweep built pystdlib at once through one shared train.bin.tmp, and the run
+    # that renamed it first found a file still being written: "train.bin has 10485760 tokens, meta.pkl says ...")
+    # Replayed deterministically: a second builder (another pid) runs whole inside the first one's first rename.
+    ids = np.arange(5000) % 256
+    replace = os.replace
+    monkeypatch.setattr(prepare.os, "getpid", lambda: 1001)
+    def interleaved(src, dst):
+        monkeypatch.setattr(prepare.os, "replace", replace)
+        monkeypatch.setattr(prepare.os, "getpid", lambda: 1002)
+        prepare.write_dataset("toy", ids, ids[:100], dict(vocab_size=256, tokenizer="byte"), root=tmp_path)
+        monkeypatch.setattr(prepare.os, "getpid", lambda: 1001)
+        replace(src, dst)
+    monkeypatch.setattr(prepare.os, "replace", interleaved)
+    prepare.write_dataset("toy", ids, ids[:100], dict(vocab_size=256, tokenizer="byte"), root=tmp_path)
+    meta = pickle.load(open(tmp_path / "toy" / "meta.pkl", "rb"))
+    assert meta["train_tokens"] == 5000 and os.path.getsize(tmp_path / "toy" / "train.bin") == 2 * 5000
+    assert not list((tmp_path / "toy").glob("*.tmp"))
