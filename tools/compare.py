@@ -81,6 +81,11 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     # the floor; and 4/6 on 1x16 weight tiles, where it lowers the forward loss (on NVIDIA's 16x16 tiles it raises it)
     "tetrajet-rtn2": "--fp4 --fp4-recipe tetrajet[other_rounding=nearest]",
     "nvidia-w1x16-4over6": "--fp4 --fp4-recipe nvidia-4over6[weight_tile=1x16]",
+    # this lab's own candidates (docs/numerics.md §13): TetraJet-v2's forward with an EDEN backward on double-block
+    # scales (no SR), alone and with OutControl, the part of tetrajet+all that measured a gain (OsciReset's 0.002 did
+    # not resolve: dev/sweep.md); against quartet2, whose edge is its low-noise backward
+    "tetrajet-eden": "--fp4 --fp4-recipe tetrajet-eden",
+    "tetrajet-eden+oc": "--fp4 --fp4-recipe tetrajet-eden --out-control",
 }
 OWNED_FLAGS = ("--seed", "--out-dir", "--resume")          # compare.py sets these per run
 
