@@ -15,6 +15,9 @@ Protocols (tensors X (M, K), W (N, K), dY (M, N)):
   gaussian  every entry N(0, 1)
   outlier   N(0, 1) + Bernoulli(0.005) · N(0, 100²): rare huge values, the published anchor's protocol
             (AMD ALTO NVFP4 report), where one outlier sets a per-tensor scale for everything else.
+  student-t every entry Student-t with 2 degrees of freedom (z / sqrt((z1² + z2²) / 2)): heavy tails everywhere
+  channels  N(0, 1) with 1% of the columns and 1% of the rows ×20: outlier channels (X's input features, W's
+            matching columns) and outlier tokens (dY's rows), shaped as real activations and gradients are
 Besides fp4.RECIPES (nvidia, tetrajet, quartet2, mxfp4): `tetrajet+oc` is TetraJet-v2 with OutControl (the
 top 10% of X's channels by L2 norm, rounded up to 32, computed on the same X, kept in MXFP8); the preset
 `nvidia-4over6` is NVIDIA's recipe with Four Over Six scales on both forward operands (TE's nvfp4_4over6="all",
@@ -35,6 +38,8 @@ from tqdm import tqdm
 import fp4
 
 OUTLIER_P, OUTLIER_STD = 0.005, 100.0
+CHANNEL_P, CHANNEL_GAIN = 0.01, 20.0
+DISTS = ("outlier", "gaussian", "student-t", "channels")
 HEADERS = ("O (dB)", "dX (dB)", "dW (dB)")
 VARIANTS = {                                   # label -> (base recipe, the fields it changes)
     "tetrajet+oc": ("tetrajet", {}),
@@ -45,11 +50,17 @@ GRAD_RECIPES = ["nvidia", "nvidia-4over6", "tetrajet", "quartet2", "mxfp4"]   # 
 
 
 def make_tensor(shape, dist, gen):
-    """-> fp32 tensor of `shape` drawn from the protocol `dist` ("gaussian" or "outlier")."""
+    """-> fp32 (rows, cols) drawn from the protocol `dist` (module docstring), all from `gen`."""
     x = torch.randn(shape, generator=gen)
     if dist == "outlier":
         mask = torch.rand(shape, generator=gen) < OUTLIER_P
         x = x + mask * torch.randn(shape, generator=gen) * OUTLIER_STD
+    elif dist == "student-t":
+        chi2 = torch.randn(shape, generator=gen).square() + torch.randn(shape, generator=gen).square()
+        x = x / (chi2 / 2).sqrt()
+    elif dist == "channels":
+        rows, cols = (torch.rand(n, generator=gen) < CHANNEL_P for n in shape)
+        x = x * torch.where(rows, CHANNEL_GAIN, 1.0)[:, None] * torch.where(cols, CHANNEL_GAIN, 1.0)[None, :]
     return x
 
 
@@ -168,7 +179,7 @@ def main(argv=None, prog="dev/snr.py", doc=__doc__):
     p.add_argument("--recipes", nargs="+", choices=[*fp4.RECIPES, *VARIANTS],
                    help="default: " + " ".join(GRAD_RECIPES) if grad_only else "default: nvidia nvidia-4over6 tetrajet "
                         "tetrajet+oc quartet2 mxfp4 (with --grad: " + " ".join(GRAD_RECIPES) + ")")
-    p.add_argument("--dist", nargs="+", default=["outlier", "gaussian"], choices=["outlier", "gaussian"])
+    p.add_argument("--dist", nargs="+", default=["outlier", "gaussian"], choices=DISTS)
     p.add_argument("--k", nargs="+", type=int, default=[128, 512, 2048], help="in features (fprop's K)")
     p.add_argument("--m", type=int, default=1024, help="tokens (wgrad's K)")
     p.add_argument("--n", type=int, default=1024, help="out features (dgrad's K)")

@@ -230,3 +230,15 @@ def test_bad_recipes_exit_with_one_clear_line(argv, message):
     with pytest.raises(SystemExit) as e:
         snr.main(["--k", "128", "--m", "64", "--n", "64", "--seeds", "1", *argv])
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_heavy_tailed_protocols_are_what_they_say():
+    g = torch.Generator().manual_seed(0)
+    t = snr.make_tensor((256, 512), "student-t", g)                       # 2 dof: a heavy tail everywhere
+    assert (t.abs() > 10).float().mean() > 0.005 and (t - t.mean()).pow(4).mean() / t.var() ** 2 > 30
+    c = snr.make_tensor((256, 512), "channels", g)                        # outlier columns and rows, x20
+    big_cols = c.norm(dim=0) > 5 * c.norm(dim=0).median()
+    big_rows = c.norm(dim=1) > 5 * c.norm(dim=1).median()
+    assert 1 <= big_cols.sum() <= 15 and 1 <= big_rows.sum() <= 8
+    assert torch.equal(snr.make_tensor((256, 512), "channels", torch.Generator().manual_seed(1)),
+                       snr.make_tensor((256, 512), "channels", torch.Generator().manual_seed(1)))
