@@ -26,8 +26,7 @@ A value decodes as x_dq = e2m1(code) * block_scale * outer_scale. Per-tensor NVF
     With a per-tensor scale a block far below the tensor's amax gets a coarse (E4M3 subnormal) or zero
     scale; a per-128 outer scale makes that far rarer (a block ≳ 30,000x below its own 128-block's max).
 
-Rounding is to nearest even (RTN, forward) or stochastic (SR, gradients: noise averages out over steps). SR's E[q] = x
-except where a block's largest values, scaled up to 6.375, are clamped at 6: ≈1% relative bias on randn (§2).
+Rounding is to nearest even (RTN, forward) or stochastic (SR, gradients: E[q] = x, bar a ≈1% bias at the clamp, §2).
 
 The three GEMMs of a Linear (§6)
 --------------------------------
@@ -86,8 +85,7 @@ def encode_e2m1(magnitude, negative):
 
 def decode_e2m1(codes):
     """uint8 codes (any shape) -> fp32 (-1)^(code >> 3) · E2M1_GRID[code & 7]."""
-    table = torch.tensor(E2M1_GRID + tuple(-g for g in E2M1_GRID), device=codes.device)
-    return table[codes.long()]
+    return torch.tensor(E2M1_GRID + tuple(-g for g in E2M1_GRID), device=codes.device)[codes.long()]
 
 
 def pack_e2m1(codes):
@@ -148,10 +146,14 @@ def pad_2d(x, row_multiple, col_multiple):
     return torch.nn.functional.pad(x2, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else x2
 
 
+def unpad_2d(t, x):
+    """(Mp, n), computed from pad_2d(x, ...) -> (..., n): the padded rows dropped, x's leading dims restored."""
+    return t[:x.numel() // x.shape[-1]].reshape(*x.shape[:-1], t.shape[-1])
+
+
 def tile_amax(x2, tile):
     """fp32 (Mp, Kp) -> (Mp, Kp/16) amax |x| of each 1x16 or 16x16 tile (a 16x16 tile's replicated on its rows)."""
-    tr, tc = tile
-    Mp, Kp = x2.shape
+    (tr, tc), (Mp, Kp) = tile, x2.shape
     a = x2.abs().view(Mp // tr, tr, Kp // tc, tc).amax(dim=(1, 3))
     return a.repeat_interleave(tr, dim=0) if tr > 1 else a
 
@@ -165,8 +167,7 @@ def tensor_scales(A, amax_to_scale=NVFP4_AMAX_TO_SCALE):
 
 def outer_scales(amax16, amax_to_scale=NVFP4_AMAX_TO_SCALE):
     """amax_16 (Mp, Kp/16) -> (s_o = amax_128 ⊘ amax_to_scale (1 if 0) (Mp, Kp/128), s_o per 16-block (Mp, Kp/16))."""
-    Mp, n16 = amax16.shape
-    amax128 = amax16.view(Mp, n16 * NVFP4_BLOCK // OUTER_BLOCK, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)
+    amax128 = amax16.view(amax16.shape[0], -1, OUTER_BLOCK // NVFP4_BLOCK).amax(-1)
     s_o = torch.where(amax128 == 0, 1.0, _div(amax128, amax_to_scale))
     return s_o, s_o.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1)
 
@@ -197,23 +198,20 @@ def round_blocks(x2, block_scale, scale, noise=None):
 
 def quantize_nvfp4(x, *, outer="tensor", tile=(1, 16), rounding="nearest", generator=None, rht_signs=None,
                    four_over_six=None):
-    """x (..., K) float -> NVFP4 along the last dim, K zero-padded to Kp (k_multiple); with tile=(16, 16) rows are
-    padded to 16 and amax_16 taken over 16x16 tiles. dequantize_nvfp4 decodes it.
+    """x (..., K) float -> NVFP4 along the last dim, K zero-padded to Kp (k_multiple), rows to 16 with tile=(16, 16).
         outer: "tensor" (§2, values and scale bytes bit for bit TE's reference) or 128 (§3, double-block)
         rounding: "nearest", "stochastic" (uniform_noise(draw_seed(generator), (Mp, Kp))) or "eden" (MS-EDEN, §11)
         rht_signs: None, or 16 or 128 ±1 signs: quantize rht(x) instead (§5)
         four_over_six: None, "mae" or "mse": Four Over Six block scales (§10, RTN and no RHT only; below)"""
     x2 = pad_2d(x, tile[0], k_multiple("nvfp4", outer, rounding, rht_signs)).float()  # (Mp, Kp)
     q = _quantize_nvfp4_2d(x2, outer, tuple(tile), rounding, _seed(rounding, generator, x2), rht_signs, four_over_six)
-    rows = x.numel() // x.shape[-1]                                                 # drop the padded rows
-    crop = lambda t: t[:rows].reshape(*x.shape[:-1], t.shape[-1])
-    return NVFP4(crop(q.codes), crop(q.block_scale), q.outer_scale if outer == "tensor" else crop(q.outer_scale))
+    return NVFP4(unpad_2d(q.codes, x), unpad_2d(q.block_scale, x),
+                 q.outer_scale if outer == "tensor" else unpad_2d(q.outer_scale, x))
 
 
 def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs=None, four_over_six=None):
     """quantize_nvfp4 on the padded fp32 (Mp, Kp), the random seed already drawn -> NVFP4 of (Mp, Kp)."""
-    if rht_signs is not None:
-        x2 = rht(x2, rht_signs)
+    x2 = x2 if rht_signs is None else rht(x2, rht_signs)
     if four_over_six is not None:                                                   # §10
         magnitude, negative, block_scale, outer_scale = round_four_over_six(x2, outer, tile, four_over_six)
     elif rounding == "eden":                                                        # §11; double-block: §13
@@ -228,10 +226,8 @@ def _quantize_nvfp4_2d(x2, outer, tile, rounding, seed, rht_signs=None, four_ove
 def dequantize_nvfp4(q):
     """NVFP4 -> fp32 (..., Kp): x_dq = e2m1(code) ⊗ (fp32(block_scale) ⊗ S_dec), or ⊗ (s_o ⊗ s_i) per 128."""
     values = decode_e2m1(unpack_e2m1(q.codes))                                      # (..., Kp)
-    if q.outer_scale.dim() == 0:
-        scale = q.block_scale.float() * q.outer_scale
-    else:
-        scale = q.outer_scale.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1) * q.block_scale.float()
+    scale = (q.block_scale.float() * q.outer_scale if q.outer_scale.dim() == 0 else
+             q.outer_scale.repeat_interleave(OUTER_BLOCK // NVFP4_BLOCK, dim=-1) * q.block_scale.float())
     return (values.unflatten(-1, (-1, NVFP4_BLOCK)) * scale[..., None]).flatten(-2)
 
 
@@ -275,24 +271,20 @@ def round_four_over_six(x2, outer, tile, error):
         x_hat = _div((q * s.float()[..., None]) * A, FOUR_OVER_SIX_AMAX_TO_SCALE) if A is not None else q * scale[..., None]
         d = x_hat - x2.view(q.shape)
         d = d.abs() if error == "mae" else d * d
-        err = d[..., 0]
-        for i in range(1, NVFP4_BLOCK):
-            err = err + d[..., i]                                                   # (Mp, Kp/16), left to right
+        err = sum((d[..., i] for i in range(1, NVFP4_BLOCK)), d[..., 0])           # (Mp, Kp/16), left to right
         if tile[0] > 1:
             err = tree_sum(err.view(-1, NVFP4_BLOCK, err.shape[1]).transpose(1, 2)).repeat_interleave(NVFP4_BLOCK, 0)
         candidates.append((magnitude, negative, s, err))
     (m6, n6, s6, e6), (m4, n4, s4, e4) = candidates
     pick4 = e4 < e6                                                                 # a tie keeps map-to-6
-    p = pick4[..., None]
     block_scale = torch.where(pick4, s4.view(torch.uint8), s6.view(torch.uint8)).view(torch.float8_e4m3fn)
-    return torch.where(p, m4, m6), torch.where(p, n4, n6), block_scale, outer_scale
+    return torch.where(pick4[..., None], m4, m6), torch.where(pick4[..., None], n4, n6), block_scale, outer_scale
 
 
 def tree_sum(t):
     """(..., n), n a power of two -> (...,) Σ in a warp's fixed order: halves added, t[..., :n/2] + t[..., n/2:]."""
     while t.shape[-1] > 1:
-        half = t.shape[-1] // 2
-        t = t[..., :half] + t[..., half:]
+        t = t[..., :t.shape[-1] // 2] + t[..., t.shape[-1] // 2:]
     return t[..., 0]
 
 # -----------------------------------------------------------------------------
@@ -310,15 +302,14 @@ def round_eden(x2, seed):
         z = x ⊗ min(1 ⊘ (s_b ⊗ S_dec), FLT_MAX);  q = E2M1(z), to nearest even
         c_g = Σ z² ⊘ Σ z·q per 128-group (tree_sum order; 1 if Σ z·q = 0);  s'_b = SR_e4m3(s_b ⊗ c_g)
     with one uniform per block, uniform_noise(seed, (Mp, Kp/16)); x_dq = e2m1(q) ⊗ (s'_b ⊗ S_dec)."""
-    Mp, Kp = x2.shape
+    Mp = x2.shape[0]
     A = x2.abs().amax()
     S_dec = torch.where(A == 0, 1.0, _div(_div(A, EDEN_SCALE_BOUND), EDEN_VAL_MAX))
     s = (_div(tile_amax(x2, (1, NVFP4_BLOCK)), EDEN_VAL_MAX) / S_dec).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn).float()
     s = torch.where(s == 0, 1.0, s)                                                 # Quartet II: 0 -> 1
     z = x2.view(Mp, -1, NVFP4_BLOCK) * (1.0 / (s * S_dec)).clamp(max=FLT_MAX)[..., None]
     magnitude = round_e2m1(z.abs())
-    q = torch.where(z < 0, -magnitude, magnitude)
-    group = (Mp, Kp // EDEN_GROUP, EDEN_GROUP)
+    q, group = torch.where(z < 0, -magnitude, magnitude), (Mp, -1, EDEN_GROUP)
     num, den = tree_sum((z * z).view(group)), tree_sum((z * q).view(group))         # (Mp, Kp/128)
     c = torch.where(den == 0, 1.0, num / den)
     t = s * c.repeat_interleave(EDEN_GROUP // NVFP4_BLOCK, dim=-1)                  # (Mp, Kp/16)
@@ -326,10 +317,9 @@ def round_eden(x2, seed):
 
 
 def round_eden_128(x2):
-    """EDEN on double-block scales (this lab's, §13): fp32 (Mp, Kp), Kp a multiple of 128, already rotated ->
-    (magnitude, negative, block_scale, outer_scale). The §3 scales and RTN elements (the same codes and E4M3 s_i as
-    outer=128 RTN), and each 128-group's correction c = Σz² ⊘ Σz·q (z = x ⊗ (1 ⊘ s_o s_i), zero-scale blocks left
-    out; 1 if Σz·q = 0) carried exactly by the fp32 outer scale, s_o ⊗ c: no stochastic rounding anywhere."""
+    """EDEN on double-block scales (ours, §13): fp32 (Mp, Kp), Kp a multiple of 128, already rotated -> (magnitude,
+    negative, block_scale, outer_scale): outer=128 RTN's codes and s_i, and s_o ⊗ c, c = Σz² ⊘ Σz·q per 128-group
+    (z = x ⊗ (1 ⊘ s_o s_i), zero-scale blocks left out; 1 if Σz·q = 0), carried exactly in fp32: no SR anywhere."""
     block_scale, scale, s_o = nvfp4_scales(x2, OUTER_BLOCK, (1, NVFP4_BLOCK))
     magnitude, negative = round_blocks(x2, block_scale, scale)
     keep = (block_scale.float() != 0)[..., None]
@@ -367,19 +357,16 @@ def quantize_mxfp4(x, rounding="nearest", generator=None):
     from the fp32 bits (OCP's rule; amax = 0 gives 2^-127); q = E2M1(x ⊘ X), saturating at ±6 (§4)."""
     x2 = pad_2d(x, 1, MX_BLOCK).float()
     q = _quantize_mxfp4_2d(x2, rounding, _seed(rounding, generator, x2))
-    rows = x.numel() // x.shape[-1]
-    codes, scale = (t[:rows].reshape(*x.shape[:-1], t.shape[-1]) for t in q)
-    return MX(codes, scale.view(torch.float8_e8m0fnu))
+    return MX(unpad_2d(q.codes, x), unpad_2d(q.scale, x).view(torch.float8_e8m0fnu))
 
 
 def _quantize_mxfp4_2d(x2, rounding, seed):
-    M, Kp = x2.shape
-    blocks = x2.view(M, -1, MX_BLOCK)                                               # (M, Kp/32, 32)
+    blocks = x2.view(x2.shape[0], -1, MX_BLOCK)                                     # (M, Kp/32, 32)
     amax = blocks.abs().amax(-1)
     scale = _e8m0(_fp32_exponent(amax) - E2M1_MAX_POW2, amax)                       # uint8 bytes
     v = blocks / _e8m0_value(scale)[..., None]
-    noise = uniform_noise(seed, (M, Kp)).view(v.shape) if rounding == "stochastic" else None
-    codes = encode_e2m1(round_e2m1(v.abs(), noise), v < 0).view(M, Kp)
+    noise = uniform_noise(seed, tuple(x2.shape)).view(v.shape) if rounding == "stochastic" else None
+    codes = encode_e2m1(round_e2m1(v.abs(), noise), v < 0).view(x2.shape)
     return MX(pack_e2m1(codes), scale)                      # the scale as its bytes: quantize_mxfp4 types them
 
 
@@ -393,15 +380,12 @@ def quantize_mxfp8(x):
     """x (..., K) -> MX with E4M3 elements (OutControl's channels, §8): X = 2^ceil(log2(amax ⊘ 448)) (the exponent
     of r = amax ⊘ 448, plus 1 if r's mantissa is non-zero), elements e4m3(clamp(x ⊘ X, ±448)) to nearest even."""
     x2 = pad_2d(x, 1, MX_BLOCK).float()
-    M, Kp = x2.shape
-    blocks = x2.view(M, -1, MX_BLOCK)
+    blocks = x2.view(x2.shape[0], -1, MX_BLOCK)                                     # (M, Kp/32, 32)
     amax = blocks.abs().amax(-1)
     r = _div(amax, F8E4M3_MAX)
     scale = _e8m0(_fp32_exponent(r) + ((r.view(torch.int32) & 0x7FFFFF) != 0).int(), amax)
     codes = (blocks / _e8m0_value(scale)[..., None]).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
-    rows = x.numel() // x.shape[-1]
-    return MX(codes.view(M, Kp)[:rows].reshape(*x.shape[:-1], Kp),
-              scale.view(torch.float8_e8m0fnu)[:rows].reshape(*x.shape[:-1], -1))
+    return MX(unpad_2d(codes.view(x2.shape), x), unpad_2d(scale, x).view(torch.float8_e8m0fnu))
 
 
 def dequantize_mxfp8(q):
@@ -410,8 +394,7 @@ def dequantize_mxfp8(q):
 
 # -----------------------------------------------------------------------------
 # The random Hadamard transform (§5). Both operands of a GEMM are multiplied along K, chunk by chunk, by the same
-# orthogonal H = diag(s) · H_n / √n (the signs flip the inputs; on the outputs they'd cancel), so (A H)(B H)ᵀ = A Bᵀ.
-# An outlier of 16 becomes sixteen ±4s: no lower 1x16 block error (§5), but random signs make errors look random (§11).
+# orthogonal H = diag(s) · H_n / √n (signs on the inputs), so (A H)(B H)ᵀ = A Bᵀ; an outlier 16 becomes sixteen ±4s.
 NVIDIA_RHT_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)   # TE's fixed vector
 RHT128_NORM = 0.0883883461356163       # fl32(1/√128) = fl32(2^-3.5)
 
@@ -440,10 +423,7 @@ def rht(x, signs):
     if n == NVFP4_BLOCK:
         H = signs[:, None] * (0.25 * sylvester(NVFP4_BLOCK, x.device))               # (16, 16), entries ±¼
         c = x.float().reshape(*x.shape[:-1], -1, NVFP4_BLOCK)
-        out = c[..., 0:1] * H[0]
-        for i in range(1, NVFP4_BLOCK):
-            out = out + c[..., i:i + 1] * H[i]
-        return out.reshape(x.shape)
+        return sum((c[..., i:i + 1] * H[i] for i in range(1, NVFP4_BLOCK)), c[..., 0:1] * H[0]).reshape(x.shape)
     y = x.float().reshape(-1, n) * signs                                             # (chunks, 128)
     h = 1
     while h < n:
@@ -560,7 +540,6 @@ def parse_recipe(spec):
     except ValueError as e:                           # name the spec as given, not just its preset
         raise ValueError(str(e).replace(f"FP4 recipe {name}:", f"FP4 recipe {spec}:", 1)) from None
 
-
 # -----------------------------------------------------------------------------
 # fake_quant = dequantize(quantize(x)). KERNEL is the one hook through which a faster implementation of the same
 # bits replaces reference_kernel (fastpaths.use sets it at start-up), on the padded (Mp, Kp) and the drawn seed:
@@ -600,8 +579,7 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, r
     seed = _seed(rounding, generator, x2)
     out = (KERNEL or reference_kernel)(x2, recipe.fmt, recipe.outer, tile, rounding, seed, rht_signs, four_over_six, dtype)
     width = x.shape[-1] if rht_signs is None else -(-x.shape[-1] // len(rht_signs)) * len(rht_signs)
-    rows = x.numel() // x.shape[-1]
-    return out[:rows, :width].reshape(*x.shape[:-1], width).to(dtype)
+    return unpad_2d(out[:, :width], x).to(dtype)
 
 
 def reference_kernel(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
@@ -618,18 +596,15 @@ def four_over_six_of(recipe, operand):
 
 # -----------------------------------------------------------------------------
 # The FP4 linear (§6). fprop rounds to nearest: its output is the network. dgrad and wgrad feed an optimizer that
-# averages over steps (SR: noise, not bias, bar ≈1% at the clamp, §2) and reduce where gradient outliers live (RHT).
-# Aligned (TetraJet-v2 paper §3; here §6): the net ran on X̂, Ŵ, so dX = dY Ŵ; from W, a bias dY (W - Ŵ) no SR removes.
+# averages SR's noise over steps. Aligned: the net ran on X̂, Ŵ, so dX = dY Ŵ; from W, a bias dY (W - Ŵ) no SR removes.
 
 
 def backward_gemm(gemm, a, b, recipe, generator, b_tile=(1, 16), dtype=torch.float32):
     """a (M, K) = dY's side, b (P, K) -> (M, P) in dtype = Q(a H) Q(b H)ᵀ ≈ a bᵀ: `a` rounded with grad_rounding,
     `b` with other_rounding, H the recipe's RHT if it has one for this GEMM (the same signs on both operands), else
     the identity. Draws from `generator` in this order: the signs, a's noise, b's noise."""
-    signs = None
-    if gemm in recipe.rht:
-        signs = (random_signs(generator, a.device, recipe.rht_size) if recipe.rht_signs == "random"
-                 else torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32, device=a.device))
+    signs = (None if gemm not in recipe.rht else random_signs(generator, a.device, recipe.rht_size)
+             if recipe.rht_signs == "random" else torch.tensor(NVIDIA_RHT_SIGNS, dtype=torch.float32, device=a.device))
     a_dq = fake_quant(a, recipe, recipe.grad_rounding, generator=generator, rht_signs=signs, dtype=dtype)
     b_dq = fake_quant(b, recipe, recipe.other_rounding, b_tile, generator, rht_signs=signs, dtype=dtype)
     return a_dq @ b_dq.t()
@@ -756,9 +731,8 @@ def convert_to_fp4(model, recipe="tetrajet", *, keep_first_k=0, keep_last_k=0, b
     return model
 
 # -----------------------------------------------------------------------------
-# OsciReset (TetraJet-v2 paper §4; here §7): late in training, when updates are small, a master weight on a rounding
-# boundary flips its FP4 value back and forth, a whole bin each time. Over a window of T steps r = Σ|Q(w_t) -
-# Q(w_t-1)| / Σ|w_t - w_t-1| separates these oscillators (r >> 1) from weights drifting through bins (r ≈ 1).
+# OsciReset (TetraJet-v2 paper §4; here §7): late in training a master weight on a rounding boundary flips its FP4
+# value a whole bin back and forth: over T steps r = Σ|Q(w_t) - Q(w_t-1)| / Σ|w_t - w_t-1| is >> 1 there, ≈ 1 on drift.
 
 
 class OsciReset:
