@@ -4,7 +4,9 @@
 # 7.3 tokens per parameter, the fixed eval set, seeds 1337-1342). The full recipes and the baseline are the
 # committed runs of dev/runs/l2-1400 (unpacked into runs/l2-1400 first): every difference is paired per seed.
 #
-#   bash dev/attribution.sh          # run or resume, 2 runs at a time; then pack dev/runs/attribution.{jsonl.gz,md}
+#   bash dev/attribution.sh          # run or resume, 2 runs at a time
+# Pack what has finished (dev/runs/attribution.{jsonl.gz,md}: the runs to commit) with compare.py --report-only over
+# the finished configs and seeds (their --config flags as below), then --pack-only --pack dev/runs/attribution.jsonl.gz.
 #
 # Resumable as powered_sweep.sh is: runs with a done.json are skipped, a cut-off run restarts from its checkpoint.
 # The forward-only and backward-only runs go first, three seeds then three more, so a cut-off session leaves whole
@@ -23,8 +25,11 @@ CONFIGS=(
 TABLE="baseline nvidia nvidia-fwd nvidia-bwd tetrajet tetrajet-fwd tetrajet-bwd tetrajet-dgrad tetrajet-wgrad
        quartet2 quartet2-fwd quartet2-bwd"
 
-if [ ! -d runs/l2-1400 ]; then
+if [ ! -d runs/l2-1400 ]; then          # the committed runs: the main table's, then this sweep's finished ones
     python tools/compare.py --unpack --out runs/l2-1400 --pack dev/runs/l2-1400.jsonl.gz
+    if [ -f dev/runs/attribution.jsonl.gz ]; then
+        python tools/compare.py --unpack --out runs/l2-1400 --pack dev/runs/attribution.jsonl.gz
+    fi
 fi
 run() {     # run SEEDS CONFIG...: the named configs (their flags above) at these seeds
     local seeds=$1; shift
