@@ -85,7 +85,7 @@ FOUR_OVER_SIX = {None: 0, "mae": 1, "mse": 2}                                   
 def _call(entry, x2, outputs, outer_fmt, tile, rounding, seed, rht_signs, four_over_six):
     """Shared by both entries: x2 (Mp, Kp) fp32 or bf16 on the CPU, already padded by fp4 (any strides)."""
     assert x2.dim() == 2 and x2.device.type == "cpu", f"cpu_kernels: a 2-D CPU tensor, got {tuple(x2.shape)} on {x2.device}"
-    assert rounding != "eden" or outer_fmt[1] == "tensor", "no C kernel for EDEN on double-block scales yet (fp4.round_eden_128)"
+    assert rounding != "eden" or tile[0] == 1, "cpu_kernels: eden takes 1x16 tiles"
     if x2.dtype not in (torch.float32, torch.bfloat16):
         x2 = x2.float()                                  # fp16/fp64: widened (rounded) as the reference does
     signs = None if rht_signs is None else rht_signs.float().contiguous()

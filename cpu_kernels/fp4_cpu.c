@@ -672,6 +672,28 @@ static inline void eden_sums_avx2(const float *x, const float *enc, __m256 *q_ou
 }
 #endif
 
+/* Σ z² and Σ z·q of one 128-group, z = x * enc[block], q = ±E2M1(z) to nearest, in fp4.tree_sum's order */
+static inline void eden_group_sums(const float *x, const float *enc, float *num, float *den) {
+#ifdef __AVX2__
+    eden_sums_avx2(x, enc, NULL, num, den);
+#else
+    float zz[OUTER], zq[OUTER];
+    for (int e = 0; e < OUTER; e++) {
+        float z = x[e] * enc[e / BLOCK];
+        float mag = round_e2m1(z, 0, 0, 0, 0);
+        float q = z < 0.0f ? -mag : mag;
+        zz[e] = z * z;
+        zq[e] = z * q;
+    }
+    for (int h = OUTER / 2; h >= 1; h /= 2)
+        for (int e = 0; e < h; e++) {
+            zz[e] = zz[e] + zz[e + h];
+            zq[e] = zq[e] + zq[e + h];
+        }
+    *num = zz[0], *den = zq[0];
+#endif
+}
+
 /* MS-EDEN's scales for one row of n (a multiple of 128) values (fp4.round_eden): from the tile amax, the first
  * E4M3 scale s (1 if 0) and its encode factor; per 128-group c = Σ z² / Σ z q (1 if Σ z q = 0), both sums in
  * _tree_sum's order (halves added elementwise); then the scale s * c rounded stochastically to E4M3 with block
@@ -849,6 +871,23 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             scale[b] = sc[pick[b]][b];
             keep[b] = block_scale[b] != 0.0f;
         }
+    } else if (j->eden && fmt == NVFP4_OUTER128) {   /* EDEN on double-block scales (fp4.round_eden_128), one row
+        of 128: double-block's scales and RTN codes, then c = Σz²/Σzq (zero-scale blocks out) into s_o */
+        float a128 = 0.0f, enc_kept[MAX_GROUP / BLOCK], num, den;
+        for (int b = 0; b < nb; b++) a128 = max_keep_nan(a128, tile_amax[b]);
+        s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
+        for (int b = 0; b < nb; b++) {
+            float s_i = tile_amax[b] == 0.0f ? ZERO_BLOCK_SCALE
+                        : round_e4m3(min_keep_nan((tile_amax[b] / s_o) / E2M1_MAX, E4M3_MAX));
+            block_scale[b] = s_i;
+            keep[b] = s_i != 0.0f;
+            encode[b] = min_keep_nan(1.0f / (s_o * s_i), FLT_MAX);
+            enc_kept[b] = keep[b] ? encode[b] : 0.0f;
+        }
+        eden_group_sums(v[0], enc_kept, &num, &den);
+        s_o = s_o * (den == 0.0f ? 1.0f : num / den);
+        for (int b = 0; b < nb; b++) scale[b] = s_o * block_scale[b];
+        have_encode = 1;
     } else if (j->eden) {            /* MS-EDEN (1x16 tiles, n a multiple of 128) */
 #ifdef __AVX2__
         if (!co && n == MAX_GROUP) {

@@ -179,17 +179,23 @@ def test_four_over_six_equals_the_reference_bit_for_bit(path, error, outer, tile
         assert same_quantized(got, ref), tuple(operand.shape)
 
 
-def test_eden_on_double_block_runs_compiled_with_the_references_bits_and_c_and_triton_refuse_it(path):
-    # (§13; no C or Triton kernel yet: their entries refuse it by name, so fastpaths' probe passes them over)
+def test_eden_on_double_block_equals_the_reference_bit_for_bit_and_triton_refuses_it(path):
+    # (§13) values on the C and compiled paths, codes, E4M3 bytes and the corrected outer scale on the C path,
+    # contiguous and transposed; kernels.py has no EDEN-128 kernel yet: its entry refuses it by name
     dev = device_of(path)
     x = awkward(cols=200).to(dev)
-    run = lambda: fp4.fake_quant(x, "tetrajet", "eden", rht_signs=SIGNS128.to(dev), generator=torch.Generator(dev))
-    if path != "compiled":
+    xt = awkward(rows=384, cols=64).to(dev).t()
+    run = lambda t: (lambda: fp4.fake_quant(t, "tetrajet", "eden", rht_signs=SIGNS128.to(dev), generator=torch.Generator(dev)))
+    if path == "triton":
         with pytest.raises(AssertionError, match="EDEN on double-block"):
-            with_kernel(fastpaths.kernel(path), run)
+            with_kernel(fastpaths.kernel(path), run(x))
         return
-    got, ref = both(path, run)
-    assert equal_with_nan(got, ref)
+    for operand in (x,) if path == "compiled" else (x, xt):
+        got, ref = both(path, run(operand))
+        assert equal_with_nan(got, ref)
+    if path == "cpu":
+        got, ref = kernel_codes(path, x, 128, rounding="eden", signs=SIGNS128)
+        assert same_quantized(got, ref)
 
 
 @pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])
