@@ -288,11 +288,18 @@ def tree_sum(t):
     return t[..., 0]
 
 # -----------------------------------------------------------------------------
-# MS-EDEN (Quartet II, §11): round the elements to nearest, correct each 128-group's scale by c = Σz² / Σz·q and
-# round it stochastically: unbiased in expectation over a fresh RHT-128, which makes the RTN errors look random.
+# MS-EDEN (Quartet II, §11): RTN elements, each 128-group's scale corrected by c = Σz² / Σz·q and rounded
+# stochastically: unbiased over a fresh RHT-128 (it makes the RTN errors look random), bar a dominated group.
 EDEN_VAL_MAX = 6.07210636138916        # fl32(6 / 0.988125): Quartet II's backward grid max, (17/16)·0.93 scale override
 EDEN_SCALE_BOUND = 255.99000549316406  # fl32(255.99): the tensor scale's bound, room for c > 1 in E4M3
 EDEN_GROUP = 128                       # elements per correction: one RHT-128 group, 8 blocks
+
+
+def eden_correction(z, q):
+    """z, ±E2M1 q (Mp, Kp/16, 16) -> c (Mp, Kp/128) = Σz² ⊘ Σz·q per 128-group, in tree_sum order (1 if Σz·q = 0)."""
+    group = (z.shape[0], -1, EDEN_GROUP)
+    num, den = tree_sum((z * z).view(group)), tree_sum((z * q).view(group))
+    return torch.where(den == 0, 1.0, num / den)
 
 
 def round_eden(x2, seed):
@@ -300,33 +307,27 @@ def round_eden(x2, seed):
         A = amax|x|;  S_dec = (A ⊘ 255.99) ⊘ v (1 if A = 0), v = EDEN_VAL_MAX
         s_b = e4m3(min((amax_b ⊘ v) ⊘ S_dec, 448)), 1 where that is 0
         z = x ⊗ min(1 ⊘ (s_b ⊗ S_dec), FLT_MAX);  q = E2M1(z), to nearest even
-        c_g = Σ z² ⊘ Σ z·q per 128-group (tree_sum order; 1 if Σ z·q = 0);  s'_b = SR_e4m3(s_b ⊗ c_g)
+        c_g = eden_correction(z, q) per 128-group;  s'_b = SR_e4m3(s_b ⊗ c_g)
     with one uniform per block, uniform_noise(seed, (Mp, Kp/16)); x_dq = e2m1(q) ⊗ (s'_b ⊗ S_dec)."""
-    Mp = x2.shape[0]
     A = x2.abs().amax()
     S_dec = torch.where(A == 0, 1.0, _div(_div(A, EDEN_SCALE_BOUND), EDEN_VAL_MAX))
     s = (_div(tile_amax(x2, (1, NVFP4_BLOCK)), EDEN_VAL_MAX) / S_dec).clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn).float()
     s = torch.where(s == 0, 1.0, s)                                                 # Quartet II: 0 -> 1
-    z = x2.view(Mp, -1, NVFP4_BLOCK) * (1.0 / (s * S_dec)).clamp(max=FLT_MAX)[..., None]
+    z = x2.view(x2.shape[0], -1, NVFP4_BLOCK) * (1.0 / (s * S_dec)).clamp(max=FLT_MAX)[..., None]
     magnitude = round_e2m1(z.abs())
-    q, group = torch.where(z < 0, -magnitude, magnitude), (Mp, -1, EDEN_GROUP)
-    num, den = tree_sum((z * z).view(group)), tree_sum((z * q).view(group))         # (Mp, Kp/128)
-    c = torch.where(den == 0, 1.0, num / den)
+    c = eden_correction(z, torch.where(z < 0, -magnitude, magnitude))               # (Mp, Kp/128)
     t = s * c.repeat_interleave(EDEN_GROUP // NVFP4_BLOCK, dim=-1)                  # (Mp, Kp/16)
     return magnitude, z < 0, stochastic_e4m3(t, uniform_noise(seed, tuple(t.shape))), S_dec
 
 
 def round_eden_128(x2):
-    """EDEN on double-block scales (ours, §13): fp32 (Mp, Kp), Kp a multiple of 128, already rotated -> (magnitude,
-    negative, block_scale, outer_scale): outer=128 RTN's codes and s_i, and s_o ⊗ c, c = Σz² ⊘ Σz·q per 128-group
-    (z = x ⊗ (1 ⊘ s_o s_i), zero-scale blocks left out; 1 if Σz·q = 0), carried exactly in fp32: no SR anywhere."""
+    """EDEN on double-block (ours, §13): rotated fp32 (Mp, Kp), Kp % 128 = 0 -> (magnitude, negative, s_i, s_o ⊗ c):
+    outer=128 RTN's codes and s_i; c = eden_correction(z = x ⊗ (1 ⊘ s_o s_i), q), zero-scale blocks out; no SR."""
     block_scale, scale, s_o = nvfp4_scales(x2, OUTER_BLOCK, (1, NVFP4_BLOCK))
     magnitude, negative = round_blocks(x2, block_scale, scale)
     keep = (block_scale.float() != 0)[..., None]
     z = torch.where(keep, x2.view(magnitude.shape) * (1.0 / scale).clamp(max=FLT_MAX)[..., None], 0.0)
-    q, group = torch.where(negative, -magnitude, magnitude), (x2.shape[0], -1, EDEN_GROUP)
-    num, den = tree_sum((z * z).view(group)), tree_sum((z * q).view(group))         # (Mp, Kp/128)
-    return magnitude, negative, block_scale, s_o * torch.where(den == 0, 1.0, num / den)
+    return magnitude, negative, block_scale, s_o * eden_correction(z, torch.where(negative, -magnitude, magnitude))
 
 
 def stochastic_e4m3(t, noise):

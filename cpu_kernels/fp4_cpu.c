@@ -711,24 +711,7 @@ static void eden_scales(const float *v, int n, const float *tile_amax, int64_t r
         const float *x = v + OUTER * g;
         const float *enc = encode + g * (OUTER / BLOCK);
         float num, den;
-#ifdef __AVX2__
-        eden_sums_avx2(x, enc, NULL, &num, &den);
-#else
-        float zz[OUTER], zq[OUTER];
-        for (int e = 0; e < OUTER; e++) {
-            float z = x[e] * enc[e / BLOCK];
-            float mag = round_e2m1(z, 0, 0, 0, 0);
-            float q = z < 0.0f ? -mag : mag;
-            zz[e] = z * z;
-            zq[e] = z * q;
-        }
-        for (int h = OUTER / 2; h >= 1; h /= 2)
-            for (int e = 0; e < h; e++) {
-                zz[e] = zz[e] + zz[e + h];
-                zq[e] = zq[e] + zq[e + h];
-            }
-        num = zz[0], den = zq[0];
-#endif
+        eden_group_sums(x, enc, &num, &den);
         float c = den == 0.0f ? 1.0f : num / den;
         for (int b = g * (OUTER / BLOCK); b < (g + 1) * (OUTER / BLOCK); b++) {
             uint32_t i = (uint32_t)(row * (j->K / BLOCK) + c0 / BLOCK + b);
@@ -871,23 +854,30 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             scale[b] = sc[pick[b]][b];
             keep[b] = block_scale[b] != 0.0f;
         }
-    } else if (j->eden && fmt == NVFP4_OUTER128) {   /* EDEN on double-block scales (fp4.round_eden_128), one row
-        of 128: double-block's scales and RTN codes, then c = Σz²/Σzq (zero-scale blocks out) into s_o */
-        float a128 = 0.0f, enc_kept[MAX_GROUP / BLOCK], num, den;
+    } else if (fmt == NVFP4_OUTER128) {   /* double-block (with eden, EDEN's correction into s_o below) */
+        float a128 = 0.0f;
         for (int b = 0; b < nb; b++) a128 = max_keep_nan(a128, tile_amax[b]);
         s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
+        #pragma omp simd
         for (int b = 0; b < nb; b++) {
             float s_i = tile_amax[b] == 0.0f ? ZERO_BLOCK_SCALE
                         : round_e4m3(min_keep_nan((tile_amax[b] / s_o) / E2M1_MAX, E4M3_MAX));
             block_scale[b] = s_i;
+            scale[b] = s_o * s_i;
             keep[b] = s_i != 0.0f;
-            encode[b] = min_keep_nan(1.0f / (s_o * s_i), FLT_MAX);
-            enc_kept[b] = keep[b] ? encode[b] : 0.0f;
         }
-        eden_group_sums(v[0], enc_kept, &num, &den);
-        s_o = s_o * (den == 0.0f ? 1.0f : num / den);
-        for (int b = 0; b < nb; b++) scale[b] = s_o * block_scale[b];
-        have_encode = 1;
+        if (j->eden) {               /* fp4.round_eden_128, one row of 128: c = Σz²/Σzq of the RTN codes (zero-scale
+                                        blocks out) multiplies s_o; the elements still round with the plain scale */
+            float enc_kept[MAX_GROUP / BLOCK], num, den;
+            for (int b = 0; b < nb; b++) {
+                encode[b] = min_keep_nan(1.0f / scale[b], FLT_MAX);
+                enc_kept[b] = keep[b] ? encode[b] : 0.0f;
+            }
+            eden_group_sums(v[0], enc_kept, &num, &den);
+            s_o = s_o * (den == 0.0f ? 1.0f : num / den);
+            for (int b = 0; b < nb; b++) scale[b] = s_o * block_scale[b];
+            have_encode = 1;
+        }
     } else if (j->eden) {            /* MS-EDEN (1x16 tiles, n a multiple of 128) */
 #ifdef __AVX2__
         if (!co && n == MAX_GROUP) {
@@ -901,18 +891,6 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
             keep[b] = 1;                                            /* fp4.round_eden has no zero-scale mask */
         }
         have_encode = 1;
-    } else if (fmt == NVFP4_OUTER128) {
-        float a128 = 0.0f;
-        for (int b = 0; b < nb; b++) a128 = max_keep_nan(a128, tile_amax[b]);
-        s_o = a128 == 0.0f ? 1.0f : a128 / AMAX_TO_SCALE;
-        #pragma omp simd
-        for (int b = 0; b < nb; b++) {
-            float s_i = tile_amax[b] == 0.0f ? ZERO_BLOCK_SCALE
-                        : round_e4m3(min_keep_nan((tile_amax[b] / s_o) / E2M1_MAX, E4M3_MAX));
-            block_scale[b] = s_i;
-            scale[b] = s_o * s_i;
-            keep[b] = s_i != 0.0f;
-        }
     } else if (fmt == MXFP4) {      /* fp4.quantize_mxfp4: X = 2^(floor(log2 amax_32) - 2), an E8M0 byte */
         for (int b = 0; b < nb; b += MX_BLOCK / BLOCK) {
             float a32 = max_keep_nan(tile_amax[b], tile_amax[b + 1]);
