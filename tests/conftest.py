@@ -40,6 +40,16 @@ def kernel_restored():
     fp4.KERNEL = saved
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Layers and models this small run fastest on one thread (and ~10x slower on two when the CPUs are busy):
+    a module that trains them says `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A small byte-level dataset (~60 KB of varied, repetitive text) in a temp folder -> its path."""

@@ -17,13 +17,7 @@ from conftest import TINY
 from dev import estimator, snr
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Layers and models this small run fastest on one thread (and ~10x slower on two when the CPUs are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # (conftest.py)
 
 # -----------------------------------------------------------------------------
 # dev/estimator.py

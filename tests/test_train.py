@@ -26,13 +26,7 @@ from model import GPT, GPTConfig
 DROP = ("tok_per_s", "elapsed_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread (and ~10x slower on two when the CPUs are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # (conftest.py)
 
 
 def run(dataset, out, *flags):
