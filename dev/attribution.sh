@@ -37,7 +37,7 @@ run() {     # run SEEDS CONFIG...: the named configs (their flags above) at thes
     for spec in "${CONFIGS[@]}"; do
         for name in "$@"; do if [ "${spec%%=*}" = "$name" ]; then args+=(--config "$spec"); fi; done
     done
-    python tools/compare.py --out runs/l2-1400 --configs baseline --versus baseline --seeds $seeds --parallel 2 \
+    python tools/compare.py --out runs/l2-1400 --configs baseline --seeds $seeds --parallel 2 \
         "${args[@]}" -- $COMMON
 }
 FWD_BWD="nvidia-fwd nvidia-bwd tetrajet-fwd tetrajet-bwd quartet2-fwd quartet2-bwd"
