@@ -232,7 +232,8 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
                   RHT: tl.constexpr, EDEN: tl.constexpr, FOUR_OVER_SIX: tl.constexpr, BM: tl.constexpr,
                   BK: tl.constexpr):
     """RHT: 0 (none), 16 (h_ptr: H = diag(signs) H16 / 4, _rht_operand) or 128 (h_ptr: the 128 signs). FOUR_OVER_SIX: 0 (off),
-    1 ("mae") or 2 ("mse"). EDEN: MS-EDEN (per-tensor, 1x16, SR False: its noise is per block)."""
+    1 ("mae") or 2 ("mse"). EDEN (SR False): MS-EDEN with a per-tensor scale (1x16, its noise per block), or with
+    DOUBLE_BLOCK EDEN on double-block scales (no noise at all, numerics.md §13)."""
     NB: tl.constexpr = BK // 16                                         # 16-blocks per tile row
     rows = tl.program_id(0) * BM + tl.arange(0, BM)                     # (BM,)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)                     # (BK,)
@@ -258,7 +259,7 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
     amax16 = _amax(tl.abs(xb), 2)                                       # (BM, NB)
     if TILE16:                                                          # one amax per 16x16 tile
         amax16 = tl.broadcast_to(_amax(amax16, 0)[None, :], (BM, NB))
-    if EDEN:                                                            # numerics.md §11, A from the amax pass
+    if EDEN and not DOUBLE_BLOCK:                                       # numerics.md §11, A from the amax pass
         A = tl.load(amax_ptr)
         s_dec = tl.where(A == 0.0, 1.0, tl.math.div_rn(tl.math.div_rn(A, EDEN_SCALE_BOUND), EDEN_VAL_MAX))
         s_b = tl.math.div_rn(tl.math.div_rn(amax16, tl.full(amax16.shape, EDEN_VAL_MAX, tl.float32)), s_dec)
@@ -312,13 +313,18 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
     q = tl.where(keep, q, 0.0)
     negative = (v < 0.0) & keep
     scols = tl.program_id(1) * NB + tl.arange(0, NB)                    # this tile's block-scale columns
-    if EDEN:   # c = Σz² ⊘ Σz·q over the row's 128-group (tree order); s_b ⊗ c rounded stochastically to E4M3
-        zq = tl.where(negative, -q, q) * v
-        num, den = _tree_sum(tl.reshape(v * v, (BM, BK)), BM, 7), _tree_sum(tl.reshape(zq, (BM, BK)), BM, 7)
+    if EDEN:   # c = Σz² ⊘ Σz·q over the row's 128-group (tree order, zero-scale blocks out: fp4.eden_correction)
+        z = tl.where(keep, v, 0.0)
+        zq = tl.where(negative, -q, q) * z
+        num, den = _tree_sum(tl.reshape(z * z, (BM, BK)), BM, 7), _tree_sum(tl.reshape(zq, (BM, BK)), BM, 7)
         c = tl.where(den == 0.0, 1.0, tl.math.div_rn(num, den))         # (BM,)
-        ub = _uniform((rows[:, None].to(tl.int64) * (Kp // 16) + scols[None, :]) & 0xFFFFFFFF, seed_ptr)
-        block_scale = _stochastic_e4m3(block_scale * c[:, None], ub)   # one uniform per 16-block
-        scale = block_scale * s_dec
+        if DOUBLE_BLOCK:    # §13: RTN's codes and s_i kept, c exact in the fp32 outer scale s_o ⊗ c
+            s_o = s_o * c
+            scale = s_o[:, None] * block_scale
+        else:               # §11: s_b ⊗ c rounded stochastically to E4M3, one uniform per 16-block
+            ub = _uniform((rows[:, None].to(tl.int64) * (Kp // 16) + scols[None, :]) & 0xFFFFFFFF, seed_ptr)
+            block_scale = _stochastic_e4m3(block_scale * c[:, None], ub)
+            scale = block_scale * s_dec
     if FAKE:
         x_dq = q * scale[:, :, None]
         tl.store(out_ptr + offs, tl.reshape(tl.where(negative, -x_dq, x_dq), (BM, BK)), mask=mask)
@@ -394,7 +400,8 @@ def quantize_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, eden
     """fp32 (Mp, Kp), padded as fp4.quantize_nvfp4 pads -> (codes uint8 (Mp, Kp/2), block_scale e4m3
     (Mp, Kp/16), outer_scale: 0-dim S_dec or (Mp, Kp/128) s_o). seed: None (RTN) or fp4.draw_seed's (2,)
     int64 (SR, or MS-EDEN's scale noise with eden=True). signs: None, or 16 or 128 ±1 to quantize rht(x2)
-    instead (fused RHT-16 / RHT-128). eden: MS-EDEN (fp4 rounding "eden"). four_over_six: None, "mae", "mse"."""
+    instead (fused RHT-16 / RHT-128). eden: fp4 rounding "eden" (MS-EDEN; EDEN on double-block with
+    outer=128). four_over_six: None, "mae", "mse"."""
     return _launch(x2, outer, tile, seed, signs, False, eden, four_over_six)
 
 
@@ -407,7 +414,6 @@ def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, ed
 def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
     """fp4.KERNEL on CUDA (NVFP4 only: fastpaths' probe refuses mxfp4 recipes) -> fp32 (Mp, Kp)."""
     assert fmt == "nvfp4", "kernels.py has NVFP4 kernels only"
-    assert rounding != "eden" or outer == "tensor", "no Triton kernel for EDEN on double-block scales yet (fp4.round_eden_128)"
     return _launch(x2, outer, tile, seed if rounding != "nearest" else None, rht_signs, True, rounding == "eden",
                    four_over_six)
 
@@ -548,6 +554,7 @@ def main(argv=None):
     for name, outer, tile, rounding, signs, fos in (("4/6 mae", "tensor", (1, 16), "nearest", None, "mae"),
                                                      ("4/6 mse 16x16", 128, (16, 16), "nearest", None, "mse"),
                                                      ("MS-EDEN RHT-128", "tensor", (1, 16), "eden", signs128, None),
+                                                     ("EDEN-128 RHT-128", 128, (1, 16), "eden", signs128, None),
                                                      ("SR RHT-128", 128, (1, 16), "stochastic", signs128, None)):
         ref = fp4.quantize_nvfp4(x, outer=outer, tile=tile, rounding=rounding, rht_signs=signs, four_over_six=fos,
                                  generator=torch.Generator(device).manual_seed(0))
@@ -582,6 +589,8 @@ def main(argv=None):
                                  ("fake-quant double-block", lambda: fake_quant_nvfp4(x, 128), n * 8),
                                  ("quantize per-tensor 4/6", lambda: quantize_nvfp4(x, four_over_six="mae"), n * 4.5625),
                                  ("quantize MS-EDEN RHT-128", lambda: quantize_nvfp4(x, seed=seed, signs=signs128, eden=True),
+                                  n * 4.5625),
+                                 ("quantize EDEN-128 RHT-128", lambda: quantize_nvfp4(x, 128, signs=signs128, eden=True),
                                   n * 4.5625)):
             t = ms(fn)
             print(f"{name:28s} {t:.3f} ms  {nbytes / t / 1e6:6.0f} GB/s  ({nbytes / t / (n * 8 / copy):.0%} of copy)")

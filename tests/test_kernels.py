@@ -5,7 +5,7 @@ the FP4 codes, equals the matmul of the dequantized operands. Their bits against
 (1) test_paths.py runs the kernels through the interpreter, which executes their Python and skips compilation, so it
 cannot see what only the compiler rejects. (It missed one: the kernels read a plain global, RNE_MAGIC, which the
 interpreter allowed and which made every GPU launch fail to compile.) Checked here, for H100 (sm_90) and B200 (sm_100):
-  - the quantizer, in the variants training launches (Four Over Six, MS-EDEN and RHT-128 included), compiles; its PTX
+  - the quantizer, in the variants training launches (Four Over Six, MS-EDEN, EDEN-128 and RHT-128 included), compiles; its PTX
     has no fused multiply-add and no approximate division (div.full), so it rounds as fp4.py does, one operation at
     a time;
   - the FP4 GEMM compiles, and on sm_100 it runs on the block-scaled FP4 tensor cores: tcgen05.mma kind::mxf4nvf4
@@ -36,7 +36,7 @@ ARCHS = (90, 100)   # compute capability: H100/H200, B200
 
 # (name, FAKE, DOUBLE_BLOCK, TILE16, SR, RHT (0, 16 or 128), EDEN, FOUR_OVER_SIX (0, 1 mae, 2 mse), input dtype):
 # the launches fp4.py makes for the NVFP4 recipes (forward RTN, backward SR + RHT, 16x16 weights; Four Over Six
-# forward operands; Quartet II's MS-EDEN and RHT-128 backward), with both input dtypes
+# forward operands; Quartet II's MS-EDEN and RHT-128 backward; EDEN on double-block), with both input dtypes
 QUANTIZER = [
     ("fake double-block SR RHT", True, True, False, True, 16, False, 0, "fp32"),
     ("fake double-block RTN", True, True, False, False, 0, False, 0, "bf16"),
@@ -55,6 +55,8 @@ QUANTIZER = [
     ("codes per-tensor MS-EDEN", False, False, False, False, 0, True, 0, "bf16"),
     ("fake per-tensor SR RHT-128", True, False, False, True, 128, False, 0, "fp32"),
     ("codes double-block RTN RHT-128", False, True, False, False, 128, False, 0, "bf16"),
+    ("fake double-block EDEN RHT-128", True, True, False, False, 128, True, 0, "bf16"),
+    ("codes double-block EDEN RHT-128", False, True, False, False, 128, True, 0, "fp32"),
 ]
 # (name, scale pointer type, GROUP, OUTER): NVFP4 with a per-tensor and a per-128 outer scale, and MXFP4
 GEMM = [("nvfp4 per-tensor", "*fp8e4nv", 16, 1), ("nvfp4 per-128", "*fp8e4nv", 16, 2), ("mxfp4", "*u8", 32, 0)]

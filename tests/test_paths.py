@@ -179,21 +179,18 @@ def test_four_over_six_equals_the_reference_bit_for_bit(path, error, outer, tile
         assert same_quantized(got, ref), tuple(operand.shape)
 
 
-def test_eden_on_double_block_equals_the_reference_bit_for_bit_and_triton_refuses_it(path):
-    # (§13) values on the C and compiled paths, codes, E4M3 bytes and the corrected outer scale on the C path,
-    # contiguous and transposed; kernels.py has no EDEN-128 kernel yet: its entry refuses it by name
+def test_eden_on_double_block_equals_the_reference_bit_for_bit(path):
+    # (§13) values on every path; codes, E4M3 bytes and the corrected outer scale on the C and Triton paths;
+    # contiguous and transposed operands, fp32 and bf16, a group dominated by one value
     dev = device_of(path)
     x = awkward(cols=200).to(dev)
+    x[9, 130] = 400.0
     xt = awkward(rows=384, cols=64).to(dev).t()
     run = lambda t: (lambda: fp4.fake_quant(t, "tetrajet", "eden", rht_signs=SIGNS128.to(dev), generator=torch.Generator(dev)))
-    if path == "triton":
-        with pytest.raises(AssertionError, match="EDEN on double-block"):
-            with_kernel(fastpaths.kernel(path), run(x))
-        return
-    for operand in (x,) if path == "compiled" else (x, xt):
+    for operand in (x,) if path == "compiled" else (x, xt.bfloat16()) if path == "triton" and INTERPRETED else (x, xt, x.bfloat16()):
         got, ref = both(path, run(operand))
         assert equal_with_nan(got, ref)
-    if path == "cpu":
+    if path != "compiled":
         got, ref = kernel_codes(path, x, 128, rounding="eden", signs=SIGNS128)
         assert same_quantized(got, ref)
 
