@@ -9,8 +9,7 @@
 # the finished configs and seeds (their --config flags as below), then --pack-only --pack dev/runs/attribution.jsonl.gz.
 #
 # Resumable as powered_sweep.sh is: runs with a done.json are skipped, a cut-off run restarts from its checkpoint.
-# The forward-only and backward-only runs go first, three seeds then three more, so a cut-off session leaves whole
-# paired sets behind; the single backward GEMMs last.
+# Three seeds of every config first, then three more, so that a cut-off session leaves whole paired sets behind.
 set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep "^#" | cut -c3-; exit 0;; esac
 cd "$(dirname "$0")/.."
@@ -42,5 +41,6 @@ run() {     # run SEEDS CONFIG...: the named configs (their flags above) at thes
 }
 FWD_BWD="nvidia-fwd nvidia-bwd tetrajet-fwd tetrajet-bwd quartet2-fwd quartet2-bwd"
 run "1337 1338 1339" $FWD_BWD
+run "1337 1338 1339" tetrajet-dgrad tetrajet-wgrad
 run "1340 1341 1342" $FWD_BWD
-run "1337 1338 1339 1340 1341 1342" tetrajet-dgrad tetrajet-wgrad
+run "1340 1341 1342" tetrajet-dgrad tetrajet-wgrad
