@@ -11,7 +11,7 @@ the same numbers with the same noise. Four paths, all giving the reference's bit
     reference  fp4.py's own quantize + dequantize, eager: the readable definition and the judge of the rest
     compiled   the same function through torch.compile: inductor fuses it into a few loops, ~5-10x faster on a CPU
     cpu        cpu_kernels/: C with OpenMP, built with the system's gcc on first use, ~2x faster than compiled
-    triton     kernels.py: NVFP4 kernels in Triton for CUDA GPUs (no MXFP4 kernel)
+    triton     kernels.py: NVFP4 (and OutControl's MXFP8) kernels in Triton for CUDA GPUs (no MXFP4 kernel)
 
 use("auto", device, recipe) tries triton on CUDA, then cpu on a CPU, then compiled, each only after a probe shows
 it runs here and gives the reference's bits; its line names the path and every faster one it passed over, and

@@ -340,6 +340,29 @@ def _nvfp4_kernel(x_ptr, out_ptr, codes_ptr, scale_ptr, outer_ptr, amax_ptr, h_p
         if DOUBLE_BLOCK:
             tl.store(outer_ptr + rows.to(tl.int64) * (Kp // 128) + tl.program_id(1), s_o, mask=rows < M)
 
+
+
+@triton.jit
+def _mxfp8_kernel(x_ptr, out_ptr, M, Kp, BM: tl.constexpr, BK: tl.constexpr):
+    """OutControl's channels, fp4.dequantize_mxfp8(fp4.quantize_mxfp8(x)) on a (BM, BK) tile, per 32-block:
+    r = amax ⊘ 448, X = 2^(exponent of r, + 1 if r has mantissa bits) in [2^-127, 2^127] (NaN where amax is not
+    finite), x_dq = ±e4m3(min(|x ⊗ (1 ⊘ X)|, 448)) ⊗ X (x ⊘ X exactly: X and 1 ⊘ X are powers of two)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows[:, None] < M) & (cols[None, :] < Kp)
+    offs = rows[:, None].to(tl.int64) * Kp + cols[None, :]
+    xb = tl.reshape(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), (BM, BK // 32, 32))
+    amax = _amax(tl.abs(xb), 2)                                         # (BM, BK/32)
+    r = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)).to(tl.int32, bitcast=True)
+    e = ((r >> 23) & 0xFF) - 127 + tl.where((r & 0x7FFFFF) != 0, 1, 0)
+    byte = tl.minimum(tl.maximum(e, -127), 127) + 127
+    X = tl.where(byte == 0, 2.0 ** -127, (byte << 23).to(tl.float32, bitcast=True))
+    X = tl.where(amax < float("inf"), X, float("nan"))
+    t = xb * tl.math.div_rn(tl.full(X.shape, 1.0, tl.float32), X)[:, :, None]
+    m = _round_e4m3(_min(tl.abs(t), 448.0))
+    x_dq = tl.where(t.to(tl.int32, bitcast=True) < 0, -m, m) * X[:, :, None]   # the sign bit: -0.0 stays -0.0
+    tl.store(out_ptr + offs, tl.reshape(x_dq, (BM, BK)), mask=mask)
+
 # -----------------------------------------------------------------------------
 # wrappers: check, allocate, launch
 
@@ -412,8 +435,16 @@ def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, ed
 
 
 def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
-    """fp4.KERNEL on CUDA (NVFP4 only: fastpaths' probe refuses mxfp4 recipes) -> fp32 (Mp, Kp)."""
-    assert fmt == "nvfp4", "kernels.py has NVFP4 kernels only"
+    """fp4.KERNEL on CUDA (NVFP4, and OutControl's MXFP8; fastpaths' probe refuses mxfp4 recipes) -> fp32 (Mp, Kp)."""
+    if fmt == "mxfp8":
+        (M, Kp), x2 = x2.shape, x2.contiguous()
+        assert x2.dim() == 2 and Kp % fp4.MX_BLOCK == 0, f"kernels: {tuple(x2.shape)} is not padded (fp4.pad_2d)"
+        out = torch.empty(x2.shape, device=x2.device)
+        with _on(x2.device):
+            _mxfp8_kernel[(triton.cdiv(M, TILE_ROWS), triton.cdiv(Kp, fp4.MX_BLOCK))](
+                x2, out, M, Kp, BM=TILE_ROWS, BK=fp4.MX_BLOCK, **EXACT)
+        return out
+    assert fmt == "nvfp4", "kernels.py has NVFP4 and MXFP8 kernels only"
     return _launch(x2, outer, tile, seed if rounding != "nearest" else None, rht_signs, True, rounding == "eden",
                    four_over_six)
 

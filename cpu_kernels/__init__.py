@@ -1,6 +1,6 @@
 """
 cpu_kernels/: the C quantizers (fp4_cpu.c) for CPUs, the `cpu` implementation in fastpaths.py. This module builds
-fp4_cpu.c with the system C compiler on first use and calls it through ctypes: NVFP4 and MXFP4 fake quantization
+fp4_cpu.c with the system C compiler on first use and calls it through ctypes: NVFP4, MXFP4 and (OutControl's) MXFP8 fake quantization
 (fake_quant: fp4.KERNEL, bit for bit fp4.reference_kernel) and NVFP4 quantization to codes (bit for bit
 fp4.quantize_nvfp4), with RHT-16 or RHT-128 (given fp4.rht's signs), Four Over Six and MS-EDEN, ~1.5-2x faster
 than fp4.py through torch.compile on a laptop CPU (dev/speed.md). tests/test_paths.py ties it to the reference.
@@ -78,7 +78,7 @@ def _build_and_load():
     return lib
 
 
-FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2}   # fp4_cpu.c's fmt
+FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2, ("mxfp8", "tensor"): 3}   # fp4_cpu.c's fmt
 FOUR_OVER_SIX = {None: 0, "mae": 1, "mse": 2}                                     # fp4_cpu.c's fos
 
 

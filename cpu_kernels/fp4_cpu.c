@@ -19,6 +19,7 @@
  *       rounded (RTN) and its error taken in TE's expression; map-to-4 kept iff strictly smaller
  *     MS-EDEN (fp4.round_eden): S_dec from 255.99 and 6.0721; per 128-group c = sum z^2 / sum z q (tree order);
  *       the scale s * c rounded stochastically to E4M3 with one uniform per block (row * K/16 + block)
+ *     MXFP8 (fp4.quantize_mxfp8, OutControl's channels; fake_quant only): mxfp8_row below
  *
  * Why C: torch.compile fuses the same math into one loop, but its code recomputes each block's scales in
  * scalar code between vector loads, and the SR noise in 64-bit lanes. Here each row of a 128-column block is
@@ -44,7 +45,7 @@
 #endif
 
 #define BLOCK 16                       /* elements per E4M3 block scale; every loop works in 16-chunks */
-enum { NVFP4_TENSOR = 0, NVFP4_OUTER128 = 1, MXFP4 = 2 };   /* the kernels' fmt: the recipe's format */
+enum { NVFP4_TENSOR = 0, NVFP4_OUTER128 = 1, MXFP4 = 2, MXFP8 = 3 };   /* the kernels' fmt (MXFP8: OutControl's) */
 typedef struct {                       /* quantize_nvfp4's outputs, row-major over the (M, K) view */
     uint8_t *codes;                    /* (M, K/2) packed E2M1 codes */
     uint8_t *scales;                   /* (M, K/16) E4M3 block-scale bytes */
@@ -954,6 +955,52 @@ static void quantize_tile(float v[][MAX_GROUP], int tile_rows, int n, int64_t r0
     }
 }
 
+/* OutControl's channels, fp4.dequantize_mxfp8(fp4.quantize_mxfp8(.)) of one row of n fp32 values (n a multiple
+ * of 32), per 32-block: r = amax_32 / 448;  X = 2^(exponent field of r - 127, plus 1 if r has mantissa bits),
+ * an E8M0 value (clamped to 2^-127..2^127; NaN where amax is not finite);  out = ±e4m3(min(|x * (1/X)|, 448)) * X,
+ * e4m3 to nearest even. (x / X is exactly x * (1/X): both are powers of two, 2^-127 and 2^127 included.) */
+static void mxfp8_row(const float *v, int n, char *o, int out_bf16) {
+    for (int b = 0; b < n; b += MX_BLOCK) {
+        float a = 0.0f;
+#ifdef __AVX2__
+        a = hmax_bits8(_mm256_max_epi32(_mm256_max_epi32(abs_bits8(v + b), abs_bits8(v + b + 8)),
+                                        _mm256_max_epi32(abs_bits8(v + b + 16), abs_bits8(v + b + 24))));
+#else
+        for (int e = 0; e < MX_BLOCK; e++) a = max_keep_nan(a, fabsf(v[b + e]));
+#endif
+        uint32_t r = float_to_bits(a / E4M3_MAX);
+        int32_t e8 = (int32_t)((r >> 23) & 0xFF) - 127 + ((r & 0x7FFFFFu) != 0);
+        uint32_t byte = (uint32_t)((e8 < -127 ? -127 : e8 > 127 ? 127 : e8) + 127);
+        float X = !isfinite(a) ? NAN : byte == 0 ? bits_to_float(0x00400000u) : bits_to_float(byte << 23);
+        float inv = 1.0f / X, q[MX_BLOCK] __attribute__((aligned(32)));
+#ifdef __AVX2__
+        const __m256 vinv = _mm256_set1_ps(inv), vX = _mm256_set1_ps(X), sign = _mm256_set1_ps(-0.0f),
+                     vmax = _mm256_set1_ps(E4M3_MAX);
+        for (int e = 0; e < MX_BLOCK; e += 8) {
+            __m256 t = _mm256_mul_ps(_mm256_loadu_ps(v + b + e), vinv);
+            /* min(448, |t|) returns |t| where it is NaN, as min_keep_nan; the sign ORed back is copysignf */
+            __m256 m = round_e4m3_8(_mm256_min_ps(vmax, _mm256_andnot_ps(sign, t)));
+            _mm256_store_ps(q + e, _mm256_mul_ps(_mm256_or_ps(m, _mm256_and_ps(sign, t)), vX));
+        }
+        if (out_bf16) {
+            store_bf16_16((uint16_t *)o + b, _mm256_load_ps(q), _mm256_load_ps(q + 8));
+            store_bf16_16((uint16_t *)o + b + 16, _mm256_load_ps(q + 16), _mm256_load_ps(q + 24));
+            continue;
+        }
+#else
+        for (int e = 0; e < MX_BLOCK; e++) {
+            float t = v[b + e] * inv;
+            q[e] = copysignf(round_e4m3(min_keep_nan(fabsf(t), E4M3_MAX)), t) * X;
+        }
+        if (out_bf16) {
+            for (int e = 0; e < MX_BLOCK; e++) ((uint16_t *)o)[b + e] = float_to_bf16(q[e]);
+            continue;
+        }
+#endif
+        memcpy((float *)o + b, q, sizeof q);
+    }
+}
+
 /* Pass 1 of the per-tensor recipe: A = max |x H| (or |x|) over the whole tensor, NaN if any element is.
  * `rotated`: NULL, or an (M, K) fp32 buffer that receives x H, so that pass 2 need not rotate again. */
 static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t M, int64_t K,
@@ -1020,7 +1067,7 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
  *   out, out_bf16                       fake_quant's output (M, K), contiguous
  *   codes, scales, outer                quantize_nvfp4's outputs (CodesOut above), contiguous
  *   tile_rows                           1 or 16 (TR above)
- *   fmt                                 NVFP4_TENSOR, NVFP4_OUTER128 (s_o per 1x128 / 16x128) or MXFP4
+ *   fmt                                 NVFP4_TENSOR, NVFP4_OUTER128 (s_o per 1x128 / 16x128), MXFP4 or MXFP8
  *   sr, s0, s1                          stochastic rounding and its two uint32 seeds
  *   H, hsize                            NULL, or the 16x16 RHT matrix (rht_operand below), row-major (hsize 16),
  *                                       or the 128 signs of RHT-128 (hsize 128); the entry points take fp4.rht's signs
@@ -1051,7 +1098,8 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
         }
         if (co) co->outer[0] = j.s_dec;
     }
-    const int G = K % MAX_GROUP == 0 ? MAX_GROUP : fmt == MXFP4 ? MX_BLOCK : BLOCK;  /* columns per step */
+    const int G = K % MAX_GROUP == 0 ? MAX_GROUP : fmt >= MXFP4 ? MX_BLOCK : BLOCK;  /* columns per step */
+    const size_t out_size = out_bf16 ? 2 : 4;
     const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
     const int in_place = rows == 1 && !x_bf16 && col_stride == 1 && !H;
     #pragma omp parallel for schedule(static)
@@ -1059,13 +1107,18 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
         for (int64_t c0 = 0; c0 < K; c0 += G) {
             if (in_place) {          /* one fp32 row, nothing to rotate: quantize_tile reads it where it is */
-                quantize_tile((float (*)[MAX_GROUP])((float *)x + r0 * row_stride + c0), 1, G, r0, c0, &j);
+                const float *row = (const float *)x + r0 * row_stride + c0;
+                if (fmt == MXFP8) mxfp8_row(row, G, (char *)out + (r0 * K + c0) * out_size, out_bf16);
+                else quantize_tile((float (*)[MAX_GROUP])row, 1, G, r0, c0, &j);
                 continue;
             }
             load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
             if (H)
                 for (int r = 0; r < rows; r++) rotate(v[r], G, H, hsize);
-            for (int t = 0; t < rows; t += tile_rows) quantize_tile(v + t, tile_rows, G, r0 + t, c0, &j);
+            if (fmt == MXFP8)
+                for (int r = 0; r < rows; r++) mxfp8_row(v[r], G, (char *)out + ((r0 + r) * K + c0) * out_size, out_bf16);
+            else
+                for (int t = 0; t < rows; t += tile_rows) quantize_tile(v + t, tile_rows, G, r0 + t, c0, &j);
         }
     }
     free(rotated);

@@ -80,6 +80,7 @@ def compile_one(fn, signature, constexprs, arch, fusion):
     ptx = k.asm["ptx"]
     return {"fma": len(re.findall(r"\bfma\.\w+\.f32", ptx)),
             "div_full": len(re.findall(r"\bdiv\.(?:full|approx)", ptx)),
+            "ftz": len(re.findall(r"\.ftz\.f32", ptx)),
             "mma": sorted(set(re.findall(r"tcgen05\.mma[\w:.]*", ptx)))}
 
 quantizer, gemm, archs = json.loads(sys.argv[1])
@@ -91,6 +92,10 @@ for arch in archs:
         const = dict(FAKE=fake, DOUBLE_BLOCK=double, TILE16=tile16, SR=sr, RHT=rht, EDEN=eden,
                      FOUR_OVER_SIX=four_over_six, BM=kernels.TILE_ROWS, BK=kernels.TILE_COLS)
         out[f"{arch} {name}"] = compile_one(kernels._nvfp4_kernel, sig, const, arch, kernels.EXACT["enable_fp_fusion"])
+    for xdtype in ("fp32", "bf16"):       # OutControl's MXFP8 channels
+        sig = {"x_ptr": "*" + xdtype, "out_ptr": "*fp32", "M": "i32", "Kp": "i32"}
+        out[f"{arch} mxfp8 {xdtype}"] = compile_one(kernels._mxfp8_kernel, sig, dict(BM=kernels.TILE_ROWS, BK=32), arch,
+                                                    kernels.EXACT["enable_fp_fusion"])
     for name, stype, group, outer in gemm:
         sig = {"a_ptr": "*u8", "sa_ptr": stype, "oa_ptr": "*fp32", "b_ptr": "*u8", "sb_ptr": stype, "ob_ptr": "*fp32",
                "c_ptr": "*fp32", "M": "i32", "N": "i32", "Kp": "i32"}
@@ -129,6 +134,15 @@ def test_quantizer_compiles_without_fma_or_approximate_division(compiled, arch, 
     assert "error" not in result, result.get("error")
     assert result["fma"] == 0, f"{result['fma']} fused multiply-adds: fp4.py rounds a*b and +c separately"
     assert result["div_full"] == 0, "an approximate division: use tl.math.div_rn, or multiply by an exact 2^-k"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("xdtype", ["fp32", "bf16"])
+def test_mxfp8_kernel_compiles_without_fma_approximate_division_or_flushed_subnormals(compiled, arch, xdtype):
+    # OutControl's channels: a block of tiny values has X = 2^-127, a subnormal a flush-to-zero would lose
+    result = compiled[f"{arch} mxfp8 {xdtype}"]
+    assert "error" not in result, result.get("error")
+    assert result["fma"] == 0 and result["div_full"] == 0 and result["ftz"] == 0, result
 
 
 @pytest.mark.parametrize("arch", ARCHS)

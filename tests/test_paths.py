@@ -195,6 +195,22 @@ def test_eden_on_double_block_equals_the_reference_bit_for_bit(path):
         assert same_quantized(got, ref)
 
 
+def test_mxfp8_channels_equal_the_reference_bit_for_bit(path):
+    # OutControl's MXFP8 (fp4.fake_quant_mxfp8, §8) on every path: NaN, Inf, -0.0, an all-zero block, a block of
+    # subnormals (X = 2^-127) and one of 1e30, K = 200 padded to 224; contiguous and transposed (wgrad's dYᵀ),
+    # fp32 and bf16 in and out
+    dev = device_of(path)
+    x = awkward(cols=200)
+    x[2, 3], x[4, 40], x[6, 7] = float("nan"), float("inf"), -0.0
+    x[10, 64:96], x[11, :32] = 1e-42, 1e30 * torch.randn(32, generator=torch.Generator().manual_seed(1))
+    x, xt = x.to(dev), awkward(rows=384, cols=64).to(dev).t()
+    fast = path == "compiled" or (path == "triton" and INTERPRETED)
+    for operand in (x, xt) if fast else (x, xt, x.bfloat16(), xt.bfloat16()):
+        for dtype in (torch.float32,) if fast else (torch.float32, torch.bfloat16):
+            got, ref = both(path, lambda: fp4.fake_quant_mxfp8(operand, dtype))
+            assert equal_with_nan(got, ref), (tuple(operand.shape), operand.dtype, dtype)
+
+
 @pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])
 def test_ms_eden_and_rht128_equal_the_reference_bit_for_bit(path, rounding, n_signs):
     # MS-EDEN (the per-128 correction, the stochastically rounded E4M3 scale) and the RHT-128 butterfly, on

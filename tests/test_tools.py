@@ -418,3 +418,21 @@ def test_the_powered_sweep_names_only_built_in_configs():
     assert (set(named["CORE"]) | set(named["REST"]) | {"tetrajet+oc-random"} == set(named["TABLE"])
             == set(compare.CONFIGS) - contest)
     assert all(f" {name} " in read(os.path.join(REPO, "dev", "contest.sh")) for name in contest)
+
+
+def test_bench_step_times_a_high_precision_baseline_and_each_path_with_and_without_outcontrol(monkeypatch, capsys):
+    # --train-flags '--fp4 --out-control' once made table 3's baseline row an FP4 model (build_model converts under
+    # --fp4): the baseline must stay high precision, and each path gets an OutControl row and its ratio
+    from tools import bench
+    import fp4
+    import train
+    built, build = [], train.build_model
+    monkeypatch.setattr(bench.train, "build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    monkeypatch.setattr(bench, "paths_here", lambda device, recipe: ["reference"])
+    cfg = bench.train_config("--fp4 --out-control --n-layer 1 --batch-size 2 --block-size 32".split())
+    results = bench.bench_step(torch.device("cpu"), 1, "tetrajet", cfg)
+    assert not any(isinstance(m, fp4.FP4Linear) for m in built[0][0].modules())
+    assert list(results)[1:] == ["fp4 tetrajet [reference]", "fp4 tetrajet +OutControl [reference]"]   # after fp32/bf16
+    with_oc = [m for m in built[2][0].modules() if isinstance(m, fp4.FP4Linear)]
+    assert with_oc and all(m.columns is not None and len(m.columns[0]) == 32 for m in with_oc)
+    assert "x without OutControl" in capsys.readouterr().out

@@ -4,7 +4,8 @@ bench.py: how fast is simulated FP4 here? Three tables, every implementation pat
   1. quantizers on a 4096x4096 fp32 tensor: ms, elements/s and GB/s (bytes read + written), against a plain
      copy (the floor of any one-pass quantizer) and torchao's nvfp4_quantize when torchao is installed;
   2. one FP4 linear layer, forward + backward, against the bf16 nn.Linear at a few (tokens, in, out) shapes;
-  3. a full training step of train.py's default model (same model, batch and flags), fp4 / bf16.
+  3. a full training step of train.py's default model (same model, batch and flags), fp4 / bf16; with
+     --train-flags '--fp4 --out-control', each FP4 path with and without OutControl's MXFP8 channels.
 
     python tools/bench.py                   # cpu, all three tables
     python tools/bench.py --device cuda     # adds the triton path and the copy bandwidth it is measured against
@@ -15,6 +16,7 @@ machine numbers move by 10-20% between runs: compare within one run, which is wh
 """
 
 import argparse
+import dataclasses
 import sys
 import os
 import time
@@ -128,12 +130,21 @@ def bench_step(device, repeat, recipe, cfg):
     idx = torch.randint(0, BYTE_VOCAB, (cfg.batch_size, cfg.block_size + 1), device=device,
                         generator=torch.Generator(device).manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
-    steps = {}
-    for label, path in [(base, None)] + [(f"fp4 {recipe} [{p}]", p) for p in paths_here(device, recipe)]:
-        torch.manual_seed(cfg.seed)
-        model = train.build_model(cfg, BYTE_VOCAB, dtype, device)[0]
+    steps, without_oc = {}, {}
+    variants = [(base, None, False)]
+    for p in paths_here(device, recipe):           # with --out-control in --train-flags: each path with and without
+        variants += [(f"fp4 {recipe} [{p}]", p, False)] + [(f"fp4 {recipe} +OutControl [{p}]", p, True)] * cfg.out_control
+    for label, path, out_control in variants:
+        torch.manual_seed(cfg.seed)         # (built without --fp4: this table converts the model itself)
+        model = train.build_model(dataclasses.replace(cfg, fp4=False), BYTE_VOCAB, dtype, device)[0]
         if path is not None:
             fp4.convert_to_fp4(model, recipe)
+        if out_control:     # the outlier channels a calibration would fix (the time does not depend on which)
+            without_oc[label] = f"fp4 {recipe} [{path}]"
+            for m in model.modules():
+                if isinstance(m, fp4.FP4Linear):
+                    norms = torch.rand(m.in_features, generator=torch.Generator().manual_seed(0)).to(device)
+                    m.columns = fp4.select_outlier_channels(norms, cfg.out_control_frac)
         opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
 
         def step(model=model, opt=opt, path=path):
@@ -151,8 +162,9 @@ def bench_step(device, repeat, recipe, cfg):
     print(f"\n3. training step, model {cfg.model}, batch {cfg.batch_size} x {cfg.block_size} tokens, on {device}, "
           f"activations {dtype} ({why})")
     for label, ms in results.items():
-        print(f"{label:32s} {ms:8.1f} ms   {ms / results[base]:5.2f}x {base}   "
-              f"{cfg.batch_size * cfg.block_size / ms * 1e3:9,.0f} tok/s")
+        print(f"{label:44s} {ms:8.1f} ms   {ms / results[base]:5.2f}x {base}   "
+              f"{cfg.batch_size * cfg.block_size / ms * 1e3:9,.0f} tok/s"
+              + (f"   {ms / results[without_oc[label]]:5.2f}x without OutControl" if label in without_oc else ""))
     return results
 
 
