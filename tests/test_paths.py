@@ -291,8 +291,10 @@ def test_cpu_kernels_write_bf16_like_torch_and_take_only_2d_cpu_tensors(path):
 
 def test_triton_takes_only_padded_nvfp4_operands():
     kernels = pytest.importorskip("kernels", reason="triton is not installed")
-    with pytest.raises(AssertionError, match="NVFP4 kernels only"):
+    with pytest.raises(AssertionError, match="NVFP4 and MXFP8 kernels only"):
         kernels.fake_quant(torch.randn(4, 64, device=DEVICE), "mxfp4", "tensor", (1, 16), "nearest", None)
+    with pytest.raises(AssertionError, match="not padded"):
+        kernels.fake_quant(torch.randn(4, 40, device=DEVICE), "mxfp8", "tensor", (1, 32), "nearest", None)
     with pytest.raises(AssertionError, match="not padded"):
         kernels.fake_quant_nvfp4(torch.randn(16, 200, device=DEVICE), outer=128)
 
