@@ -14,8 +14,11 @@ cd "$(dirname "$0")/.."
 SEEDS="1337 1338 1339 1340 1341 1342"
 COMMON="--n-layer 2 --eval-set fixed --eval-iters 64"
 for steps in 1400 4000; do
-    if [ ! -d "runs/l2-$steps" ]; then
+    if [ ! -d "runs/l2-$steps" ]; then      # the main table's runs, then the contest's finished ones
         python tools/compare.py --unpack --out "runs/l2-$steps" --pack "dev/runs/l2-$steps.jsonl.gz"
+        if [ -f "dev/runs/contest-l2-$steps.jsonl.gz" ]; then
+            python tools/compare.py --unpack --out "runs/l2-$steps" --pack "dev/runs/contest-l2-$steps.jsonl.gz"
+        fi
     fi
 done
 python tools/compare.py --out runs/l2-1400 --configs baseline nvidia quartet2 tetrajet+all tetrajet-eden \
