@@ -437,8 +437,8 @@ def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, ed
 def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
     """fp4.KERNEL on CUDA (NVFP4, and OutControl's MXFP8; fastpaths' probe refuses mxfp4 recipes) -> fp32 (Mp, Kp)."""
     if fmt == "mxfp8":
+        assert x2.dim() == 2 and x2.shape[1] % fp4.MX_BLOCK == 0, f"kernels: {tuple(x2.shape)} is not padded (fp4.pad_2d)"
         (M, Kp), x2 = x2.shape, x2.contiguous()
-        assert x2.dim() == 2 and Kp % fp4.MX_BLOCK == 0, f"kernels: {tuple(x2.shape)} is not padded (fp4.pad_2d)"
         out = torch.empty(x2.shape, device=x2.device)
         with _on(x2.device):
             _mxfp8_kernel[(triton.cdiv(M, TILE_ROWS), triton.cdiv(Kp, fp4.MX_BLOCK))](
