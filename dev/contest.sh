@@ -7,6 +7,8 @@
 #   2. l2-4000 (21 tokens per parameter), the same six seeds, then as many more as step 1 says, for every config
 #
 #   bash dev/contest.sh          # run or resume, 2 runs at a time (resumable as powered_sweep.sh is)
+#
+# 2 runs at a time, one thread each, eager: the fastest setting that logs the same numbers (dev/speed.md).
 set -euo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | grep "^#" | cut -c3-; exit 0;; esac
 cd "$(dirname "$0")/.."
@@ -22,6 +24,8 @@ for steps in 1400 4000; do
     fi
 done
 python tools/compare.py --out runs/l2-1400 --configs baseline nvidia quartet2 tetrajet+all tetrajet-eden \
-    tetrajet-eden+oc --versus quartet2 --seeds $SEEDS --parallel 2 -- $COMMON --max-iters 1400 --eval-interval 350
-python tools/compare.py --out runs/l2-4000 --configs baseline nvidia quartet2 tetrajet-eden tetrajet-eden+oc \
-    --versus quartet2 --seeds $SEEDS --parallel 2 -- $COMMON --max-iters 4000 --eval-interval 1000
+    tetrajet-eden+oc --versus quartet2 nvidia --seeds $SEEDS --parallel 2 -- $COMMON --max-iters 1400 --eval-interval 350
+for seeds in "${SEEDS% * * *}" "$SEEDS"; do  # three seeds of every config first: a paired table as early as possible
+    python tools/compare.py --out runs/l2-4000 --configs baseline nvidia quartet2 tetrajet-eden tetrajet-eden+oc \
+        tetrajet+all --versus quartet2 nvidia --seeds $seeds --parallel 2 -- $COMMON --max-iters 4000 --eval-interval 1000
+done

@@ -128,6 +128,22 @@ def test_a_table_leaves_out_the_columns_no_row_fills(tmp_path):
     assert "| L - L_baseline | L - L_tetrajet | gap closed vs tetrajet | tok/s |" in read(tmp_path / "q.md")
 
 
+def test_each_recipe_named_after_versus_gets_its_own_paired_column(tmp_path):
+    # the contest's table: paired differences against quartet2 and nvidia; the gap closed against the first only
+    seeds = [1337, 1338, 1339, 1340, 1341, 1342]
+    compare.main(["--out", str(tmp_path / "c"), "--pack", pack("contest-l2-1400"), "--report-only", "--no-plot",
+                  "--versus", "quartet2", "nvidia"])
+    lines = read(tmp_path / "c.md").splitlines()
+    assert "| L - L_baseline | L - L_quartet2 | L - L_nvidia | gap closed vs quartet2 |" in lines[4]
+    _, runs = compare.read_pack(pack("contest-l2-1400"))
+    eden = finals(runs, "tetrajet-eden", seeds)
+    for b in ("quartet2", "nvidia"):
+        m, se = compare.mean_se([x - y for x, y in zip(eden, finals(runs, b, seeds))])
+        assert f"{m:+.4f} ± {se:.4f}" in next(line for line in lines if line.startswith("| tetrajet-eden |"))
+    row = next(line for line in lines if line.startswith("| nvidia |")).split(" | ")
+    assert row[4] and not row[5] and row[6]            # nvidia: vs quartet2 and its gap closed, not vs itself
+
+
 # ---- every script: --help, bad input in one line, plots optional ------------------------------------------------
 
 SCRIPTS = sorted({os.path.relpath(p, REPO) for d in ("tools", "dev", "data") for p in glob.glob(os.path.join(REPO, d, "*.py"))
@@ -355,6 +371,8 @@ def test_a_cut_off_sweep_resumes_without_redoing_finished_runs(sweep, dataset, t
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "fp8"], "unknown config 'fp8'"),
     (["--configs", "nvidia"], "needs the baseline config"),
+    (["--configs", "baseline", "nvidia", "--versus", "nvidia", "nvidia"], "--versus names a config twice"),
+    (["--configs", "baseline", "nvidia", "--versus", "nvidia", "quartet2"], "--versus quartet2 is not among"),
     (["--config", "nameless"], "NAME=FLAGS"),
     (["--", "--seed", "3"], "--seed is set by compare.py"),
     (["--config", "x=--fp4 --out-dir y"], "--out-dir is set by compare.py"),

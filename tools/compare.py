@@ -30,8 +30,9 @@ configs extend a committed sweep.
 
 The baseline config runs without FP4 in train.py's default dtype and is named for it in the table ("baseline
 (fp32)" on a CPU without native bf16). The table: final val loss mean ± std over seeds; L - L_baseline and
-L - L_B against a recipe B (--versus, default nvidia), each paired per seed (same seed = same init and data
-order) and given as mean ± standard error; the gap closed versus B, 1 - gap_M / gap_B = (L̄_B - L̄_M) / (L̄_B -
+L - L_B against a recipe B (--versus, default nvidia; --versus B C ... adds a paired column per recipe, the first
+is B), each paired per seed (same seed = same init and data order) and given as mean ± standard error; the gap
+closed versus B, 1 - gap_M / gap_B = (L̄_B - L̄_M) / (L̄_B -
 L̄_baseline) of the means over seeds, ± its jackknife (leave-one-seed-out) standard error; tok/s (median over
 evals after the first, which holds compile time); the oscillation ratio at the last eval (FP4 runs). The gap
 closed is a ratio of means, not a mean of per-seed ratios: a seed where B barely trails the baseline would
@@ -106,8 +107,8 @@ def parse_args(argv):
     p.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                    help="an extra configuration: a name and its train.py flags (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int, help="default: 1337 1338 1339 (a pack's report: the pack's)")
-    p.add_argument("--versus", help="the B of 'gap closed' and of the paired difference (default: nvidia; a pack's "
-                   "report: the pack's)")
+    p.add_argument("--versus", nargs="+", help="the B of 'gap closed' and of the paired difference, then any more "
+                   "recipes to pair with (default: nvidia; a pack's report: the pack's)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (the CPU threads are split among them)")
     p.add_argument("--no-plot", action="store_true", help="skip loss.png")
     mode = p.add_mutually_exclusive_group()
@@ -121,7 +122,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.seeds and len(set(args.seeds)) < len(args.seeds):
         p.error(f"--seeds names a seed twice ({' '.join(map(str, args.seeds))}); each seed is one run per config")
-    if args.versus == "baseline":
+    if args.versus and len(set(args.versus)) < len(args.versus):
+        p.error(f"--versus names a config twice ({' '.join(args.versus)})")
+    if args.versus and "baseline" in args.versus:
         p.error("--versus baseline: every gap is measured against the baseline already; name an FP4 config")
     out = os.path.normpath(args.out)
     args.pack = args.pack or (out if out.endswith(PACK) else out + PACK)
@@ -136,8 +139,8 @@ def parse_args(argv):
         if (args.unpack or args.from_pack) and not os.path.exists(args.pack):
             p.error(f"no pack {args.pack}" + (f" and no run folder {args.out}" if args.from_pack else ""))
         return args, None, None
-    given_versus = args.versus
-    args.seeds, args.versus = args.seeds or DEFAULT_SEEDS, args.versus or DEFAULT_VERSUS
+    given_versus = args.versus or []
+    args.seeds, args.versus = args.seeds or DEFAULT_SEEDS, versus_list(args.versus or DEFAULT_VERSUS)
     args.configs = args.configs or list(CONFIGS)
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
@@ -154,8 +157,9 @@ def parse_args(argv):
         p.error(f"{owned[0]} is set by compare.py for every run (--seeds, --out); remove it")
     if "baseline" not in configs:
         p.error("the sweep needs the baseline config (no FP4): every gap is measured against it")
-    if given_versus and given_versus not in configs:        # (the default's columns just go when it is not run)
-        p.error(f"--versus {args.versus} is not among the sweep's configs {list(configs)}; add it or name one of them")
+    absent = [v for v in given_versus if v not in configs]  # (the default's columns just go when it is not run)
+    if absent:
+        p.error(f"--versus {absent[0]} is not among the sweep's configs {list(configs)}; add it or name one of them")
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
     return args, configs, common
@@ -335,8 +339,22 @@ def gap_closed(m, b, base):
     return ratio(range(n)), math.sqrt((n - 1) / n * sum((r - statistics.fmean(loo)) ** 2 for r in loo))
 
 
+def versus_list(versus):
+    """--versus's names as a list: a pack or results.json holds one name as a string (how older sweeps wrote it)."""
+    return [versus] if isinstance(versus, str) else list(versus)
+
+
+def versus_field(versus):
+    """The inverse of versus_list, for results.json and packs: one name stays a string, so older packs repack to
+    the same bytes."""
+    return versus[0] if len(versus) == 1 else list(versus)
+
+
 def summarize(runs, configs, seeds, versus):
-    """{(config, seed): run} (folder_runs or read_pack) -> ({config: row dict}, {config: {seed: log records}})."""
+    """{(config, seed): run} (folder_runs or read_pack) -> ({config: row dict}, {config: {seed: log records}}).
+    versus: a name or a list of names (--versus); the first is the B of the gap closed and of "minus_versus",
+    and every one's paired difference goes in row["minus"][name] = (mean, s.e.)."""
+    versus = versus_list(versus)
     logs = {c: {s: runs[c, s]["log"] for s in seeds} for c in configs}
     final = {c: {s: logs[c][s][-1]["val_loss"] for s in seeds} for c in configs}
     rows = {}
@@ -345,11 +363,16 @@ def summarize(runs, configs, seeds, versus):
         row["mean"], row["std"] = mean_std(row["final"])
         row["gap"], row["gap_se"] = mean_se([final[c][s] - final["baseline"][s] for s in seeds])   # paired
         row["dtype"] = logs[c][seeds[0]][-1].get("dtype", "bfloat16")       # what the run's activations were
-        if versus in configs and c not in ("baseline", versus):
+        b = versus[0]
+        if b in configs and c not in ("baseline", b):
             row["gap_closed"], row["gap_closed_se"] = gap_closed(*([final[k][s] for s in seeds]
-                                                                   for k in (c, versus, "baseline")))
-            diff = [final[c][s] - final[versus][s] for s in seeds]       # paired: same seed, same data order
-            row["minus_versus"], row["minus_versus_se"] = mean_se(diff)
+                                                                   for k in (c, b, "baseline")))
+        for v in versus:
+            if v in configs and c not in ("baseline", v):
+                diff = [final[c][s] - final[v][s] for s in seeds]       # paired: same seed, same data order
+                row.setdefault("minus", {})[v] = mean_se(diff)
+        if b in row.get("minus", {}):
+            row["minus_versus"], row["minus_versus_se"] = row["minus"][b]
         speeds = [statistics.median([r["tok_per_s"] for r in logs[c][s][1:]] or [logs[c][s][-1]["tok_per_s"]])
                   for s in seeds]
         row["tok_per_s"] = statistics.fmean(speeds)
@@ -369,19 +392,21 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 
 def write_table(md, rows, seeds, versus, common, json_path=None):
     ref = label("baseline", rows["baseline"])
+    versus, all_versus = versus_list(versus)[0], versus_list(versus)
+    minus = {f"L - L_{v}": (lambda c, r, v=v: "{:+.4f} ± {:.4f}".format(*r["minus"][v]) if v in r.get("minus", {})
+                            else "") for v in all_versus}
     columns = {                                     # header -> a row's cell; a column no row fills is left out
         "config": lambda c, r: label(c, r), "flags": lambda c, r: f"`{r['flags']}`",
         "final val_loss (mean ± std)": lambda c, r: f"{r['mean']:.4f} ± {r['std']:.4f}",
         "L - L_baseline": lambda c, r: f"{r['gap']:+.4f} ± {r['gap_se']:.4f}" if c != "baseline" else "",
-        f"L - L_{versus}": lambda c, r:
-            f"{r['minus_versus']:+.4f} ± {r['minus_versus_se']:.4f}" if "minus_versus" in r else "",
+        **minus,
         f"gap closed vs {versus}": lambda c, r:
             f"{r['gap_closed']:+.0%} ± {r['gap_closed_se']:.0%}" if "gap_closed" in r else "",
         "tok/s": lambda c, r: f"{r['tok_per_s']:,.0f}",
         "oscillating": lambda c, r: f"{r['oscillating']:.2%}" if r["oscillating"] is not None else ""}
     cells = {h: [cell(c, r) for c, r in rows.items()] for h, cell in columns.items()}
     heads = [h for h in columns if any(cells[h])]
-    diffs = ", ".join(h for h in ("L - L_baseline", f"L - L_{versus}") if h in heads)
+    diffs = ", ".join(h for h in ("L - L_baseline", *minus) if h in heads)
     lines = [f"# FP4 vs {ref}: {len(rows)} configurations x {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
              f"Common train.py flags: `{shlex.join(common) or '(defaults)'}`."
              + (f" {diffs}: the loss differences paired per seed, mean ± standard error." if diffs else "")
@@ -397,7 +422,8 @@ def write_table(md, rows, seeds, versus, common, json_path=None):
         f.write("\n".join(lines) + "\n")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"seeds": seeds, "versus": versus, "common": common, "rows": rows}, f, indent=1)
+            json.dump({"seeds": seeds, "versus": versus_field(all_versus), "common": common, "rows": rows}, f,
+                      indent=1)
     return "\n".join(lines)
 
 
@@ -456,11 +482,12 @@ def main(argv=None):
         if lacking:
             sys.exit(f"error: {args.pack} has no seed {lacking[0]} (it holds {' '.join(map(str, header['seeds']))}); "
                      f"pick among those")
-        if args.versus and args.versus not in names:
-            sys.exit(f"error: --versus {args.versus} is not among the configs reported ({' '.join(names)}); add it to "
+        absent = [v for v in args.versus or [] if v not in names]
+        if absent:
+            sys.exit(f"error: --versus {absent[0]} is not among the configs reported ({' '.join(names)}); add it to "
                      f"--configs or name one of them")
         configs = {c: header["configs"][c] for c in names}
-        args.seeds, args.versus = args.seeds or header["seeds"], args.versus or header["versus"]
+        args.seeds, args.versus = args.seeds or header["seeds"], args.versus or versus_list(header["versus"])
         common, out = header["common"], stem(os.path.normpath(args.out))
         md, json_path, png = out + ".md", None, None if args.no_plot else out + ".png"
     else:
