@@ -53,47 +53,89 @@ MODEL_FIELDS = ("rel_error", "deterministic", "noise", "cosine")
 
 def estimator_stats(draws, exact):
     """draws (N >= 2, ...) and exact (...) -> {bias, bias_floor, noise, gain, cosine} as floats (module docstring,
-    docs/numerics.md §12), in fp64 over the flattened tensors (differences taken before squaring, so an exact
-    estimator gives exactly 0)."""
-    G = exact.double().reshape(-1)
-    D = draws.reshape(draws.shape[0], -1).double()                            # (N, numel)
-    N, norm = D.shape[0], G.norm().item()
-    assert N >= 2, "the noise needs two draws or more"
-    mean = D.mean(0)
-    noise = math.sqrt(torch.linalg.vector_norm(D - mean, dim=1).square().sum().item() / (N - 1)) / norm
-    bias = math.sqrt(max(0.0, ((mean - G).norm().item() / norm) ** 2 - noise ** 2 / N))
-    cosine = (D @ G / (torch.linalg.vector_norm(D, dim=1) * norm).clamp(min=1e-300)).mean().item()
-    return {"bias": bias, "bias_floor": 2 * noise / math.sqrt(N), "noise": noise,
-            "gain": (mean @ G).item() / norm ** 2, "cosine": cosine}
+    docs/numerics.md §12), in fp64 over the flattened tensors; Running below, fed the draws one by one."""
+    running = Running({"exact": exact})
+    for d in draws:
+        running.add(d)
+    return running.stats("exact")
 
 
-def layer_draws(recipe, x, w, dy, draws, seed=0):
-    """One layer's three GEMMs, `draws` times with independent noise -> {"fprop"|"dgrad"|"wgrad": (N, ...) fp32}
-    and the forward's dequantized (X̂, Ŵ) (for the aligned references). The quantizers run on fp4.KERNEL."""
+class Running:
+    """The draws of one estimator folded in one at a time, so that N draws cost two vectors, not N (800 draws of a
+    captured model's GEMMs once took 23 GB): in fp64, the mean and Σ_k (Ĝ_k − Ḡ)² per element by Welford's update
+        δ = Ĝ_k − Ḡ_{k−1};  Ḡ_k = Ḡ_{k−1} + δ / k;  M2 += δ · (Ĝ_k − Ḡ_k)
+    (differences taken before squaring: identical draws give exactly 0 noise), and per reference G in `refs`
+    ({name: tensor}) the sums of the draws' cosines to G and of ‖Ĝ_k − G‖²."""
+
+    def __init__(self, refs):
+        self.refs = {name: G.double().reshape(-1) for name, G in refs.items()}
+        self.n, self.mean, self.m2 = 0, None, None
+        self.cosines, self.sq_errors = dict.fromkeys(refs, 0.0), dict.fromkeys(refs, 0.0)
+
+    def add(self, draw):
+        d = draw.double().reshape(-1)
+        self.n += 1
+        if self.mean is None:
+            self.mean, self.m2 = d.clone(), torch.zeros_like(d)
+        else:
+            delta = d - self.mean
+            self.mean += delta / self.n
+            self.m2 += delta * (d - self.mean)
+        norm = torch.linalg.vector_norm(d)
+        for name, G in self.refs.items():
+            self.cosines[name] += (d @ G / (norm * G.norm()).clamp(min=1e-300)).item()
+            self.sq_errors[name] += (d - G).square().sum().item()
+
+    def stats(self, ref):
+        """-> estimator_stats's {bias, bias_floor, noise, gain, cosine} against the reference `ref`."""
+        G, N = self.refs[ref], self.n
+        norm = G.norm().item()
+        assert N >= 2, "the noise needs two draws or more"
+        noise = math.sqrt(self.m2.sum().item() / (N - 1)) / norm
+        bias = math.sqrt(max(0.0, ((self.mean - G).norm().item() / norm) ** 2 - noise ** 2 / N))
+        return {"bias": bias, "bias_floor": 2 * noise / math.sqrt(N), "noise": noise,
+                "gain": (self.mean @ G).item() / norm ** 2, "cosine": self.cosines[ref] / N}
+
+
+def each_draw(recipe, x, w, dy, draws, seed=0):
+    """One layer's three GEMMs, `draws` times with independent noise: yields {"fprop"|"dgrad"|"wgrad": fp32} per
+    draw. The quantizers run on fp4.KERNEL."""
     # fprop is round to nearest, the same every draw: one forward, then `draws` backward passes through its saved
     # graph, each drawing fresh noise and signs from the layer's generator
     xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = fp4.FP4LinearFunction.apply(xi, wi, recipe, torch.Generator().manual_seed(seed))
-    out = {g: [] for g in GEMMS}
     for k in range(draws):
         dx, dw = torch.autograd.grad(y, (xi, wi), dy, retain_graph=k < draws - 1)
-        for g, t in zip(GEMMS, (y.detach(), dx, dw)):
-            out[g].append(t.float())
-    x_hat = fp4.fake_quant(x, recipe, dtype=x.dtype, four_over_six=fp4.four_over_six_of(recipe, "activations"))
-    w_hat = fp4.fake_quant(w, recipe, tile=recipe.weight_tile, dtype=x.dtype,
-                           four_over_six=fp4.four_over_six_of(recipe, "weights"))      # what fprop multiplied
-    return {g: torch.stack(v) for g, v in out.items()}, x_hat, w_hat
+        yield {g: t.float() for g, t in zip(GEMMS, (y.detach(), dx, dw))}
+
+
+def forward_operands(recipe, x, w):
+    """-> the forward's dequantized (X̂, Ŵ), what fprop multiplies (an aligned backward's operands)."""
+    return (fp4.fake_quant(x, recipe, dtype=x.dtype, four_over_six=fp4.four_over_six_of(recipe, "activations")),
+            fp4.fake_quant(w, recipe, tile=recipe.weight_tile, dtype=x.dtype,
+                           four_over_six=fp4.four_over_six_of(recipe, "weights")))
+
+
+def layer_draws(recipe, x, w, dy, draws, seed=0):
+    """each_draw's draws kept: -> ({gemm: (N, ...) fp32}, X̂, Ŵ). For tests and small N; layer_report streams."""
+    got = list(each_draw(recipe, x, w, dy, draws, seed))
+    return {g: torch.stack([d[g] for d in got]) for g in GEMMS}, *forward_operands(recipe, x, w)
 
 
 def layer_report(recipe, x, w, dy, draws, seed=0):
-    """-> {gemm: {FIELDS..., "vs_network": {FIELDS...}}} for one layer's operands X (N, in), W (out, in), dY (N, out)."""
-    got, x_hat, w_hat = layer_draws(recipe, x, w, dy, draws, seed)
+    """-> {gemm: {FIELDS..., "vs_network": {FIELDS...}}} for one layer's operands X (N, in), W (out, in), dY (N, out),
+    the draws folded in as they come (Running)."""
+    x_hat, w_hat = forward_operands(recipe, x, w)
     x64, w64, dy64 = x.double(), w.double(), dy.double()
     network = {"fprop": x64 @ w64.t(), "dgrad": dy64 @ w64, "wgrad": dy64.t() @ x64}
     own = dict(network)
     if recipe.aligned:
         own.update(dgrad=dy64 @ w_hat.double(), wgrad=dy64.t() @ x_hat.double())
-    return {g: dict(estimator_stats(got[g], own[g]), vs_network=estimator_stats(got[g], network[g])) for g in GEMMS}
+    running = {g: Running({"own": own[g], "network": network[g]}) for g in GEMMS}
+    for draw in each_draw(recipe, x, w, dy, draws, seed):
+        for g in GEMMS:
+            running[g].add(draw[g])
+    return {g: dict(running[g].stats("own"), vs_network=running[g].stats("network")) for g in GEMMS}
 
 
 @contextlib.contextmanager
@@ -123,20 +165,19 @@ def model_report(model, layers, batch, val_batches, draws):
     with high_precision(layers):
         model(x, y)[1].backward()
     g = flat_grad(model)
-    grads = []
+    running = Running({"network": g})
     for k in tqdm(range(draws), desc="whole model", unit="draw", leave=False, disable=None):   # stderr, terminal only
         for i, layer in enumerate(layers):                  # a fresh, independent noise stream per draw
             layer.set_extra_state(dict(layer.get_extra_state(), seed=k * 1009 + i, rng=None))
         model.zero_grad(set_to_none=True)
         model(x, y)[1].backward()
-        grads.append(flat_grad(model))
+        running.add(flat_grad(model))
     model.zero_grad(set_to_none=True)
-    G = torch.stack(grads)                                                    # (N, params)
-    mean, norm = G.mean(0), g.norm().item()
-    stats = {"rel_error": (G - g).square().sum(1).mean().sqrt().item() / norm,
-             "deterministic": (mean - g).norm().item() / norm,
-             "noise": (G - mean).square().sum(1).mean().sqrt().item() / norm,
-             "cosine": (G @ g / (G.norm(dim=1) * norm)).mean().item()}
+    N, norm = running.n, g.norm().item()
+    stats = {"rel_error": math.sqrt(running.sq_errors["network"] / N) / norm,
+             "deterministic": (running.mean - g).norm().item() / norm,
+             "noise": math.sqrt(running.m2.sum().item() / N) / norm,
+             "cosine": running.cosines["network"] / N}
     with torch.no_grad():
         fp4_loss = [model(*b)[1].item() for b in val_batches]
         with high_precision(layers):

@@ -51,6 +51,42 @@ def test_the_bias_holds_no_noise_term_and_lands_within_its_standard_error_of_a_k
                 assert abs(s["bias"] - true_bias) < max(se / 4, 0.0012), (true_bias, s["bias"])
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "student-t"])
+def test_the_running_statistics_equal_the_two_pass_formulas_on_the_kept_draws(dist):
+    # estimator_stats folds the draws in one at a time (Welford, two vectors): its twin here keeps all N
+    gen = torch.Generator().manual_seed(4)
+    x, w, dy = (snr.make_tensor(shape, dist, gen) for shape in ((256, 128), (64, 128), (256, 64)))
+    got, x_hat, _ = estimator.layer_draws(fp4.RECIPES["quartet2"], x, w, dy, 12)
+    for D, G in ((got["wgrad"], dy.double().t() @ x_hat.double()), (got["dgrad"], dy.double() @ w.double())):
+        D, G = D.reshape(12, -1).double(), G.reshape(-1)
+        mean, norm = D.mean(0), G.norm().item()
+        noise = math.sqrt((D - mean).square().sum().item() / 11) / norm
+        two_pass = {"noise": noise, "bias_floor": 2 * noise / math.sqrt(12),
+                    "bias": math.sqrt(max(0.0, ((mean - G).norm().item() / norm) ** 2 - noise ** 2 / 12)),
+                    "gain": (mean @ G).item() / norm ** 2, "cosine": (D @ G / (D.norm(dim=1) * norm)).mean().item()}
+        assert estimator.estimator_stats(D, G) == pytest.approx(two_pass, rel=1e-9, abs=1e-12)
+        assert two_pass["noise"] > 0 and two_pass["gain"] != 1          # (not a comparison of zeros)
+    assert two_pass["bias"] > 0                                         # dgrad against dY W, not dY Ŵ: biased
+
+
+def test_a_layer_report_holds_one_draw_at_a_time(monkeypatch):
+    # (the bug: every draw was kept until the end, and 800 draws of a captured model's GEMMs took 23 GB)
+    import weakref
+    x, w, dy = estimator_operands(3)
+    alive, most, real = set(), [0], estimator.each_draw
+
+    def watched(*args, **kwargs):
+        for k, draw in enumerate(real(*args, **kwargs)):
+            for g, t in draw.items():
+                alive.add((k, g))
+                weakref.finalize(t, alive.discard, (k, g))
+            most[0] = max(most[0], len(alive))
+            yield draw
+    monkeypatch.setattr(estimator, "each_draw", watched)
+    estimator.layer_report(fp4.RECIPES["tetrajet"], x, w, dy, 8)
+    assert 0 < most[0] <= 2 * len(estimator.GEMMS)                    # this draw's and at most the last one's
+
+
 def test_an_unbiased_estimator_stays_inside_its_floor_and_a_biased_one_does_not():
     x, w, dy = estimator_operands()
     # tetrajet's wgrad (SR on both operands, random RHT, aligned) against its own operands dYᵀ X̂: unbiased

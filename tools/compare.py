@@ -84,7 +84,7 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     "nvidia-w1x16-4over6": "--fp4 --fp4-recipe nvidia-4over6[weight_tile=1x16]",
     # this lab's own candidates (docs/numerics.md §13): TetraJet-v2's forward with an EDEN backward on double-block
     # scales (no SR), alone and with OutControl, the part of tetrajet+all that measured a gain (OsciReset's 0.002 did
-    # not resolve: dev/sweep.md); against quartet2, whose edge is its low-noise backward
+    # not resolve: dev/sweep.md); no 4/6 forward: it measured no gain here (nvidia-4over6, quartet2's forward alone)
     "tetrajet-eden": "--fp4 --fp4-recipe tetrajet-eden",
     "tetrajet-eden+oc": "--fp4 --fp4-recipe tetrajet-eden --out-control",
 }
