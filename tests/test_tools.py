@@ -109,6 +109,9 @@ def test_a_report_from_run_folders_and_unfinished_runs_refused_in_one_line(tmp_p
     compare.main(argv)
     no_flags = lambda table: re.sub(r"\| `[^`]*` \|", "| |", table, count=1)     # noqa: E731  (baseline's: today's)
     assert no_flags(read(out / "results.md")) == no_flags(read(os.path.join(RUNS, "quick.md")))
+    for wrong in (["--", "--max-iters", "9"], ["--config", "nvidia=--fp4 --fp4-recipe tetrajet"]):
+        with pytest.raises(SystemExit, match="ran with .*, not with the flags"):   # a table would name other flags
+            compare.main(argv + wrong)
     os.remove(out / "quartet2" / "seed1338" / "done.json")
     with pytest.raises(SystemExit, match="--report-only needs every run finished; 1 of 24"):
         compare.main(argv)

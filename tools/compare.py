@@ -21,7 +21,8 @@ count), "train_log": train.log, "log": log.jsonl's records}; never checkpoints. 
 (the repo's become repo-relative, the interpreter `python`, any other absolute path .../its-last-part), and the
 same runs always pack to the same bytes. Beside the pack goes its table, rebuilt from it: FILE without .jsonl.gz,
 plus .md. With --report-only nothing runs: the table and plot are rebuilt from the finished runs' logs alone, on
-any machine: from <out>'s run folders where <out> is a folder, else from the pack, the table then going to
+any machine: from <out>'s run folders where <out> is a folder (each run's done.json command must hold the flags the
+table names, the common ones after -- first), else from the pack, the table then going to
 <out>.md and the plot to <out>.png (for --out dev/runs/l2-1400, beside its pack). A pack's report takes the
 configs, their flags, seeds, versus and common flags from the pack (--configs, --seeds and --versus pick among
 them), so it rebuilds the committed table whatever CONFIGS says today. --unpack writes a pack's runs back into
@@ -201,6 +202,16 @@ def folder_runs(out, configs, seeds):
                 with open(os.path.join(d, "done.json")) as f, open(os.path.join(d, "train.log")) as g:
                     runs[c, s] = {"done": json.load(f), "train_log": g.read(), "log": read_log(d)}
     return runs
+
+
+def check_flags(runs, configs, common):
+    """Exit in one line if a finished run's command (done.json: python, train.py, the common flags, the config's)
+    is not the table's: a report of runs under other flags than it names would be wrong without a word."""
+    for (c, s), run in sorted(runs.items()):
+        want = [*common, *shlex.split(configs[c]), "--seed"]              # (run_one puts --seed right after them)
+        if run["done"]["cmd"][2:2 + len(want)] != want:
+            sys.exit(f"error: {c} seed {s} ran with `{shlex.join(run['done']['cmd'][2:])}`, not with the flags "
+                     f"`{shlex.join(want[:-1]) or '(none)'}` this table would name; give the train.py flags it ran with after --")
 
 
 def unfinished(runs, configs, seeds):
@@ -492,6 +503,7 @@ def main(argv=None):
         md, json_path, png = out + ".md", None, None if args.no_plot else out + ".png"
     else:
         runs = folder_runs(args.out, configs, args.seeds)
+        check_flags(runs, configs, common)
         md, json_path = os.path.join(args.out, "results.md"), os.path.join(args.out, "results.json")
         png = None if args.no_plot else os.path.join(args.out, "loss.png")
     todo = unfinished(runs, configs, args.seeds)
