@@ -69,6 +69,7 @@ class Running:
 
     def __init__(self, refs):
         self.refs = {name: G.double().reshape(-1) for name, G in refs.items()}
+        self.norms = {name: G.norm() for name, G in self.refs.items()}
         self.n, self.mean, self.m2 = 0, None, None
         self.cosines, self.sq_errors = dict.fromkeys(refs, 0.0), dict.fromkeys(refs, 0.0)
 
@@ -83,13 +84,12 @@ class Running:
             self.m2 += delta * (d - self.mean)
         norm = torch.linalg.vector_norm(d)
         for name, G in self.refs.items():
-            self.cosines[name] += (d @ G / (norm * G.norm()).clamp(min=1e-300)).item()
+            self.cosines[name] += (d @ G / (norm * self.norms[name]).clamp(min=1e-300)).item()
             self.sq_errors[name] += (d - G).square().sum().item()
 
     def stats(self, ref):
         """-> estimator_stats's {bias, bias_floor, noise, gain, cosine} against the reference `ref`."""
-        G, N = self.refs[ref], self.n
-        norm = G.norm().item()
+        G, N, norm = self.refs[ref], self.n, self.norms[ref].item()
         assert N >= 2, "the noise needs two draws or more"
         noise = math.sqrt(self.m2.sum().item() / (N - 1)) / norm
         bias = math.sqrt(max(0.0, ((self.mean - G).norm().item() / norm) ** 2 - noise ** 2 / N))

@@ -158,6 +158,8 @@ def test_the_model_report_leaves_the_layers_in_fp4_with_a_fresh_stream_per_draw(
     assert not any(l.high_precision for l in layers) and all(p.grad is None for p in model.parameters())
     assert [l.seed for l in layers] == [2 * 1009 + i for i in range(8)]          # the last draw's seeds
     assert 0 < stats["deterministic"] < stats["rel_error"] and 0 < stats["cosine"] < 1 and se >= 0
+    # the mean squared error splits into the mean's and the spread around it (noise over N, not N - 1)
+    assert stats["rel_error"] ** 2 == pytest.approx(stats["deterministic"] ** 2 + stats["noise"] ** 2, rel=1e-9)
     again = estimator.model_report(model, layers, batch, estimator.batches(cfg, splits, "val", 2, 1), 3)
     assert again == (stats, delta, se)                                         # each draw reseeded: reproducible
 

@@ -112,11 +112,30 @@ def test_a_report_from_run_folders_and_unfinished_runs_refused_in_one_line(tmp_p
     for wrong in (["--", "--max-iters", "9"], ["--config", "nvidia=--fp4 --fp4-recipe tetrajet"]):
         with pytest.raises(SystemExit, match="ran with .*, not with the flags"):   # a table would name other flags
             compare.main(argv + wrong)
+    log = out / "tetrajet" / "seed1337" / "train.log"         # resumed under another flag: the run is not the table's
+    text = log.read_text()
+    log.write_text(text + "$ python train.py --fp4 --fp4-recipe tetrajet --n-layer 1 --seed 1337 --out-dir x --resume\n")
+    with pytest.raises(SystemExit, match="tetrajet seed 1337 ran with .*--n-layer 1"):
+        compare.main(argv)
+    log.write_text(text)
     os.remove(out / "quartet2" / "seed1338" / "done.json")
     with pytest.raises(SystemExit, match="--report-only needs every run finished; 1 of 24"):
         compare.main(argv)
     with pytest.raises(SystemExit, match="a pack holds finished runs only; 1 are not"):
         compare.main(["--pack-only", "--out", str(out), "--pack", str(tmp_path / f"p{compare.PACK}")])
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_committed_pack_unpacked_reports_from_its_folders_under_its_own_flags(name, tmp_path):
+    # the flag check compares sets (l2-500's runs have their flags in another order than its header) and reads
+    # every launch in train.log; the table from the folders is the pack's
+    header = compare.read_pack(pack(name))[0]
+    compare.main(["--unpack", "--out", str(tmp_path / name), "--pack", pack(name)])
+    compare.main(["--out", str(tmp_path / name), "--report-only", "--no-plot", "--configs", "baseline",
+                  *[a for c, flags in header["configs"].items() if c != "baseline" for a in ("--config", f"{c}={flags}")],
+                  "--seeds", *map(str, header["seeds"]), "--versus", *compare.versus_list(header["versus"]),
+                  "--", *header["common"]])
+    assert compare.scrub(read(tmp_path / name / "results.md")) == read(os.path.join(RUNS, f"{name}.md"))
 
 
 def test_a_table_leaves_out_the_columns_no_row_fills(tmp_path):
@@ -145,6 +164,9 @@ def test_each_recipe_named_after_versus_gets_its_own_paired_column(tmp_path):
         assert f"{m:+.4f} ± {se:.4f}" in next(line for line in lines if line.startswith("| tetrajet-eden |"))
     row = next(line for line in lines if line.startswith("| nvidia |")).split(" | ")
     assert row[4] and not row[5] and row[6]            # nvidia: vs quartet2 and its gap closed, not vs itself
+    compare.main(["--out", str(tmp_path / "c"), "--pack", pack("contest-l2-1400"), "--report-only", "--no-plot",
+                  "--configs", "baseline", "nvidia", "tetrajet-eden"])          # the pack's B left out: the next is B
+    assert "| L - L_baseline | L - L_nvidia | gap closed vs nvidia |" in read(tmp_path / "c.md")
 
 
 # ---- every script: --help, bad input in one line, plots optional ------------------------------------------------

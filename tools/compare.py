@@ -21,13 +21,14 @@ count), "train_log": train.log, "log": log.jsonl's records}; never checkpoints. 
 (the repo's become repo-relative, the interpreter `python`, any other absolute path .../its-last-part), and the
 same runs always pack to the same bytes. Beside the pack goes its table, rebuilt from it: FILE without .jsonl.gz,
 plus .md. With --report-only nothing runs: the table and plot are rebuilt from the finished runs' logs alone, on
-any machine: from <out>'s run folders where <out> is a folder (each run's done.json command must hold the flags the
-table names, the common ones after -- first), else from the pack, the table then going to
+any machine: from <out>'s run folders where <out> is a folder, else from the pack, the table then going to
 <out>.md and the plot to <out>.png (for --out dev/runs/l2-1400, beside its pack). A pack's report takes the
 configs, their flags, seeds, versus and common flags from the pack (--configs, --seeds and --versus pick among
 them), so it rebuilds the committed table whatever CONFIGS says today. --unpack writes a pack's runs back into
 <out>/<config>/seed<s>/ (logs, no checkpoints): a live sweep there reruns nothing finished, so more seeds or
-configs extend a committed sweep.
+configs extend a committed sweep. Before it runs anything and before any table from run folders, compare.py checks
+that every finished run was launched (first and on each resume, train.log's `$ ` lines) with the flags its table
+will name, in any order, and stops in one line if not.
 
 The baseline config runs without FP4 in train.py's default dtype and is named for it in the table ("baseline
 (fp32)" on a CPU without native bf16). The table: final val loss mean ± std over seeds; L - L_baseline and
@@ -205,13 +206,31 @@ def folder_runs(out, configs, seeds):
 
 
 def check_flags(runs, configs, common):
-    """Exit in one line if a finished run's command (done.json: python, train.py, the common flags, the config's)
-    is not the table's: a report of runs under other flags than it names would be wrong without a word."""
+    """Exit in one line if a finished run was launched (any `$ ` line of its train.log: the first run and every
+    resume) with other train.py flags than the table would name, the common ones and its config's: a table of runs
+    under other flags would be wrong without a word. Flags compare as a set of (flag, its values), in any order,
+    `--flag=v` as `--flag v`, paths scrubbed, without what compare.py sets per run (OWNED_FLAGS)."""
     for (c, s), run in sorted(runs.items()):
-        want = [*common, *shlex.split(configs[c]), "--seed"]              # (run_one puts --seed right after them)
-        if run["done"]["cmd"][2:2 + len(want)] != want:
-            sys.exit(f"error: {c} seed {s} ran with `{shlex.join(run['done']['cmd'][2:])}`, not with the flags "
-                     f"`{shlex.join(want[:-1]) or '(none)'}` this table would name; give the train.py flags it ran with after --")
+        want = flag_set([*common, *shlex.split(configs[c])])
+        launches = [line[2:] for line in run["train_log"].splitlines() if line.startswith("$ ")]
+        for launch in launches or [shlex.join(run["done"]["cmd"])]:
+            got = shlex.split(launch)[2:]                                    # (python, train.py)
+            if flag_set(got) != want:
+                sys.exit(f"error: {c} seed {s} ran with `{shlex.join(got)}`, not with the flags "
+                         f"`{shlex.join([*common, *shlex.split(configs[c])]) or '(none)'}` this table would name; "
+                         f"give the train.py flags it ran with (the common ones after --)")
+
+
+def flag_set(args):
+    """train.py arguments -> the set of (flag, its values...) they set, in any order; OWNED_FLAGS left out, and
+    --stop-iter, which only stops a run early to be resumed (the same numbers as a run straight through)."""
+    pairs, args = [], [p for a in scrub(list(args)) for p in (a.split("=", 1) if a.startswith("--") else [a])]
+    for a in args:
+        if a.startswith("--") or not pairs:
+            pairs.append([a])
+        else:
+            pairs[-1].append(a)
+    return {tuple(p) for p in pairs if p[0] not in (*OWNED_FLAGS, "--stop-iter")}
 
 
 def unfinished(runs, configs, seeds):
@@ -403,7 +422,8 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 
 def write_table(md, rows, seeds, versus, common, json_path=None):
     ref = label("baseline", rows["baseline"])
-    versus, all_versus = versus_list(versus)[0], versus_list(versus)
+    all_versus = versus_list(versus)
+    versus = all_versus[0]                          # the B of the gap closed
     minus = {f"L - L_{v}": (lambda c, r, v=v: "{:+.4f} ± {:.4f}".format(*r["minus"][v]) if v in r.get("minus", {})
                             else "") for v in all_versus}
     columns = {                                     # header -> a row's cell; a column no row fills is left out
@@ -498,7 +518,8 @@ def main(argv=None):
             sys.exit(f"error: --versus {absent[0]} is not among the configs reported ({' '.join(names)}); add it to "
                      f"--configs or name one of them")
         configs = {c: header["configs"][c] for c in names}
-        args.seeds, args.versus = args.seeds or header["seeds"], args.versus or versus_list(header["versus"])
+        kept = [v for v in versus_list(header["versus"]) if v in names]     # a B left out: the next one is B
+        args.seeds, args.versus = args.seeds or header["seeds"], args.versus or kept or versus_list(header["versus"])
         common, out = header["common"], stem(os.path.normpath(args.out))
         md, json_path, png = out + ".md", None, None if args.no_plot else out + ".png"
     else:
@@ -528,6 +549,7 @@ def main(argv=None):
     if failed:
         sys.exit("error: some runs failed (fix and rerun the same command to finish the sweep):\n  " + "\n  ".join(failed))
     runs = folder_runs(args.out, configs, args.seeds)
+    check_flags(runs, configs, common)
     return report(runs, configs, args.seeds, args.versus, common, md, json_path, png)
 
 
