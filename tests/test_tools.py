@@ -29,7 +29,7 @@ from dev import estimator, series
 from tools import compare
 
 RUNS = os.path.join(REPO, "dev", "runs")
-SWEEPS = ["quick", "pilot600", "l2-500", "l2-1400", "l2-4000", "attribution", "contest-l2-1400"]   # each a pack <name>.jsonl.gz, its table
+SWEEPS = ["quick", "pilot600", "l2-500", "l2-1400", "l2-4000", "attribution", "contest-l2-1400", "contest-l2-4000"]   # each a pack <name>.jsonl.gz, its table
 SERIES = ["dev/runs/l2-500", "dev/runs/l2-1400", "dev/runs/l2-4000", "--configs", "baseline", "nvidia", "tetrajet",
           "quartet2", "--seeds", "1337", "1338", "1339", "1340", "1341", "1342"]     # dev/runs/l2-series.md's command
 STEPS = ["--max-iters", "4", "--eval-interval", "2", "--fp4-path", "reference"]   # compiling would dominate
