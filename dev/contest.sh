@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A recipe of our own against Quartet II (issue 30): this lab's candidates, tetrajet-eden and tetrajet-eden+oc
-# (compare.py's CONFIGS; docs/numerics.md §13), at the main table's protocol (dev/sweep.md: 2 blocks, the fixed eval
+# A recipe of our own against Quartet II (issue 30): this lab's candidates, tetrajet-eden, tetrajet-eden+oc and
+# quartet2+oc (compare.py's CONFIGS; docs/numerics.md §13; dev/sweep.md §9), at the main table's protocol (dev/sweep.md: 2 blocks, the fixed eval
 # set), paired per seed with the committed runs of quartet2, tetrajet+all, nvidia and the baseline:
 #   1. l2-1400 (7.3 tokens per parameter), the six seeds of the main table: the pilot, whose paired spread of
 #      candidate - quartet2 sizes the seeds needed to resolve 0.005 at 2 s.e. (n >= (2 sd / 0.005)^2)
@@ -24,8 +24,8 @@ for steps in 1400 4000; do
     fi
 done
 python tools/compare.py --out runs/l2-1400 --configs baseline nvidia quartet2 tetrajet+all tetrajet-eden \
-    tetrajet-eden+oc --versus quartet2 nvidia --seeds $SEEDS --parallel 2 -- $COMMON --max-iters 1400 --eval-interval 350
+    tetrajet-eden+oc quartet2+oc --versus quartet2 nvidia --seeds $SEEDS --parallel 2 -- $COMMON --max-iters 1400 --eval-interval 350
 for seeds in "${SEEDS% * * *}" "$SEEDS"; do  # three seeds of every config first: a paired table as early as possible
     python tools/compare.py --out runs/l2-4000 --configs baseline nvidia quartet2 tetrajet-eden tetrajet-eden+oc \
-        tetrajet+all --versus quartet2 nvidia --seeds $seeds --parallel 2 -- $COMMON --max-iters 4000 --eval-interval 1000
+        tetrajet+all quartet2+oc --versus quartet2 nvidia --seeds $seeds --parallel 2 -- $COMMON --max-iters 4000 --eval-interval 1000
 done

@@ -89,6 +89,9 @@ CONFIGS = {                       # name -> train.py flags; the default sweep, i
     # not resolve: dev/sweep.md); no 4/6 forward: it measured no gain here (nvidia-4over6, quartet2's forward alone)
     "tetrajet-eden": "--fp4 --fp4-recipe tetrajet-eden",
     "tetrajet-eden+oc": "--fp4 --fp4-recipe tetrajet-eden --out-control",
+    # the contest's lesson (dev/sweep.md §9): the forward decides and OutControl is its one measured gain, so the
+    # next candidate keeps Quartet II's forward and backward and adds OutControl
+    "quartet2+oc": "--fp4 --fp4-recipe quartet2 --out-control",
 }
 OWNED_FLAGS = ("--seed", "--out-dir", "--resume")          # compare.py sets these per run
 
