@@ -65,13 +65,13 @@ class Running:
     captured model's GEMMs once took 23 GB): in fp64, the mean and Σ_k (Ĝ_k − Ḡ)² per element by Welford's update
         δ = Ĝ_k − Ḡ_{k−1};  Ḡ_k = Ḡ_{k−1} + δ / k;  M2 += δ · (Ĝ_k − Ḡ_k)
     (differences taken before squaring: identical draws give exactly 0 noise), and per reference G in `refs`
-    ({name: tensor}) the sums of the draws' cosines to G and of ‖Ĝ_k − G‖²."""
+    ({name: tensor}) the sum of the draws' cosines to G. (Σ_k ‖Ĝ_k − G‖² follows: ΣM2 + N ‖Ḡ − G‖².)"""
 
     def __init__(self, refs):
         self.refs = {name: G.double().reshape(-1) for name, G in refs.items()}
         self.norms = {name: G.norm() for name, G in self.refs.items()}
         self.n, self.mean, self.m2 = 0, None, None
-        self.cosines, self.sq_errors = dict.fromkeys(refs, 0.0), dict.fromkeys(refs, 0.0)
+        self.cosines = dict.fromkeys(refs, 0.0)
 
     def add(self, draw):
         d = draw.double().reshape(-1)
@@ -85,7 +85,6 @@ class Running:
         norm = torch.linalg.vector_norm(d)
         for name, G in self.refs.items():
             self.cosines[name] += (d @ G / (norm * self.norms[name]).clamp(min=1e-300)).item()
-            self.sq_errors[name] += (d - G).square().sum().item()
 
     def stats(self, ref):
         """-> estimator_stats's {bias, bias_floor, noise, gain, cosine} against the reference `ref`."""
@@ -174,9 +173,10 @@ def model_report(model, layers, batch, val_batches, draws):
         running.add(flat_grad(model))
     model.zero_grad(set_to_none=True)
     N, norm = running.n, g.norm().item()
-    stats = {"rel_error": math.sqrt(running.sq_errors["network"] / N) / norm,
-             "deterministic": (running.mean - g).norm().item() / norm,
-             "noise": math.sqrt(running.m2.sum().item() / N) / norm,
+    spread, offset = running.m2.sum().item(), (running.mean - g).norm().item()     # Σ‖ĝ_k − ḡ‖², ‖ḡ − g‖
+    stats = {"rel_error": math.sqrt(spread / N + offset ** 2) / norm,            # mean_k ‖ĝ_k − g‖² = spread/N + offset²
+             "deterministic": offset / norm,
+             "noise": math.sqrt(spread / N) / norm,
              "cosine": running.cosines["network"] / N}
     with torch.no_grad():
         fp4_loss = [model(*b)[1].item() for b in val_batches]

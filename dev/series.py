@@ -79,8 +79,8 @@ def series(args, configs):
             table[d][c] = {"final": r["final"], "mean_std": (r["mean"], r["std"])}
             if c != "baseline":
                 table[d][c]["gap"] = (r["gap"], r["gap_se"])
-            if "minus_versus" in r:
-                table[d][c]["vs"] = (r["minus_versus"], r["minus_versus_se"])
+            if args.versus in r.get("minus", {}):
+                table[d][c]["vs"] = tuple(r["minus"][args.versus])
     names = list(sweeps)
     lo, hi = names[0], names[-1]
     move = {c: compare.mean_se([(h - hb) - (l - lb) for h, hb, l, lb in zip(finals[hi][c], finals[hi]["baseline"],

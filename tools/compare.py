@@ -214,13 +214,14 @@ def check_flags(runs, configs, common):
     under other flags would be wrong without a word. Flags compare as a set of (flag, its values), in any order,
     `--flag=v` as `--flag v`, paths scrubbed, without what compare.py sets per run (OWNED_FLAGS)."""
     for (c, s), run in sorted(runs.items()):
-        want = flag_set([*common, *shlex.split(configs[c])])
+        named = [*common, *shlex.split(configs[c])]
+        want = flag_set(named)
         launches = [line[2:] for line in run["train_log"].splitlines() if line.startswith("$ ")]
         for launch in launches or [shlex.join(run["done"]["cmd"])]:
             got = shlex.split(launch)[2:]                                    # (python, train.py)
             if flag_set(got) != want:
                 sys.exit(f"error: {c} seed {s} ran with `{shlex.join(got)}`, not with the flags "
-                         f"`{shlex.join([*common, *shlex.split(configs[c])]) or '(none)'}` this table would name; "
+                         f"`{shlex.join(named) or '(none)'}` this table would name; "
                          f"give the train.py flags it ran with (the common ones after --)")
 
 
@@ -385,8 +386,8 @@ def versus_field(versus):
 
 def summarize(runs, configs, seeds, versus):
     """{(config, seed): run} (folder_runs or read_pack) -> ({config: row dict}, {config: {seed: log records}}).
-    versus: a name or a list of names (--versus); the first is the B of the gap closed and of "minus_versus",
-    and every one's paired difference goes in row["minus"][name] = (mean, s.e.)."""
+    versus: a name or a list of names (--versus); the first is the B of the gap closed, and every one's paired
+    difference goes in row["minus"][name] = (mean, s.e.)."""
     versus = versus_list(versus)
     logs = {c: {s: runs[c, s]["log"] for s in seeds} for c in configs}
     final = {c: {s: logs[c][s][-1]["val_loss"] for s in seeds} for c in configs}
@@ -404,8 +405,6 @@ def summarize(runs, configs, seeds, versus):
             if v in configs and c not in ("baseline", v):
                 diff = [final[c][s] - final[v][s] for s in seeds]       # paired: same seed, same data order
                 row.setdefault("minus", {})[v] = mean_se(diff)
-        if b in row.get("minus", {}):
-            row["minus_versus"], row["minus_versus_se"] = row["minus"][b]
         speeds = [statistics.median([r["tok_per_s"] for r in logs[c][s][1:]] or [logs[c][s][-1]["tok_per_s"]])
                   for s in seeds]
         row["tok_per_s"] = statistics.fmean(speeds)
