@@ -3,10 +3,10 @@ fastpaths.py: the one place that chooses how fp4.fake_quant runs, and says so on
 
 fp4.py is the definition. A faster implementation replaces exactly one thing, the kernel hook fp4.KERNEL:
 
-    KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype) -> x_dq (Mp, Kp)
+    KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype, columns=None) -> x_dq (Mp, Kp)
 
 on the padded operand fp4.fake_quant has already built and the seed it has already drawn, so every path rounds
-the same numbers with the same noise. Four paths, all giving the reference's bits (tests/test_paths.py):
+the same numbers with the same noise (OutControl's columns: fp4.by_columns on the path's own kernel, or C's twin). Four paths, all giving the reference's bits (tests/test_paths.py):
 
     reference  fp4.py's own quantize + dequantize, eager: the readable definition and the judge of the rest
     compiled   the same function through torch.compile: inductor fuses it into a few loops, ~5-10x faster on a CPU
@@ -45,7 +45,10 @@ def kernel(path):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     compiled = torch.compile(fp4.reference_kernel, fullgraph=True)
 
-    def run(x2, *args):
+    def run(x2, *args, columns=None):
+        if columns is not None:                              # OutControl's split: the definition, on this kernel
+            (fmt, outer, tile, *_, four_over_six, dtype) = args
+            return fp4.by_columns(run, x2, fmt, outer, tile, four_over_six, dtype, columns)
         x2 = x2.contiguous()                                 # transposed operands: one copy beats strided reads
         torch._dynamo.maybe_mark_dynamic(x2, 0)
         torch._dynamo.mark_static(x2, 1)

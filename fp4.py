@@ -549,8 +549,9 @@ def parse_recipe(spec):
 # -----------------------------------------------------------------------------
 # fake_quant = dequantize(quantize(x)). KERNEL is the one hook through which a faster implementation of the same
 # bits replaces reference_kernel (fastpaths.use sets it at start-up), on the padded (Mp, Kp) and the drawn seed:
-#     KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype) -> x_dq (Mp, Kp), dtype or fp32
-# fmt is the recipe's ("nvfp4", "mxfp4") or "mxfp8" (OutControl's channels: RTN, no outer scale, no RHT).
+#     KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype, columns=None) -> (Mp, Kp)
+# in dtype or fp32. fmt is the recipe's ("nvfp4", "mxfp4") or "mxfp8" (OutControl's channels: RTN, no outer scale,
+# no RHT); with columns (OutControl's split, RTN) x2 is padded in rows only and by_columns is the definition.
 KERNEL = None
 
 
@@ -575,17 +576,27 @@ def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, r
     """x (..., K) -> (..., K) in dtype = dequantize(quantize(x)), padding cropped (with rht_signs: rht(x)'s, width K
     rounded up to the chunk). columns (OutControl, §8; x 2-D, RTN): None, or (outliers, inliers) in descending-norm
     order: MXFP8 on the outliers, the recipe's FP4 on the inliers, each gathered and quantized as its own matrix."""
-    if columns is not None and len(columns[0]):                                   # (no outliers: all FP4)
-        outliers, inliers = columns               # (index_select: a CPU gather ~6x faster than x[:, inliers])
-        parts = (fake_quant(x.index_select(1, inliers), recipe, tile=tile, dtype=dtype, four_over_six=four_over_six),
-                 fake_quant_mxfp8(x.index_select(1, outliers), dtype))
-        return scatter_columns(parts, columns)
     recipe, tile = parse_recipe(recipe), tuple(tile)
+    if columns is not None and len(columns[0]):                                   # (no outliers: all FP4)
+        out = (KERNEL or reference_kernel)(pad_2d(x, tile[0], 1), recipe.fmt, recipe.outer, tile, "nearest", None,
+                                           None, four_over_six, dtype, columns=columns)
+        return unpad_2d(out, x).to(dtype)
     x2 = pad_2d(x, tile[0], k_multiple(recipe.fmt, recipe.outer, rounding, rht_signs))   # (Mp, Kp)
     seed = _seed(rounding, generator, x2)
     out = (KERNEL or reference_kernel)(x2, recipe.fmt, recipe.outer, tile, rounding, seed, rht_signs, four_over_six, dtype)
     width = x.shape[-1] if rht_signs is None else -(-x.shape[-1] // len(rht_signs)) * len(rht_signs)
     return unpad_2d(out[:, :width], x).to(dtype)
+
+
+def by_columns(kernel, x2, fmt, outer, tile, four_over_six, dtype, columns):
+    """OutControl's operand (§8) on any KERNEL: x2 (Mp, K), columns = (outliers, inliers) -> (Mp, K) = the recipe's
+    FP4 (RTN) on the inlier columns and MXFP8 on the outliers, each gathered, padded and quantized as its own matrix."""
+    outliers, inliers = columns                   # (index_select: a CPU gather ~6x faster than x[:, inliers])
+    fp4_part = pad_2d(x2.index_select(1, inliers), 1, k_multiple(fmt, outer))
+    fp8_part = pad_2d(x2.index_select(1, outliers), 1, MX_BLOCK)
+    parts = (kernel(fp4_part, fmt, outer, tile, "nearest", None, None, four_over_six, dtype)[:, :len(inliers)],
+             kernel(fp8_part, "mxfp8", "tensor", (1, MX_BLOCK), "nearest", None, None, None, dtype)[:, :len(outliers)])
+    return scatter_columns(parts, columns)
 
 
 def scatter_columns(parts, columns):
@@ -602,8 +613,11 @@ def fake_quant_mxfp8(x, dtype=torch.float32):
     return out[:, :x.shape[1]].to(dtype)
 
 
-def reference_kernel(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
+def reference_kernel(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None,
+                     columns=None):
     """KERNEL's reference twin on the padded (Mp, Kp): x_dq = dequantize(quantize(x2)), fp32 (fake_quant casts)."""
+    if columns is not None:                                                         # OutControl's operand (§8)
+        return by_columns(reference_kernel, x2, fmt, outer, tile, four_over_six, dtype, columns)
     x2 = x2.float()
     if fmt == "mxfp8":                                                              # OutControl's channels (§8)
         return dequantize_mxfp8(_quantize_mxfp8_2d(x2))

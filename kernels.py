@@ -434,8 +434,10 @@ def fake_quant_nvfp4(x2, outer="tensor", tile=(1, 16), seed=None, signs=None, ed
     return _launch(x2, outer, tile, seed, signs, True, eden, four_over_six)
 
 
-def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None):
+def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=None, columns=None):
     """fp4.KERNEL on CUDA (NVFP4, and OutControl's MXFP8; fastpaths' probe refuses mxfp4 recipes) -> fp32 (Mp, Kp)."""
+    if columns is not None:                                  # OutControl's split: the definition, on these kernels
+        return fp4.by_columns(fake_quant, x2, fmt, outer, tile, four_over_six, dtype, columns)
     if fmt == "mxfp8":
         assert x2.dim() == 2 and x2.shape[1] % fp4.MX_BLOCK == 0, f"kernels: {tuple(x2.shape)} is not padded (fp4.pad_2d)"
         (M, Kp), x2 = x2.shape, x2.contiguous()

@@ -1,8 +1,8 @@
 """
 cpu_kernels/: the C quantizers (fp4_cpu.c) for CPUs, the `cpu` implementation in fastpaths.py. This module builds
 fp4_cpu.c with the system C compiler on first use and calls it through ctypes: NVFP4, MXFP4 and (OutControl's) MXFP8 fake quantization
-(fake_quant: fp4.KERNEL, bit for bit fp4.reference_kernel) and NVFP4 quantization to codes (bit for bit
-fp4.quantize_nvfp4), with RHT-16 or RHT-128 (given fp4.rht's signs), Four Over Six and MS-EDEN, ~1.5-2x faster
+(fake_quant: fp4.KERNEL, bit for bit fp4.reference_kernel; with OutControl's columns one pass, fp4.by_columns'
+twin) and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), with RHT-16 or RHT-128 (given fp4.rht's signs), Four Over Six and MS-EDEN, ~1.5-2x faster
 than fp4.py through torch.compile on a laptop CPU (dev/speed.md). tests/test_paths.py ties it to the reference.
 
     lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4
@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+import fp4
 
 SOURCE = Path(__file__).with_name("fp4_cpu.c")
 # -march=native: the library is built on the machine that runs it. -ffp-contract=off: no fused multiply-add,
@@ -75,6 +77,8 @@ def _build_and_load():
     lib.fake_quant.restype = None
     lib.quantize_nvfp4.argtypes = [p, i, i64, i64, p, p, p, i64, i64, i, i, i, u32, u32, p, i, i, i]
     lib.quantize_nvfp4.restype = None
+    lib.fake_quant_columns.argtypes = [p, i, i64, p, i, i64, i64, p, i64, i64, i, i, i]
+    lib.fake_quant_columns.restype = None
     return lib
 
 
@@ -95,12 +99,30 @@ def _call(entry, x2, outputs, outer_fmt, tile, rounding, seed, rht_signs, four_o
           0 if signs is None else len(signs), int(rounding == "eden"), FOUR_OVER_SIX[four_over_six])
 
 
-def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=torch.float32):
+def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_six=None, dtype=torch.float32,
+               columns=None):
     """fp4.KERNEL: x2 (Mp, Kp) padded as fp4.fake_quant pads it -> (Mp, Kp) contiguous in dtype if fp32 or bf16 (the C
     writes bf16 itself, rounding as .to() does), else fp32 = fp4.reference_kernel(...), bit for bit."""
     out = torch.empty(x2.shape, dtype=dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
+    if columns is not None:
+        return _fake_quant_columns(x2, out, fmt, outer, tile, four_over_six, columns)
     _call(library().fake_quant, x2, (out.data_ptr(), int(out.dtype == torch.bfloat16)), (fmt, outer), tile, rounding,
           seed, rht_signs, four_over_six)
+    return out
+
+
+def _fake_quant_columns(x2, out, fmt, outer, tile, four_over_six, columns):
+    """OutControl's operand (x2 padded in rows only) into out: fp4.by_columns in one C pass (fake_quant_columns)."""
+    assert x2.dim() == 2 and x2.device.type == "cpu", f"cpu_kernels: a 2-D CPU tensor, got {tuple(x2.shape)} on {x2.device}"
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    outliers, inliers = columns
+    order = torch.cat((inliers, outliers)).to(torch.int64).contiguous()
+    k = fp4.k_multiple(fmt, outer)
+    library().fake_quant_columns(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), out.data_ptr(),
+                                 int(out.dtype == torch.bfloat16), *x2.shape, order.data_ptr(), len(inliers),
+                                 -(-len(inliers) // k) * k, tile[0], FORMATS[(fmt, outer)], FOUR_OVER_SIX[four_over_six])
     return out
 
 

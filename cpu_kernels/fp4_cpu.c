@@ -1,7 +1,8 @@
 /*
- * cpu_kernels/fp4_cpu.c: the quantizers in plain C for CPUs, the `cpu` implementation of fastpaths.py. Two entry
+ * cpu_kernels/fp4_cpu.c: the quantizers in plain C for CPUs, the `cpu` implementation of fastpaths.py. Three entry
  * points, bit for bit the reference fp4.py (tests/test_paths.py): fake_quant (quantize, then dequantize: fp4.fake_quant, NVFP4 and
- * MXFP4) and quantize_nvfp4 (packed codes and scales: fp4.quantize_nvfp4). What they compute:
+ * MXFP4), quantize_nvfp4 (packed codes and scales: fp4.quantize_nvfp4) and fake_quant_columns (OutControl's split
+ * operand, fp4.by_columns: below). What they compute:
  *
  *     x (M, K), M a multiple of TR (1 or 16 rows per scale tile), K a multiple of the format's block
  *     optionally  x <- x H  per 16-chunk of a row (RHT-16, fp4.rht), H (16, 16) fp32
@@ -1061,6 +1062,20 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
     return nan ? NAN : A;
 }
 
+/* fp4.tensor_scales from the tensor's amax A: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc;
+ * MS-EDEN's S_dec = (A / 255.99) / fl(6 / 0.988125) (1 if A = 0), fp4.round_eden */
+static void tensor_scales(Job *j, float A) {
+    j->A = A;
+    if (j->eden) {
+        j->s_dec = A == 0.0f ? 1.0f : (A / EDEN_SCALE_BOUND) / EDEN_VAL_MAX;
+    } else {
+        float S_enc = A == 0.0f ? 1.0f : min_keep_nan((j->fos ? FOS_AMAX_TO_SCALE : AMAX_TO_SCALE) / A, FLT_MAX);
+        j->s_enc = S_enc;
+        j->s_dec = 1.0f / S_enc;
+        j->enc_sixth = S_enc * ONE_SIXTH;
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------------
  * The kernels. Arguments:
  *   x, x_bf16, row_stride, col_stride   input (M, K): element (r, c) at x[r*row_stride + c*col_stride]
@@ -1081,20 +1096,11 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
                 const float *H, int hsize, int eden, int fos) {
     Job j = {K, out, out_bf16, co, fmt, sr, eden, fos, s0, s1, 0.0f, 0.0f, 0.0f, 0.0f};
     float *rotated = NULL;
-    if (fmt == NVFP4_TENSOR) {       /* fp4.tensor_scales: S_enc = min(2688 / A, FLT_MAX) (1 if A = 0), S_dec = 1 / S_enc */
+    if (fmt == NVFP4_TENSOR) {
         rotated = H ? malloc(M * K * sizeof(float)) : NULL;     /* (NVIDIA's wgrad operands: rotate once) */
-        float A = tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H, hsize, rotated);
+        tensor_scales(&j, tensor_amax(x, x_bf16, row_stride, col_stride, M, K, H, hsize, rotated));
         if (rotated) {                                           /* pass 2 reads x H, contiguous */
             x = rotated, x_bf16 = 0, row_stride = K, col_stride = 1, H = NULL;
-        }
-        j.A = A;
-        if (eden) {                  /* fp4.round_eden: S_dec = (A / 255.99) / fl(6 / 0.988125) (1 if A = 0) */
-            j.s_dec = A == 0.0f ? 1.0f : (A / EDEN_SCALE_BOUND) / EDEN_VAL_MAX;
-        } else {
-            float S_enc = A == 0.0f ? 1.0f : min_keep_nan((fos ? FOS_AMAX_TO_SCALE : AMAX_TO_SCALE) / A, FLT_MAX);
-            j.s_enc = S_enc;
-            j.s_dec = 1.0f / S_enc;
-            j.enc_sixth = S_enc * ONE_SIXTH;
         }
         if (co) co->outer[0] = j.s_dec;
     }
@@ -1122,6 +1128,69 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
         }
     }
     free(rotated);
+}
+
+/* fake_quant_columns' loads and stores: v[e] = x[start + to[e]] (0 from m to n), and out[to[e]] = res[e]. Scalar on
+ * purpose: AVX2 gathers are microcoded on AMD; gcc's vectorized loop made a 128-column row ~390-440 ns against
+ * ~320 ns (Zen 3, one thread, 512-8192 rows), intrinsics with vgatherdps ~440 ns. */
+__attribute__((noinline, optimize("no-tree-vectorize")))
+static void gather_row(const void *x, int x_bf16, int64_t start, const int64_t *to, int m, int n, float *v) {
+    if (x_bf16) for (int e = 0; e < m; e++) v[e] = bits_to_float((uint32_t)((const uint16_t *)x)[start + to[e]] << 16);
+    else for (int e = 0; e < m; e++) v[e] = ((const float *)x)[start + to[e]];
+    for (int e = m; e < n; e++) v[e] = 0.0f;
+}
+
+__attribute__((noinline, optimize("no-tree-vectorize")))
+static void scatter_row(const char *res, int bf16, char *out, const int64_t *to, int m) {
+    if (bf16) for (int e = 0; e < m; e++) ((uint16_t *)out)[to[e]] = ((const uint16_t *)res)[e];
+    else for (int e = 0; e < m; e++) ((float *)out)[to[e]] = ((const float *)res)[e];
+}
+
+/* OutControl's mixed operand (fp4.fake_quant with columns, numerics.md §8), fp4.by_columns' twin in one pass:
+ * cols (K,) = the F inlier columns, then the K - F outliers. The inliers are the recipe's FP4 matrix (RTN, no
+ * RHT) of width Fp (F zero-padded to the format's block, as fp4.pad_2d pads it; the per-tensor amax is theirs
+ * alone), the outliers MXFP8 (K - F a multiple of 32). Each row block's columns are gathered as they load and
+ * each result written back to its own column: the gathered parts, their padding and their concatenation never
+ * exist (six passes over x and six allocations in the decomposition). */
+void fake_quant_columns(const void *x, int x_bf16, int64_t row_stride, void *out, int out_bf16, int64_t M,
+                        int64_t K, const int64_t *cols, int64_t F, int64_t Fp, int tile_rows, int fmt, int fos) {
+    Job j = {MAX_GROUP, NULL, out_bf16, NULL, fmt, 0, 0, fos, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (fmt == NVFP4_TENSOR) {                                       /* pass 1: the inliers' amax */
+        float A = 0.0f;
+        int nan = 0;
+        #pragma omp parallel for schedule(static) reduction(max:A) reduction(|:nan)
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t f = 0; f < F; f++) {
+                float a = fabsf(load_one(x, x_bf16, r * row_stride + cols[f]));
+                nan |= a != a;
+                A = A > a ? A : a;
+            }
+        tensor_scales(&j, nan ? NAN : A);
+    }
+    const int G = Fp % MAX_GROUP == 0 ? MAX_GROUP : fmt >= MXFP4 ? MX_BLOCK : BLOCK;   /* as run() */
+    const size_t size = out_bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < M; r0 += tile_rows) {
+        float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
+        char res[MAX_TILE_ROWS * MAX_GROUP * 4] __attribute__((aligned(64)));   /* a tile's results, rows of MAX_GROUP */
+        Job jt = j;
+        jt.out = res;                                /* quantize_tile writes (r, e) at res + (r * MAX_GROUP + e) */
+        for (int64_t c0 = 0; c0 < K - F + Fp; c0 += (c0 < Fp ? G : MAX_GROUP)) {
+            const int mx = c0 >= Fp;                 /* the outliers, from column Fp of the gathered view on */
+            const int64_t first = mx ? F + (c0 - Fp) : c0, real = mx ? K : F;   /* cols[first ..], up to cols[real) */
+            const int n = mx ? (int)(K - first < MAX_GROUP ? K - first : MAX_GROUP) : G;
+            const int rows = mx ? 1 : tile_rows;
+            const int64_t *to = cols + first;
+            const int m = (int)(real - first < n ? real - first : n);                     /* (not the padding) */
+            for (int rr = 0; rr < tile_rows; rr += rows) {
+                for (int r = 0; r < rows; r++) gather_row(x, x_bf16, (r0 + rr + r) * row_stride, to, m, n, v[r]);
+                if (mx) mxfp8_row(v[0], n, res, out_bf16);
+                else quantize_tile(v, rows, n, 0, 0, &jt);
+                for (int r = 0; r < rows; r++)
+                    scatter_row(res + (size_t)r * MAX_GROUP * size, out_bf16, (char *)out + (r0 + rr + r) * K * size, to, m);
+            }
+        }
+    }
 }
 
 /* The RHT operand rotate() takes, from the signs fp4.rht takes: for 16 signs the matrix H = diag(s) H16 / 4,

@@ -211,6 +211,26 @@ def test_mxfp8_channels_equal_the_reference_bit_for_bit(path):
             assert equal_with_nan(got, ref), (tuple(operand.shape), operand.dtype, dtype)
 
 
+@pytest.mark.parametrize("recipe", ["tetrajet", "nvidia", "nvidia-4over6", "mxfp4"])
+def test_outcontrol_split_operands_equal_the_reference_bit_for_bit(path, recipe):
+    # fake_quant with columns (fp4.by_columns; the C path's one-pass twin): the recipe's FP4 on 168 inlier columns
+    # in descending-norm order (padded to its block), MXFP8 on 32 outliers; the activations' 1x16 tiles and the
+    # weights' (16x16 for nvidia, 40 rows padded to 48), Four Over Six, fp32 and bf16 in and out, a NaN and an Inf
+    if path != "cpu" and recipe in ("nvidia-4over6", "mxfp4"):
+        pytest.skip("by_columns on this path's own kernel: two recipes suffice (the C path has its own twin)")
+    r, dev = fp4.parse_recipe(recipe), device_of(path)
+    x = awkward(cols=200)
+    columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1)
+    nonfinite = x.clone()
+    nonfinite[2, columns[1][5]], nonfinite[4, columns[0][3]] = float("nan"), float("inf")
+    fast = path == "compiled" or (path == "triton" and INTERPRETED)
+    for operand in (x, nonfinite) if fast else (x, nonfinite, x.bfloat16()):
+        for tile, dtype in ((1, 16), torch.float32), (r.weight_tile, torch.float32 if fast else torch.bfloat16):
+            got, ref = both(path, lambda: fp4.fake_quant(operand.to(dev), r, tile=tile, dtype=dtype, columns=columns,
+                                                         four_over_six=fp4.four_over_six_of(r, "weights")))
+            assert equal_with_nan(got, ref), (tuple(tile), operand.dtype, dtype)
+
+
 @pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])
 def test_ms_eden_and_rht128_equal_the_reference_bit_for_bit(path, rounding, n_signs):
     # MS-EDEN (the per-128 correction, the stochastically rounded E4M3 scale) and the RHT-128 butterfly, on
