@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-import fp4
-
 SOURCE = Path(__file__).with_name("fp4_cpu.c")
 # -march=native: the library is built on the machine that runs it. -ffp-contract=off: no fused multiply-add,
 # whose single rounding would change bits. -fno-math-errno/-fno-trapping-math: let gcc vectorize rintf/floorf
@@ -77,7 +75,7 @@ def _build_and_load():
     lib.fake_quant.restype = None
     lib.quantize_nvfp4.argtypes = [p, i, i64, i64, p, p, p, i64, i64, i, i, i, u32, u32, p, i, i, i]
     lib.quantize_nvfp4.restype = None
-    lib.fake_quant_columns.argtypes = [p, i, i64, p, i, i64, i64, p, i64, i64, i, i, i]
+    lib.fake_quant_columns.argtypes = [p, i, i64, p, i, i64, i64, p, i64, i, i, i]
     lib.fake_quant_columns.restype = None
     return lib
 
@@ -119,10 +117,9 @@ def _fake_quant_columns(x2, out, fmt, outer, tile, four_over_six, columns):
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     outliers, inliers = columns
     order = torch.cat((inliers, outliers)).to(torch.int64).contiguous()
-    k = fp4.k_multiple(fmt, outer)
     library().fake_quant_columns(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), out.data_ptr(),
-                                 int(out.dtype == torch.bfloat16), *x2.shape, order.data_ptr(), len(inliers),
-                                 -(-len(inliers) // k) * k, tile[0], FORMATS[(fmt, outer)], FOUR_OVER_SIX[four_over_six])
+                                 int(out.dtype == torch.bfloat16), *x2.shape, order.data_ptr(), len(inliers), tile[0],
+                                 FORMATS[(fmt, outer)], FOUR_OVER_SIX[four_over_six])
     return out
 
 

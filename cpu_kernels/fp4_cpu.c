@@ -1002,6 +1002,10 @@ static void mxfp8_row(const float *v, int n, char *o, int out_bf16) {
     }
 }
 
+/* The columns a step works on: 128 (a double-block outer block, the AVX2 paths' width), then what is left of K
+ * (a multiple of the format's block, as K is): bit-neutral, as every scale's block lies within one step. */
+static inline int chunk(int64_t K, int64_t c0) { return K - c0 < MAX_GROUP ? (int)(K - c0) : MAX_GROUP; }
+
 /* Pass 1 of the per-tensor recipe: A = max |x H| (or |x|) over the whole tensor, NaN if any element is.
  * `rotated`: NULL, or an (M, K) fp32 buffer that receives x H, so that pass 2 need not rotate again. */
 static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, int64_t M, int64_t K,
@@ -1009,9 +1013,8 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
     const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
     float A = 0.0f;
     int nan = 0;
-    /* 128 columns per step where K allows (was 16: load_block's and rotate16's per-call work dominated;
-     * 512x2048 transposed per-tensor SR RHT, one thread: 5.9 -> 4.2 ms) */
-    const int G = K % MAX_GROUP == 0 ? MAX_GROUP : BLOCK;
+    /* 128 columns per step, then the rest (was 16: load_block's and rotate16's per-call work dominated; 512x2048
+     * transposed per-tensor SR RHT, one thread: 5.9 -> 4.2 ms) */
     #pragma omp parallel for schedule(static) reduction(max:A) reduction(|:nan)
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
@@ -1032,7 +1035,8 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
                 }
             }
         } else {
-            for (int64_t c0 = 0; c0 < K; c0 += G) {
+            for (int64_t c0 = 0, G; c0 < K; c0 += G) {
+                G = chunk(K, c0);
                 load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
                 for (int r = 0; r < rows; r++) {
                     if (H) rotate(v[r], G, H, hsize);
@@ -1045,7 +1049,8 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
         nan |= a != a;
         A = A > a ? A : a;
 #else
-        for (int64_t c0 = 0; c0 < K; c0 += G) {
+        for (int64_t c0 = 0, G; c0 < K; c0 += G) {
+            G = chunk(K, c0);
             load_block(x, x_bf16, row_stride, col_stride, r0, c0, rows, G, v);
             for (int r = 0; r < rows; r++) {
                 if (H) rotate(v[r], G, H, hsize);
@@ -1089,7 +1094,7 @@ static void tensor_scales(Job *j, float A) {
  *   eden                                MS-EDEN (NVFP4_TENSOR, 1x16, K a multiple of 128; s0, s1 seed the
  *                                       scales' noise, the elements round to nearest: sr = 0)
  *   fos                                 Four Over Six's error, FOS_NONE / FOS_MAE / FOS_MSE (NVFP4, RTN)
- * The work is blocks of `rows` x G elements (16 rows for 16x16 tiles and for transposed inputs, else 1), one
+ * The work is blocks of `rows` x chunk() columns (16 rows for 16x16 tiles and for transposed inputs, else 1), one
  * OpenMP thread per contiguous range of row blocks. */
 static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_stride, void *out, int out_bf16,
                 const CodesOut *co, int64_t M, int64_t K, int tile_rows, int fmt, int sr, uint32_t s0, uint32_t s1,
@@ -1104,14 +1109,14 @@ static void run(const void *x, int x_bf16, int64_t row_stride, int64_t col_strid
         }
         if (co) co->outer[0] = j.s_dec;
     }
-    const int G = K % MAX_GROUP == 0 ? MAX_GROUP : fmt >= MXFP4 ? MX_BLOCK : BLOCK;  /* columns per step */
     const size_t out_size = out_bf16 ? 2 : 4;
     const int rows = (tile_rows == MAX_TILE_ROWS || (col_stride != 1 && M % MAX_TILE_ROWS == 0)) ? MAX_TILE_ROWS : 1;
     const int in_place = rows == 1 && !x_bf16 && col_stride == 1 && !H;
     #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
-        for (int64_t c0 = 0; c0 < K; c0 += G) {
+        for (int64_t c0 = 0, G; c0 < K; c0 += G) {
+            G = chunk(K, c0);
             if (in_place) {          /* one fp32 row, nothing to rotate: quantize_tile reads it where it is */
                 const float *row = (const float *)x + r0 * row_stride + c0;
                 if (fmt == MXFP8) mxfp8_row(row, G, (char *)out + (r0 * K + c0) * out_size, out_bf16);
@@ -1148,12 +1153,14 @@ static void scatter_row(const char *res, int bf16, char *out, const int64_t *to,
 
 /* OutControl's mixed operand (fp4.fake_quant with columns, numerics.md §8), fp4.by_columns' twin in one pass:
  * cols (K,) = the F inlier columns, then the K - F outliers. The inliers are the recipe's FP4 matrix (RTN, no
- * RHT) of width Fp (F zero-padded to the format's block, as fp4.pad_2d pads it; the per-tensor amax is theirs
- * alone), the outliers MXFP8 (K - F a multiple of 32). Each row block's columns are gathered as they load and
- * each result written back to its own column: the gathered parts, their padding and their concatenation never
- * exist (six passes over x and six allocations in the decomposition). */
+ * RHT; the per-tensor amax is theirs alone), the outliers MXFP8 (K - F a multiple of 32). Each row block's columns
+ * are gathered as they load and each result written back to its own column: the gathered parts, their padding and
+ * their concatenation never exist (six passes over x and six allocations in the decomposition). The inliers go in
+ * 128-column steps, the last zero-padded to 128 (the reference pads to the format's block): the same bits, as every
+ * scale's block lies within one step and a zero block changes no other block's scale, and the AVX2 paths' width
+ * (F = 96 in 16-column steps took Four Over Six's scalar path: 6.6 ms for 2048 rows against 0.5 ms for F = 128). */
 void fake_quant_columns(const void *x, int x_bf16, int64_t row_stride, void *out, int out_bf16, int64_t M,
-                        int64_t K, const int64_t *cols, int64_t F, int64_t Fp, int tile_rows, int fmt, int fos) {
+                        int64_t K, const int64_t *cols, int64_t F, int tile_rows, int fmt, int fos) {
     Job j = {MAX_GROUP, NULL, out_bf16, NULL, fmt, 0, 0, fos, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f};
     if (fmt == NVFP4_TENSOR) {                                       /* pass 1: the inliers' amax */
         float A = 0.0f;
@@ -1167,18 +1174,18 @@ void fake_quant_columns(const void *x, int x_bf16, int64_t row_stride, void *out
             }
         tensor_scales(&j, nan ? NAN : A);
     }
-    const int G = Fp % MAX_GROUP == 0 ? MAX_GROUP : fmt >= MXFP4 ? MX_BLOCK : BLOCK;   /* as run() */
     const size_t size = out_bf16 ? 2 : 4;
+    const int64_t F128 = (F + MAX_GROUP - 1) / MAX_GROUP * MAX_GROUP;
     #pragma omp parallel for schedule(static)
     for (int64_t r0 = 0; r0 < M; r0 += tile_rows) {
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
         char res[MAX_TILE_ROWS * MAX_GROUP * 4] __attribute__((aligned(64)));   /* a tile's results, rows of MAX_GROUP */
         Job jt = j;
         jt.out = res;                                /* quantize_tile writes (r, e) at res + (r * MAX_GROUP + e) */
-        for (int64_t c0 = 0; c0 < K - F + Fp; c0 += (c0 < Fp ? G : MAX_GROUP)) {
-            const int mx = c0 >= Fp;                 /* the outliers, from column Fp of the gathered view on */
-            const int64_t first = mx ? F + (c0 - Fp) : c0, real = mx ? K : F;   /* cols[first ..], up to cols[real) */
-            const int n = mx ? (int)(K - first < MAX_GROUP ? K - first : MAX_GROUP) : G;
+        for (int64_t c0 = 0, n; c0 < K - F + F128; c0 += n) {
+            const int mx = c0 >= F128;               /* the outliers, from column F128 of the gathered view on */
+            const int64_t first = mx ? F + (c0 - F128) : c0, real = mx ? K : F;   /* cols[first ..], up to cols[real) */
+            n = mx ? chunk(K, first) : MAX_GROUP;
             const int rows = mx ? 1 : tile_rows;
             const int64_t *to = cols + first;
             const int m = (int)(real - first < n ? real - first : n);                     /* (not the padding) */
