@@ -473,9 +473,16 @@ def test_bench_step_times_a_high_precision_baseline_and_each_path_with_and_witho
     monkeypatch.setattr(bench.train, "build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
     monkeypatch.setattr(bench, "paths_here", lambda device, recipe: ["reference"])
     cfg = bench.train_config("--fp4 --out-control --n-layer 1 --batch-size 2 --block-size 32".split())
-    results = bench.bench_step(torch.device("cpu"), 1, "tetrajet", cfg)
+    results = bench.bench_step(torch.device("cpu"), 2, "tetrajet", cfg)
     assert not any(isinstance(m, fp4.FP4Linear) for m in built[0][0].modules())
     assert list(results)[1:] == ["fp4 tetrajet [reference]", "fp4 tetrajet +OutControl [reference]"]   # after fp32/bf16
     with_oc = [m for m in built[2][0].modules() if isinstance(m, fp4.FP4Linear)]
     assert with_oc and all(m.columns is not None and len(m.columns[0]) == 32 for m in with_oc)
-    assert "x without OutControl" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert " without OutControl" in out and out.count("x ± ") == 4          # ratios paired per round, with an s.e.
+
+
+def test_bench_path_times_one_path_alone(monkeypatch):
+    from tools import bench
+    monkeypatch.setattr(bench, "ONLY_PATH", "compiled")
+    assert bench.paths_here(torch.device("cpu"), "tetrajet") == ["compiled"]

@@ -10,9 +10,11 @@ bench.py: how fast is simulated FP4 here? Three tables, every implementation pat
     python tools/bench.py                   # cpu, all three tables
     python tools/bench.py --device cuda     # adds the triton path and the copy bandwidth it is measured against
     python tools/bench.py --only quant      # one table: quant, linear or step
+    python tools/bench.py --only step --path cpu --repeat 40   # one path, enough rounds for a ratio's s.e.
 
 Timings are medians of --repeat runs after warm-up (the compiled path compiles on its first call). On a shared
-machine numbers move by 10-20% between runs: compare within one run, which is why every table has its baseline.
+machine numbers move by 10-20% between runs: compare within one run, which is why every table has its baseline;
+table 3's models take turns, one step each, and its ratios are paired per round (geometric mean ± s.e.).
 """
 
 import argparse
@@ -50,11 +52,15 @@ def timeit(fn, device, repeat, warmup=2):
     return sorted(times)[len(times) // 2] * 1e3
 
 
+ONLY_PATH = None                                                              # --path: one path instead of all
+
+
 def paths_here(device, recipe):
     """The FP4 paths that can run on this device for this recipe (reference and compiled everywhere torch
-    runs; cpu and triton where their probe passes, as fastpaths.use requires)."""
+    runs; cpu and triton where their probe passes, as fastpaths.use requires), or --path's alone."""
     recipe = fp4.parse_recipe(recipe)
-    return [p for p in fastpaths.PATHS if p in ("reference", "compiled") or fastpaths.probe(p, device, recipe) is None]
+    return [p for p in fastpaths.PATHS if ONLY_PATH in (None, p) and
+            (p in ("reference", "compiled") or fastpaths.probe(p, device, recipe) is None)]
 
 
 def on(path, fn):
@@ -158,13 +164,21 @@ def bench_step(device, repeat, recipe, cfg):
     for _ in range(repeat + 2):
         for label, step in steps.items():
             times[label].append(timeit(step, device, 1, warmup=0))
-    results = {label: sorted(t[2:])[len(t[2:]) // 2] for label, t in times.items()}
+    times = {label: torch.tensor(t[2:], dtype=torch.float64) for label, t in times.items()}
+    results = {label: t.median().item() for label, t in times.items()}
+
+    def ratio(a, b):
+        """a's step / b's, paired round by round: the geometric mean ± its s.e. (a shared machine's drifts, which
+        move every model in a round alike, cancel; the medians' ratio keeps them)."""
+        logs = (times[a] / times[b]).log()
+        se = logs.std().item() / len(logs) ** 0.5 if len(logs) > 1 else float("nan")
+        return f"{logs.mean().exp().item():5.2f}x ± {logs.mean().exp().item() * se:.2f}"
     print(f"\n3. training step, model {cfg.model}, batch {cfg.batch_size} x {cfg.block_size} tokens, on {device}, "
-          f"activations {dtype} ({why})")
+          f"activations {dtype} ({why}); a ratio is paired per round (geometric mean ± s.e. over {repeat} rounds)")
     for label, ms in results.items():
-        print(f"{label:44s} {ms:8.1f} ms   {ms / results[base]:5.2f}x {base}   "
+        print(f"{label:44s} {ms:8.1f} ms   {ratio(label, base)} {base}   "
               f"{cfg.batch_size * cfg.block_size / ms * 1e3:9,.0f} tok/s"
-              + (f"   {ms / results[without_oc[label]]:5.2f}x without OutControl" if label in without_oc else ""))
+              + (f"   {ratio(label, without_oc[label])} without OutControl" if label in without_oc else ""))
     return results
 
 
@@ -177,6 +191,7 @@ def main(argv=None):
     p.add_argument("--recipe", default="tetrajet", help="a recipe preset or spec, e.g. 'tetrajet[rht=none]'")
     p.add_argument("--only", choices=["quant", "linear", "step"], help="one table (default: all three)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per cell, their median reported (default: 5)")
+    p.add_argument("--path", choices=fastpaths.PATHS, help="time this FP4 path alone (default: every path here)")
     p.add_argument("--train-flags", default="", help="extra train.py flags for table 3, e.g. '--model 70m'")
     args = p.parse_args(argv)
     if args.repeat < 1:
@@ -186,6 +201,8 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e} (--recipe)")
     cfg = train_config(args.train_flags.split())                         # checked before any table runs
+    global ONLY_PATH
+    ONLY_PATH = args.path
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     try:
         device = torch.device(args.device)
