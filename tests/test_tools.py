@@ -393,6 +393,19 @@ def test_a_cut_off_sweep_resumes_without_redoing_finished_runs(sweep, dataset, t
     assert again["fast"]["final"] == rows["fast"]["final"]                           # same seed, same run
 
 
+def test_a_run_that_ended_before_the_sweep_was_cut_off_is_marked_done_not_rerun(sweep, dataset, tmp_path, monkeypatch):
+    # killed after train.py's last step but before done.json: a rerun with --resume only stopped with "already at
+    # step 4" (exit 1), and the sweep called a finished run failed
+    out, rows = sweep
+    run = shutil.copytree(out / "tetrajet" / "seed1", tmp_path / "seed1")
+    log = (run / "train.log").read_text()
+    os.remove(run / "done.json")
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was launched again"))
+    assert compare.run_one(str(run), "--fp4 --fp4-recipe tetrajet", ["--dataset", dataset, *TINY, *STEPS], 1, 1) is None
+    assert (run / "train.log").read_text() == log
+    assert json.loads((run / "done.json").read_text())["cmd"][-2:] == ["--out-dir", str(out / "tetrajet" / "seed1")]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--configs", "fp8"], "unknown config 'fp8'"),
     (["--configs", "nvidia"], "needs the baseline config"),

@@ -176,18 +176,38 @@ def run_one(run_dir, flags, common, seed, threads):
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, os.path.join(REPO, "train.py"), *common, *shlex.split(flags), "--seed", str(seed),
            "--out-dir", run_dir]
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        cmd.append("--resume")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    with open(os.path.join(run_dir, "train.log"), "a") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        return f"exit code {rc}; see {os.path.join(run_dir, 'train.log')}"
+    if ran_to_the_end(run_dir, cmd):             # the sweep was cut off after train.py ended, before done.json
+        with open(os.path.join(run_dir, "train.log")) as f:
+            cmd = shlex.split([line for line in f if line.startswith("$ ")][-1][2:])    # what ran last
+    else:
+        if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            cmd.append("--resume")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        with open(os.path.join(run_dir, "train.log"), "a") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        if rc != 0:
+            return f"exit code {rc}; see {os.path.join(run_dir, 'train.log')}"
     with open(os.path.join(run_dir, "done.json"), "w") as f:
         json.dump({"cmd": cmd}, f)
     return None
+
+
+def ran_to_the_end(run_dir, cmd):
+    """Whether run_dir's checkpoint and log.jsonl already reach the step cmd ends at (--stop-iter, else --max-iters,
+    else train.py's default): a resume would only stop with "already at step". The log's last row is that step's."""
+    if not (os.path.exists(os.path.join(run_dir, "ckpt.pt")) and os.path.exists(os.path.join(run_dir, "log.jsonl"))):
+        return False
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--max-iters", type=int)
+    p.add_argument("--stop-iter", type=int)
+    given = p.parse_known_args(cmd)[0]
+    if given.stop_iter is None and given.max_iters is None:
+        from config import TrainConfig                               # (imports torch: only here)
+        given.max_iters = TrainConfig.max_iters
+    rows = read_log(run_dir)
+    return bool(rows) and rows[-1].get("step", -1) >= (given.stop_iter or given.max_iters)
 
 
 def read_log(run_dir):
