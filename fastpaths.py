@@ -6,7 +6,8 @@ fp4.py is the definition. A faster implementation replaces exactly one thing, th
     KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype, columns=None) -> x_dq (Mp, Kp)
 
 on the padded operand fp4.fake_quant has already built and the seed it has already drawn, so every path rounds
-the same numbers with the same noise (OutControl's columns: fp4.by_columns on the path's own kernel, or C's twin). Four paths, all giving the reference's bits (tests/test_paths.py):
+the same numbers with the same noise (OutControl's columns: fp4.by_columns on the path's own kernel; C has a
+one-pass twin). Four paths, all giving the reference's bits (tests/test_paths.py):
 
     reference  fp4.py's own quantize + dequantize, eager: the readable definition and the judge of the rest
     compiled   the same function through torch.compile: inductor fuses it into a few loops, ~5-10x faster on a CPU
@@ -58,7 +59,7 @@ def kernel(path):
 
 def probe(path, device, recipe):
     """-> None if `path` runs this recipe here and gives the reference's bits on a small tensor (RTN; SR with an
-    RHT-16 and a bf16 output; and the recipe's own 4/6, MS-EDEN or RHT-128), else why not, in one phrase."""
+    RHT-16 and a bf16 output; OutControl's split; the recipe's own 4/6, MS-EDEN or RHT-128), else why not, in one phrase."""
     if path == "cpu" and device.type != "cpu":
         return f"its kernels run on the CPU (this run uses {device.type})"
     if path == "triton" and device.type != "cuda":
@@ -67,7 +68,8 @@ def probe(path, device, recipe):
         return f"kernels.py has no {recipe.fmt} kernel"
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 256, generator=g).to(device)
-    checks = [dict(), dict(rounding="stochastic", rht_signs=fp4.random_signs(g).to(device), dtype=torch.bfloat16)]
+    checks = [dict(), dict(rounding="stochastic", rht_signs=fp4.random_signs(g).to(device), dtype=torch.bfloat16),
+              dict(columns=fp4.select_outlier_channels(torch.rand(256, generator=g), 0.1))]     # OutControl's split
     if recipe.four_over_six != "none":
         checks.append(dict(tile=recipe.weight_tile, four_over_six=recipe.four_over_six_error))
     if recipe.rht_size != fp4.NVFP4_BLOCK:

@@ -574,9 +574,11 @@ def dequantize(q):
 def fake_quant(x, recipe, rounding="nearest", tile=(1, 16), generator=None, *, rht_signs=None, dtype=torch.float32,
                four_over_six=None, columns=None):
     """x (..., K) -> (..., K) in dtype = dequantize(quantize(x)), padding cropped (with rht_signs: rht(x)'s, width K
-    rounded up to the chunk). columns (OutControl, §8; x 2-D, RTN): None, or (outliers, inliers) in descending-norm
+    rounded up to the chunk). columns (OutControl, §8; RTN, no RHT): None, or (outliers, inliers) in descending-norm
     order: MXFP8 on the outliers, the recipe's FP4 on the inliers, each gathered and quantized as its own matrix."""
     recipe, tile = parse_recipe(recipe), tuple(tile)
+    if columns is not None and (rounding != "nearest" or rht_signs is not None):
+        raise ValueError("fake_quant: OutControl's columns are the forward's split: round to nearest, no RHT")
     if columns is not None and len(columns[0]):                                   # (no outliers: all FP4)
         out = (KERNEL or reference_kernel)(pad_2d(x, tile[0], 1), recipe.fmt, recipe.outer, tile, "nearest", None,
                                            None, four_over_six, dtype, columns=columns)

@@ -1,9 +1,10 @@
 """
 cpu_kernels/: the C quantizers (fp4_cpu.c) for CPUs, the `cpu` implementation in fastpaths.py. This module builds
-fp4_cpu.c with the system C compiler on first use and calls it through ctypes: NVFP4, MXFP4 and (OutControl's) MXFP8 fake quantization
-(fake_quant: fp4.KERNEL, bit for bit fp4.reference_kernel; with OutControl's columns one pass, fp4.by_columns'
-twin) and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), with RHT-16 or RHT-128 (given fp4.rht's signs), Four Over Six and MS-EDEN, ~1.5-2x faster
-than fp4.py through torch.compile on a laptop CPU (dev/speed.md). tests/test_paths.py ties it to the reference.
+fp4_cpu.c with the system C compiler on first use and calls it through ctypes: NVFP4, MXFP4 and (OutControl's)
+MXFP8 fake quantization (fake_quant: fp4.KERNEL, bit for bit fp4.reference_kernel; with OutControl's columns in one
+pass, fp4.by_columns' twin) and NVFP4 quantization to codes (bit for bit fp4.quantize_nvfp4), with RHT-16 or
+RHT-128 (given fp4.rht's signs), Four Over Six and MS-EDEN, ~1.5-2x faster than fp4.py through torch.compile on a
+laptop CPU (dev/speed.md). tests/test_paths.py ties it to the reference.
 
     lib = cpu_kernels.library()        # compiles once per machine (~1 s), cached under ~/.cache/nanofp4
     out = cpu_kernels.fake_quant(x2, "nvfp4", 128, (1, 16), "nearest", None, None, None, torch.bfloat16)
@@ -117,6 +118,9 @@ def _fake_quant_columns(x2, out, fmt, outer, tile, four_over_six, columns):
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     outliers, inliers = columns
     order = torch.cat((inliers, outliers)).to(torch.int64).contiguous()
+    (M, K), rows = x2.shape, tile[0]
+    assert len(order) == K and 0 <= int(order.min()) and int(order.max()) < K, "cpu_kernels: columns must split x's K"
+    assert rows in (1, 16) and M % rows == 0, f"cpu_kernels: {M} rows in tiles of {rows} (fp4.pad_2d pads them)"
     library().fake_quant_columns(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), out.data_ptr(),
                                  int(out.dtype == torch.bfloat16), *x2.shape, order.data_ptr(), len(inliers), tile[0],
                                  FORMATS[(fmt, outer)], FOUR_OVER_SIX[four_over_six])

@@ -1013,8 +1013,8 @@ static float tensor_amax(const void *x, int x_bf16, int64_t row_stride, int64_t 
     const int rows = (col_stride != 1 && M % MAX_TILE_ROWS == 0) ? MAX_TILE_ROWS : 1;
     float A = 0.0f;
     int nan = 0;
-    /* 128 columns per step, then the rest (was 16: load_block's and rotate16's per-call work dominated; 512x2048
-     * transposed per-tensor SR RHT, one thread: 5.9 -> 4.2 ms) */
+    /* 128 columns per step where K allows (once 16: load_block's and rotate16's per-call work dominated; 512x2048
+     * transposed per-tensor SR RHT, one thread: 5.9 -> 4.2 ms), then the rest (chunk) */
     #pragma omp parallel for schedule(static) reduction(max:A) reduction(|:nan)
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
         float v[MAX_TILE_ROWS][MAX_GROUP] __attribute__((aligned(64)));
@@ -1153,14 +1153,16 @@ static void scatter_row(const char *res, int bf16, char *out, const int64_t *to,
 
 /* OutControl's mixed operand (fp4.fake_quant with columns, numerics.md §8), fp4.by_columns' twin in one pass:
  * cols (K,) = the F inlier columns, then the K - F outliers. The inliers are the recipe's FP4 matrix (RTN, no
- * RHT; the per-tensor amax is theirs alone), the outliers MXFP8 (K - F a multiple of 32). Each row block's columns
- * are gathered as they load and each result written back to its own column: the gathered parts, their padding and
- * their concatenation never exist (six passes over x and six allocations in the decomposition). The inliers go in
- * 128-column steps, the last zero-padded to 128 (the reference pads to the format's block): the same bits, as every
- * scale's block lies within one step and a zero block changes no other block's scale, and the AVX2 paths' width
- * (F = 96 in 16-column steps took Four Over Six's scalar path: 6.6 ms for 2048 rows against 0.5 ms for F = 128). */
+ * RHT; the per-tensor amax is theirs alone), the outliers MXFP8. Each row block's columns are gathered as they load
+ * and each result written back to its own column: the gathered parts, their padding and their concatenation never
+ * exist (six passes over x and six allocations in the decomposition). The inliers go in 128-column steps, the last
+ * zero-padded to 128 where the reference pads to the format's block, the outliers' last step to 32 as the
+ * reference's: the same bits, as every scale's block lies within one step and a zero block changes no other
+ * block's scale; and 128 columns are the AVX2 paths' width (a narrower step takes Four Over Six's scalar path). */
 void fake_quant_columns(const void *x, int x_bf16, int64_t row_stride, void *out, int out_bf16, int64_t M,
                         int64_t K, const int64_t *cols, int64_t F, int tile_rows, int fmt, int fos) {
+    /* K = MAX_GROUP: quantize_tile writes a step's rows into res below (no SR or EDEN here: their noise indices
+     * would take it for the row length) */
     Job j = {MAX_GROUP, NULL, out_bf16, NULL, fmt, 0, 0, fos, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f};
     if (fmt == NVFP4_TENSOR) {                                       /* pass 1: the inliers' amax */
         float A = 0.0f;
@@ -1185,7 +1187,7 @@ void fake_quant_columns(const void *x, int x_bf16, int64_t row_stride, void *out
         for (int64_t c0 = 0, n; c0 < K - F + F128; c0 += n) {
             const int mx = c0 >= F128;               /* the outliers, from column F128 of the gathered view on */
             const int64_t first = mx ? F + (c0 - F128) : c0, real = mx ? K : F;   /* cols[first ..], up to cols[real) */
-            n = mx ? chunk(K, first) : MAX_GROUP;
+            n = mx ? (chunk(K, first) + MX_BLOCK - 1) / MX_BLOCK * MX_BLOCK : MAX_GROUP;   /* (zero-padded: as by_columns) */
             const int rows = mx ? 1 : tile_rows;
             const int64_t *to = cols + first;
             const int m = (int)(real - first < n ? real - first : n);                     /* (not the padding) */

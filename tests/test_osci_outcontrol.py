@@ -238,6 +238,15 @@ def test_fp4_columns_are_quantized_in_the_given_order():
     assert torch.equal(fp4.fake_quant(x, "nvidia", columns=None), fp4.fake_quant(x, "nvidia"))
 
 
+def test_columns_are_refused_with_stochastic_rounding_or_an_rht():
+    # the split is the forward's (RTN, no RHT): a kernel given columns would otherwise drop SR and the RHT silently
+    x, signs = inputs(), fp4.random_signs(torch.Generator().manual_seed(0))
+    columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1)
+    for kw in dict(rounding="stochastic", generator=torch.Generator().manual_seed(0)), dict(rht_signs=signs):
+        with pytest.raises(ValueError, match="round to nearest, no RHT"):
+            fp4.fake_quant(x, "tetrajet", columns=columns, **kw)
+
+
 def test_a_layer_with_no_outlier_channel_selected_runs_as_the_plain_layer():
     x, layer = inputs(), fp4.FP4Linear(128, 64, recipe="tetrajet")
     y = layer(x)

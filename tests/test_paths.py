@@ -213,22 +213,31 @@ def test_mxfp8_channels_equal_the_reference_bit_for_bit(path):
 
 @pytest.mark.parametrize("recipe", ["tetrajet", "nvidia", "nvidia-4over6", "mxfp4"])
 def test_outcontrol_split_operands_equal_the_reference_bit_for_bit(path, recipe):
-    # fake_quant with columns (fp4.by_columns; the C path's one-pass twin): the recipe's FP4 on 168 inlier columns
-    # in descending-norm order (padded to its block), MXFP8 on 32 outliers; the activations' 1x16 tiles and the
-    # weights' (16x16 for nvidia, 40 rows padded to 48), Four Over Six, fp32 and bf16 in and out, a NaN and an Inf
+    # fake_quant with columns (fp4.by_columns; the C path's one-pass twin): the recipe's FP4 on the inliers in
+    # descending-norm order (padded to its block), MXFP8 on the outliers; the activations' 1x16 tiles and the
+    # weights' (16x16 for nvidia: 40 rows padded to 48), Four Over Six, fp32 and bf16 in and out. On the C path also:
+    # 6 small outliers (one zero-padded MXFP8 block), 256 outliers (several steps) beside 256 inliers (no padding),
+    # an Inf among the inliers (per-tensor amax Inf), all-zero inliers
     if path != "cpu" and recipe in ("nvidia-4over6", "mxfp4"):
         pytest.skip("by_columns on this path's own kernel: two recipes suffice (the C path has its own twin)")
-    r, dev = fp4.parse_recipe(recipe), device_of(path)
+    r, dev, g = fp4.parse_recipe(recipe), device_of(path), torch.Generator().manual_seed(3)
     x = awkward(cols=200)
-    columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1)
-    nonfinite = x.clone()
+    columns = fp4.select_outlier_channels(x.norm(dim=0), 0.1)                       # 168 inliers, 32 outliers
+    nonfinite, inf_in, zero_in = x.clone(), x.clone(), x.clone()
     nonfinite[2, columns[1][5]], nonfinite[4, columns[0][3]] = float("nan"), float("inf")
+    inf_in[1, columns[1][0]], zero_in[:, columns[1]] = float("inf"), 0.0
+    tail = awkward(cols=128)
+    tail[:, 122:] *= 1e-5
+    wide = torch.randn(40, 512, generator=g) * torch.logspace(3, -3, 512)
+    cases = [(x, columns), (nonfinite, columns), (tail, (torch.arange(122, 128), torch.arange(122))),
+             (wide, fp4.select_outlier_channels(wide.norm(dim=0), 0.5)), (inf_in, columns), (zero_in, columns)]
     fast = path == "compiled" or (path == "triton" and INTERPRETED)
-    for operand in (x, nonfinite) if fast else (x, nonfinite, x.bfloat16()):
-        for tile, dtype in ((1, 16), torch.float32), (r.weight_tile, torch.float32 if fast else torch.bfloat16):
-            got, ref = both(path, lambda: fp4.fake_quant(operand.to(dev), r, tile=tile, dtype=dtype, columns=columns,
-                                                         four_over_six=fp4.four_over_six_of(r, "weights")))
-            assert equal_with_nan(got, ref), (tuple(tile), operand.dtype, dtype)
+    for x, columns in cases[:2] if fast else cases:
+        for operand in (x,) if fast else (x, x.bfloat16()):
+            for tile, dtype in ((1, 16), torch.float32), (r.weight_tile, torch.float32 if fast else torch.bfloat16):
+                got, ref = both(path, lambda: fp4.fake_quant(operand.to(dev), r, tile=tile, dtype=dtype, columns=columns,
+                                                             four_over_six=fp4.four_over_six_of(r, "weights")))
+                assert equal_with_nan(got, ref), (tuple(x.shape), len(columns[0]), tuple(tile), operand.dtype, dtype)
 
 
 @pytest.mark.parametrize("rounding,n_signs", [("eden", 128), ("eden", None), ("stochastic", 128), ("nearest", 128)])

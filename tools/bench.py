@@ -129,8 +129,9 @@ def train_config(argv):
 
 def bench_step(device, repeat, recipe, cfg):
     """fwd + bwd + AdamW of train.py's model at its defaults (plus any --train-flags), bf16 vs every FP4 path.
-    The models take turns, one step each, `repeat` rounds after two warm-up rounds, and each reports its
-    median: a shared machine's slow drifts then hit every column alike."""
+    The models take turns, one step each, `repeat` rounds after two warm-up rounds: each reports its median, and
+    each ratio is the geometric mean of the rounds' ratios (so not the medians' ratio), where a shared machine's
+    drifts, which move every model in a round alike, cancel."""
     dtype, why = config.activation_dtype(cfg.dtype, device.type)           # train.py's default (--dtype auto)
     base = "bf16" if dtype == torch.bfloat16 else "fp32"
     idx = torch.randint(0, BYTE_VOCAB, (cfg.batch_size, cfg.block_size + 1), device=device,
@@ -165,7 +166,7 @@ def bench_step(device, repeat, recipe, cfg):
         for label, step in steps.items():
             times[label].append(timeit(step, device, 1, warmup=0))
     times = {label: torch.tensor(t[2:], dtype=torch.float64) for label, t in times.items()}
-    results = {label: t.median().item() for label, t in times.items()}
+    results = {label: t.sort().values[len(t) // 2].item() for label, t in times.items()}   # (timeit's median)
 
     def ratio(a, b):
         """a's step / b's, paired round by round: the geometric mean ± its s.e. (a shared machine's drifts, which
@@ -190,7 +191,8 @@ def main(argv=None):
                    help="cpu, cuda or cuda:N (default: cuda where this torch sees one, else cpu)")
     p.add_argument("--recipe", default="tetrajet", help="a recipe preset or spec, e.g. 'tetrajet[rht=none]'")
     p.add_argument("--only", choices=["quant", "linear", "step"], help="one table (default: all three)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per cell, their median reported (default: 5)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per cell, their median reported; table 3: rounds "
+                   "(default: 5)")
     p.add_argument("--path", choices=fastpaths.PATHS, help="time this FP4 path alone (default: every path here)")
     p.add_argument("--train-flags", default="", help="extra train.py flags for table 3, e.g. '--model 70m'")
     args = p.parse_args(argv)
@@ -212,6 +214,8 @@ def main(argv=None):
         p.error(f"--device {args.device}: bench.py runs on cpu, cuda or mps")
     if not available[device.type]:
         sys.exit(f"error: --device {args.device}, but this torch sees no {device.type} device; use --device cpu")
+    if args.path and not paths_here(device, args.recipe):
+        sys.exit(f"error: --path {args.path} cannot run here: {fastpaths.probe(args.path, device, fp4.parse_recipe(args.recipe))}")
     print(f"torch {torch.__version__} | {device} | {torch.get_num_threads()} threads"
           + (f" | {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     if args.only in (None, "quant"):
