@@ -6,8 +6,7 @@ fp4.py is the definition. A faster implementation replaces exactly one thing, th
     KERNEL(x2, fmt, outer, tile, rounding, seed, rht_signs, four_over_six, dtype, columns=None) -> x_dq (Mp, Kp)
 
 on the padded operand fp4.fake_quant has already built and the seed it has already drawn, so every path rounds
-the same numbers with the same noise (OutControl's columns: fp4.by_columns on the path's own kernel; C has a
-one-pass twin). Four paths, all giving the reference's bits (tests/test_paths.py):
+the same numbers with the same noise (columns: fp4.by_columns). Four paths, the reference's bits (tests/test_paths.py):
 
     reference  fp4.py's own quantize + dequantize, eager: the readable definition and the judge of the rest
     compiled   the same function through torch.compile: inductor fuses it into a few loops, ~5-10x faster on a CPU

@@ -85,12 +85,16 @@ FORMATS = {("nvfp4", "tensor"): 0, ("nvfp4", 128): 1, ("mxfp4", "tensor"): 2, ("
 FOUR_OVER_SIX = {None: 0, "mae": 1, "mse": 2}                                     # fp4_cpu.c's fos
 
 
-def _call(entry, x2, outputs, outer_fmt, tile, rounding, seed, rht_signs, four_over_six):
-    """Shared by both entries: x2 (Mp, Kp) fp32 or bf16 on the CPU, already padded by fp4 (any strides)."""
+def _operand(x2):
+    """x2 as every entry reads it: a 2-D CPU tensor, fp32 or bf16 (fp16/fp64 widened, rounded, as the reference does)."""
     assert x2.dim() == 2 and x2.device.type == "cpu", f"cpu_kernels: a 2-D CPU tensor, got {tuple(x2.shape)} on {x2.device}"
+    return x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
+
+
+def _call(entry, x2, outputs, outer_fmt, tile, rounding, seed, rht_signs, four_over_six):
+    """Shared by fake_quant and quantize_nvfp4: x2 (Mp, Kp), already padded by fp4 (any strides)."""
     assert rounding != "eden" or tile[0] == 1, "cpu_kernels: eden takes 1x16 tiles"
-    if x2.dtype not in (torch.float32, torch.bfloat16):
-        x2 = x2.float()                                  # fp16/fp64: widened (rounded) as the reference does
+    x2 = _operand(x2)
     signs = None if rht_signs is None else rht_signs.float().contiguous()
     s0, s1 = (0, 0) if seed is None else (int(seed[0]), int(seed[1]))
     entry(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.stride(0), x2.stride(1), *outputs, *x2.shape, tile[0],
@@ -112,10 +116,8 @@ def fake_quant(x2, fmt, outer, tile, rounding, seed, rht_signs=None, four_over_s
 
 def _fake_quant_columns(x2, out, fmt, outer, tile, four_over_six, columns):
     """OutControl's operand (x2 padded in rows only) into out: fp4.by_columns in one C pass (fake_quant_columns)."""
-    assert x2.dim() == 2 and x2.device.type == "cpu", f"cpu_kernels: a 2-D CPU tensor, got {tuple(x2.shape)} on {x2.device}"
-    if x2.dtype not in (torch.float32, torch.bfloat16):
-        x2 = x2.float()
-    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    x2 = _operand(x2)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()                             # (C reads rows by row_stride)
     outliers, inliers = columns
     order = torch.cat((inliers, outliers)).to(torch.int64).contiguous()
     (M, K), rows = x2.shape, tile[0]

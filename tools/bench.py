@@ -173,7 +173,8 @@ def bench_step(device, repeat, recipe, cfg):
         move every model in a round alike, cancel; the medians' ratio keeps them)."""
         logs = (times[a] / times[b]).log()
         se = logs.std().item() / len(logs) ** 0.5 if len(logs) > 1 else float("nan")
-        return f"{logs.mean().exp().item():5.2f}x ± {logs.mean().exp().item() * se:.2f}"
+        r = logs.mean().exp().item()
+        return f"{r:5.2f}x ± {r * se:.2f}"
     print(f"\n3. training step, model {cfg.model}, batch {cfg.batch_size} x {cfg.block_size} tokens, on {device}, "
           f"activations {dtype} ({why}); a ratio is paired per round (geometric mean ± s.e. over {repeat} rounds)")
     for label, ms in results.items():
